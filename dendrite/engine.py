@@ -1,0 +1,499 @@
+"""The tree engine: every live branch of every request advances in one batched step.
+
+A `Sequence` is a handle on a leaf of the native KV tree plus the tokens not
+yet in the KV cache (`pending`). `Sequence.fork(n)` is O(1): the children
+share the parent's pages by reference. `Engine.step()` asks the native
+scheduler which leaves run (priority order, token budget, chunked prefill),
+appends their tokens to the tree in one call (getting slots and copy-on-write
+instructions), runs one forward over all of them, and samples for every leaf
+whose pending tokens are now all in the cache.
+
+When the page pool runs low the engine first evicts the prefix cache, then
+preempts the lowest-priority leaves: they give up their pages and are
+recomputed later from their tokens, which yields the same tokens because a
+draw depends only on the sequence's seed, position and logits.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence as Seq
+
+import numpy as np
+import torch
+
+from dendrite.attention.base import build_attention_metadata
+from dendrite.kv import BlockPool, KVTree, OutOfPages, RadixCache, Scheduler
+from dendrite.model.runner import ModelRunner
+from dendrite.sampling import SamplingParams, sample
+from dendrite.stopping import StopChecker
+
+__all__ = ["Engine", "Sequence", "GenHandle", "GenResult", "LeafTooLarge"]
+
+
+class LeafTooLarge(MemoryError):
+    """One leaf alone needs more KV pages than the pool has."""
+
+
+@dataclass
+class GenResult:
+    """What one generation request produced."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "eos" | "length" | "grammar"
+    complete: bool  # False when cut by max_tokens (or a grammar not accepted)
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class GenHandle:
+    """A generation request on one sequence; `result` is set once it finishes."""
+
+    seq: "Sequence"
+    params: SamplingParams
+    constraint: object | None = None
+    matcher: object | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    result: GenResult | None = None
+    stop: StopChecker | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class Sequence:
+    """A leaf of the KV tree: the tokens in the cache plus `pending` ones."""
+
+    def __init__(self, engine: "Engine", node: int, pending: list[int], priority: float) -> None:
+        self._engine = engine
+        self.node = node
+        self.pending: list[int] = pending
+        self._priority = priority
+        self.handle: GenHandle | None = None
+        self.frozen = False  # the node has children: continue on a fresh child
+        self.released = False
+        self.preemptions = 0
+
+    # -- content ---------------------------------------------------------
+    @property
+    def num_cached(self) -> int:
+        return self._engine.tree.num_tokens(self.node)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_cached + len(self.pending)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._engine.tree.tokens(self.node).tolist() + self.pending
+
+    @property
+    def text(self) -> str:
+        return self._engine.tokenizer.decode(self.tokens, skip_special_tokens=False)
+
+    @property
+    def priority(self) -> float:
+        return self._priority
+
+    @priority.setter
+    def priority(self, value: float) -> None:
+        self._priority = float(value)
+        self._engine.scheduler.set_priority(self.node, self._priority)
+
+    # -- tree operations ---------------------------------------------------
+    def append_text(self, text: str) -> None:
+        self.append_tokens(self._engine.tokenizer.encode(text, add_special_tokens=False))
+
+    def append_tokens(self, ids: Iterable[int]) -> None:
+        self._check_live()
+        if self.handle is not None and not self.handle.done:
+            raise RuntimeError("cannot append to a sequence while it is generating")
+        self._engine._thaw(self)
+        self.pending.extend(int(t) for t in ids)
+
+    def fork(self, n: int) -> list["Sequence"]:
+        """`n` children sharing this sequence's KV, O(1) each."""
+        return self._engine.fork(self, n)
+
+    def release(self) -> None:
+        """Give the branch back; pages return to the pool when unreferenced."""
+        self._engine.release(self)
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise RuntimeError("sequence was released")
+
+    def __repr__(self) -> str:
+        return (f"Sequence(node={self.node}, cached={self.num_cached}, "
+                f"pending={len(self.pending)}, priority={self._priority})")
+
+
+class Engine:
+    """Batched generation over a KV tree of forkable sequences."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, device: str | None = None,
+                 dtype: torch.dtype | str | None = None, num_pages: int | None = None,
+                 page_size: int = 16, attention: str = "auto", max_batch_tokens: int = 2048,
+                 prefix_cache: bool = True, cuda_graphs: bool = True,
+                 kv_memory_fraction: float = 0.5, runner: ModelRunner | None = None) -> None:
+        if runner is None:
+            if model_dir is None:
+                from dendrite.default_model import default_model_dir
+
+                model_dir = default_model_dir()
+            runner = ModelRunner(model_dir, device=device, dtype=dtype, num_pages=num_pages,
+                                 page_size=page_size, attention=attention,
+                                 cuda_graphs=cuda_graphs,
+                                 kv_memory_fraction=kv_memory_fraction)
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.device = runner.device
+        self.page_size = runner.page_size
+        self.num_pages = runner.num_pages
+        self.eos_token_ids = set(runner.eos_token_ids)
+        self.pool = BlockPool(self.num_pages, self.page_size)
+        self.tree = KVTree(self.pool)
+        self.cache = RadixCache(self.pool) if prefix_cache else None
+        self.max_batch_tokens = max_batch_tokens
+        self.scheduler = Scheduler(token_budget=max_batch_tokens, chunk_size=max_batch_tokens)
+        self._live: dict[int, Sequence] = {}  # node -> sequence (leaf handles)
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
+        self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
+                      "prefix_tokens_reused": 0, "fork_seconds": 0.0}
+
+    # -- sequences -------------------------------------------------------------
+    def new_sequence(self, prompt: str | Seq[int] | None = None, *, priority: float = 0.0,
+                     add_bos: bool = True) -> Sequence:
+        """A new root sequence; a cached prefix of the prompt is reused, not recomputed."""
+        ids = self.encode(prompt, add_bos=add_bos) if prompt is not None else []
+        node, pending = self._admit(ids)
+        seq = Sequence(self, node, pending, priority)
+        self._track(seq)
+        return seq
+
+    def encode(self, prompt: str | Seq[int], add_bos: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return self.runner.encode(prompt, add_bos=add_bos)
+        return [int(t) for t in prompt]
+
+    def _admit(self, ids: list[int]) -> tuple[int, list[int]]:
+        # Keep at least one token out of the match: the last prompt token must
+        # run through the model to give next-token logits.
+        if self.cache is not None and len(ids) > self.page_size:
+            arr = np.asarray(ids[:-1], dtype=np.int32)
+            n, pages = self.cache.match_prefix(arr, now=time.monotonic())
+            if n > 0:
+                try:
+                    node = self.tree.new_sequence_from_prefix(pages, n, arr[:n])
+                finally:
+                    self.cache.unpin(int(pages[-1]))
+                self.stats["prefix_tokens_reused"] += n
+                return node, list(ids[n:])
+        return self.tree.new_sequence(), list(ids)
+
+    def _track(self, seq: Sequence) -> None:
+        self._live[seq.node] = seq
+        self.scheduler.add(seq.node, seq.priority)
+
+    def _untrack(self, seq: Sequence) -> None:
+        self._live.pop(seq.node, None)
+        self.scheduler.remove(seq.node)
+
+    def fork(self, seq: Sequence, n: int) -> list[Sequence]:
+        seq._check_live()
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n}")
+        if seq.handle is not None and not seq.handle.done:
+            raise RuntimeError("cannot fork a sequence while it is generating")
+        if seq.pending:
+            self.flush([seq])  # children must share computed KV, not re-prefill it
+        t0 = time.perf_counter()
+        kids_nodes = self.tree.fork(seq.node, n)
+        self.stats["fork_seconds"] += time.perf_counter() - t0
+        self.stats["forks"] += n
+        seq.frozen = True
+        kids = [Sequence(self, int(c), [], seq.priority) for c in kids_nodes]
+        for k in kids:
+            self._track(k)
+        return kids
+
+    def _thaw(self, seq: Sequence) -> None:
+        """A forked parent that grows again continues on a fresh child node."""
+        if not seq.frozen:
+            return
+        old = seq.node
+        self._untrack(seq)
+        seq.node = int(self.tree.fork(old, 1)[0])
+        self.tree.release(old)  # children keep it alive
+        seq.frozen = False
+        self._track(seq)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.released:
+            return
+        if seq.handle is not None and not seq.handle.done:
+            self._finish(seq.handle, "abort", complete=False)
+        if self.cache is not None and not seq.frozen:
+            self._cache_insert(seq)
+        self._untrack(seq)
+        self.tree.release(seq.node)
+        seq.released = True
+
+    def _cache_insert(self, seq: Sequence) -> None:
+        n = self.tree.num_tokens(seq.node)
+        if n < self.page_size:
+            return
+        self.cache.insert(self.tree.tokens(seq.node), self.tree.pages(seq.node),
+                          now=time.monotonic())
+
+    # -- generation ---------------------------------------------------------------
+    def submit(self, seq: Sequence, params: SamplingParams | None = None,
+               constraint: object | None = None) -> GenHandle:
+        """Queue a generation on `seq`; it runs in the following `step()` calls."""
+        seq._check_live()
+        params = params or SamplingParams()
+        if seq.handle is not None and not seq.handle.done:
+            raise RuntimeError("sequence already has a generation in flight")
+        self._thaw(seq)
+        if seq.num_tokens == 0:
+            raise ValueError("cannot generate from an empty sequence: give it a prompt")
+        handle = GenHandle(seq=seq, params=params, constraint=constraint)
+        if constraint is not None:
+            handle.matcher = constraint.matcher()
+        handle.stop = StopChecker(self.tokenizer, params.stop or [], params.stop_token_ids or [],
+                                  self.eos_token_ids if not params.ignore_eos else set())
+        seq.handle = handle
+        if handle.matcher is not None:
+            self._force(handle)
+        return handle
+
+    def generate(self, seqs: Sequence | Seq[Sequence], params: SamplingParams |
+                 Seq[SamplingParams] | None = None) -> list[GenResult]:
+        """Submit one generation per sequence and step until all are done."""
+        seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(seqs)
+        handles = [self.submit(s, p) for s, p in zip(seqs, params)]
+        self.run(handles)
+        return [h.result for h in handles]
+
+    def run(self, handles: Iterable[GenHandle]) -> None:
+        handles = list(handles)
+        while not all(h.done for h in handles):
+            self.step()
+
+    def flush(self, seqs: Iterable[Sequence]) -> None:
+        """Step until the given sequences have no pending tokens."""
+        seqs = list(seqs)
+        while any(s.pending and not s.released for s in seqs):
+            self.step()
+
+    # -- the step ---------------------------------------------------------------------
+    def step(self) -> list[GenHandle]:
+        """One batched forward over every runnable leaf; returns finished handles."""
+        plan = self._schedule()
+        if not plan:
+            if any(s.pending for s in self._live.values()):
+                raise RuntimeError("scheduler made no progress with pending work")
+            return []
+        seqs = [p[0] for p in plan]
+        counts = np.asarray([p[1] for p in plan], dtype=np.int32)
+        chunks = [s.pending[:c] for s, c in plan]
+        starts = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
+        nodes = np.asarray([s.node for s in seqs], dtype=np.int64)
+        flat_tokens = np.concatenate([np.asarray(c, dtype=np.int32) for c in chunks])
+        slots, copies = self.tree.append_batch(nodes, counts, flat_tokens)
+        for s, c in plan:
+            del s.pending[:c]
+        sample_rows = [i for i, s in enumerate(seqs)
+                       if not s.pending and s.handle is not None and not s.handle.done]
+        sample_handles = [seqs[i].handle for i in sample_rows]
+
+        # Grammar masks are filled on a worker thread while the forward runs.
+        mask_future = self._start_masks(sample_handles)
+
+        indptr, indices, last_len = self.tree.export_csr(nodes)
+        qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(counts, out=qo_indptr[1:])
+        positions = np.concatenate([np.arange(st, st + c) for st, c in zip(starts, counts)])
+        meta = build_attention_metadata(positions, slots, qo_indptr, indptr, indices, last_len,
+                                        page_size=self.page_size, device=self.device,
+                                        validate=False)
+        if len(copies):
+            self.runner.kv_cache.copy_pages(copies)
+        logit_rows = qo_indptr[1:][sample_rows] - 1
+        logits = self.runner.forward(flat_tokens, meta, logit_rows)
+        self.stats["steps"] += 1
+        self.stats["forward_tokens"] += int(counts.sum())
+        if not sample_handles:
+            return []
+        allowed = mask_future.result() if mask_future is not None else None
+        return self._sample_and_advance(sample_handles, logits, allowed)
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """Ask the native scheduler for this step's leaves; preempt if pages run short."""
+        runnable = [s for s in self._live.values() if s.pending]
+        if not runnable:
+            return []
+        nodes = np.asarray([s.node for s in runnable], dtype=np.int64)
+        pending = np.asarray([len(s.pending) for s in runnable], dtype=np.int32)
+        picked, counts = self.scheduler.schedule(nodes, pending)
+        plan = [(self._live[int(n)], int(c)) for n, c in zip(picked, counts)]
+        return self._fit_pages(plan)
+
+    def _fit_pages(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Trim the plan to the pages available, evicting cache then preempting."""
+        while True:
+            nodes = np.asarray([s.node for s, _ in plan], dtype=np.int64)
+            counts = np.asarray([c for _, c in plan], dtype=np.int32)
+            need = self.tree.pages_needed(nodes, counts)
+            short = need - self.pool.free
+            if short <= 0:
+                return plan
+            if self.cache is not None and self.cache.evict(short) >= short:
+                continue
+            victim = self._pick_victim(plan)
+            if victim is not None:
+                self._preempt(victim)
+                plan = [(s, c) for s, c in plan if s is not victim]
+                continue
+            if len(plan) > 1:
+                plan = plan[:-1]  # lowest priority waits for the next step
+                continue
+            seq, c = plan[0]
+            if c > 1:
+                plan = [(seq, c // 2)]  # a smaller prefill chunk may still fit
+                continue
+            raise LeafTooLarge(
+                f"sequence {seq.node} needs {need} more KV pages but the pool has "
+                f"{self.pool.free} free of {self.num_pages}; raise num_pages or shorten it")
+
+    def _pick_victim(self, plan: list[tuple[Sequence, int]]) -> Sequence | None:
+        """The lowest-priority leaf that frees pages if preempted (not the top of the plan)."""
+        keep = plan[0][0] if plan else None
+        cands = [s for s in self._live.values()
+                 if s is not keep and not s.frozen and s.num_cached > 0]
+        if not cands:
+            return None
+        nodes = np.asarray([s.node for s in cands], dtype=np.int64)
+        order = self.scheduler.preempt_order(nodes)
+        for i in order:
+            s = cands[int(i)]
+            if self.tree.pages_freed_by_release(s.node) > 0:
+                return s
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give up the leaf's pages; it is recomputed from its tokens later."""
+        tokens = self.tree.tokens(seq.node).tolist()
+        self._untrack(seq)
+        self.tree.release(seq.node)
+        seq.node, seq.pending = self._admit(tokens + seq.pending)
+        seq.preemptions += 1
+        self._track(seq)
+        self.stats["preemptions"] += 1
+
+    def _start_masks(self, handles: list[GenHandle]) -> Future | None:
+        rows = [i for i, h in enumerate(handles) if h.matcher is not None]
+        if not rows:
+            return None
+        from dendrite.grammar import fill_masks
+
+        matchers = [handles[i].matcher for i in rows]
+        vocab = self.runner.vocab_size
+
+        def work() -> torch.Tensor:
+            words = (vocab + 31) // 32
+            bitmask = torch.full((len(handles), words), -1, dtype=torch.int32)
+            fill_masks(matchers, bitmask, rows)
+            return bitmask
+
+        return self._mask_pool.submit(work)
+
+    def _sample_and_advance(self, handles: list[GenHandle], logits: torch.Tensor,
+                            allowed: torch.Tensor | None) -> list[GenHandle]:
+        positions = [h.seq.num_tokens for h in handles]
+        history = [h.seq.tokens for h in handles] if any(
+            h.params.repetition_penalty != 1.0 for h in handles) else None
+        out = sample(logits, [h.params for h in handles], positions, allowed=allowed,
+                     history=history)
+        tokens = out.tokens.tolist()
+        lps = out.logprobs.tolist()
+        finished = []
+        for h, tok, lp in zip(handles, tokens, lps):
+            if self._accept(h, tok, lp):
+                finished.append(h)
+        return finished
+
+    def _accept(self, h: GenHandle, tok: int, lp: float) -> bool:
+        """Record a sampled token; returns True when the request finished."""
+        seq = h.seq
+        h.token_ids.append(tok)
+        h.logprobs.append(lp)
+        if h.matcher is not None:
+            h.matcher.consume(tok)
+        reason = h.stop.check(h.token_ids)
+        if reason == "eos":
+            h.token_ids.pop()
+            h.logprobs.pop()
+            self._finish(h, "eos", complete=self._grammar_ok(h))
+            return True
+        seq.pending.append(tok)
+        if reason is not None:
+            self._finish(h, reason, complete=self._grammar_ok(h))
+            return True
+        if h.matcher is not None and h.matcher.is_stopped():
+            self._finish(h, "grammar", complete=self._grammar_ok(h))
+            return True
+        if len(h.token_ids) >= h.params.max_tokens:
+            self._finish(h, "length", complete=False)
+            return True
+        if h.matcher is not None:
+            self._force(h)
+            if h.done:
+                return True
+        return False
+
+    def _force(self, h: GenHandle) -> None:
+        """Append the tokens the grammar forces, without sampling: they prefill next step."""
+        forced = h.matcher.forced_tokens()
+        room = h.params.max_tokens - len(h.token_ids)
+        for tok in forced[:room]:
+            h.token_ids.append(tok)
+            h.logprobs.append(0.0)
+            h.matcher.consume(tok)
+            h.seq.pending.append(tok)
+        if h.matcher.is_stopped():
+            self._finish(h, "grammar", complete=self._grammar_ok(h))
+        elif len(h.token_ids) >= h.params.max_tokens:
+            self._finish(h, "length", complete=False)
+
+    @staticmethod
+    def _grammar_ok(h: GenHandle) -> bool:
+        return h.matcher is None or h.matcher.is_accepting()
+
+    def _finish(self, h: GenHandle, reason: str, complete: bool) -> None:
+        text = h.stop.final_text(h.token_ids) if h.stop else self.tokenizer.decode(h.token_ids)
+        h.result = GenResult(token_ids=list(h.token_ids), text=text, logprobs=list(h.logprobs),
+                             finish_reason=reason, complete=complete)
+
+    # -- introspection ---------------------------------------------------------------------
+    def memory_stats(self) -> dict:
+        return {"pages_used": self.pool.used, "pages_free": self.pool.free,
+                "pages_total": self.num_pages, "high_watermark": self.pool.high_watermark,
+                "bytes_per_page": self.runner.kv_cache.bytes_per_page_actual}
+
+    def close(self) -> None:
+        for seq in list(self._live.values()):
+            self.release(seq)
+        self._mask_pool.shutdown(wait=False)
