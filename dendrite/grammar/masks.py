@@ -1,0 +1,152 @@
+"""Batched token masks: fill on the CPU (GIL released), apply to logits.
+
+Layout (llguidance's, also what the sampler's `allowed=` takes): `int32
+[B, ceil(V/32)]`, bit `i % 32` of word `i // 32` set when token `i` is
+allowed. `fill_masks` runs llguidance's parallel executor, which releases
+the GIL, so the engine can run it on a worker thread (`MaskWorker`) while the
+GPU forward of the same step runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
+
+import llguidance
+import torch
+
+from .matcher import Matcher
+
+_executor: llguidance.LLExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _get_executor() -> llguidance.LLExecutor:
+    """Process-wide llguidance thread pool (size from DENDRITE_GRAMMAR_THREADS)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            n = os.environ.get("DENDRITE_GRAMMAR_THREADS")
+            _executor = llguidance.LLExecutor(int(n) if n else None)
+        return _executor
+
+
+def fill_masks(
+    matchers: Sequence[Matcher],
+    bitmask: torch.Tensor,
+    rows: Sequence[int] | None = None,
+) -> None:
+    """Write `matchers[i]`'s allowed tokens into `bitmask[rows[i]]`.
+
+    Args:
+        matchers: matchers built on the same GrammarTokenizer.
+        bitmask: contiguous CPU `int32 [B, tokenizer.mask_words]` (pinned is
+            best); rows not named are left untouched (keep them -1 for
+            unconstrained sequences).
+        rows: target row per matcher; default `range(len(matchers))`.
+
+    Releases the GIL while llguidance computes the masks.
+    """
+    if not matchers:
+        return
+    rows = list(range(len(matchers))) if rows is None else [int(r) for r in rows]
+    if len(rows) != len(matchers):
+        raise ValueError(f"{len(matchers)} matchers but {len(rows)} rows")
+    if bitmask.dtype != torch.int32 or bitmask.dim() != 2 or bitmask.device.type != "cpu":
+        raise ValueError("bitmask must be a 2-D int32 CPU tensor")
+    if not bitmask.is_contiguous():
+        raise ValueError("bitmask must be contiguous")
+    batch, words = bitmask.shape
+    # llguidance writes a fixed row width; a mismatch would corrupt memory.
+    for m in matchers:
+        if m.tokenizer.mask_words != words:
+            raise ValueError(f"bitmask has {words} words per row, tokenizer needs {m.tokenizer.mask_words}")
+    for r in rows:
+        if not 0 <= r < batch:
+            raise IndexError(f"row {r} out of range for batch {batch}")
+    row_bytes = words * 4
+    if len(matchers) == 1:
+        # One matcher: compute inline (still GIL-free), skipping the pool hop.
+        matchers[0].ll.unsafe_compute_mask_ptr(bitmask.data_ptr() + rows[0] * row_bytes, row_bytes)
+        return
+    _get_executor().unsafe_compute_mask_ptr(
+        [(m.ll, r) for m, r in zip(matchers, rows)], bitmask.data_ptr(), row_bytes, batch
+    )
+
+
+class MaskWorker:
+    """Fills masks on a background thread, to overlap with the GPU forward.
+
+        fut = worker.submit(matchers, bitmask, rows)   # before launching forward
+        hidden = model.forward(...)                    # GPU runs; masks fill meanwhile
+        fut.result()                                   # then apply_masks / sample
+
+    Matchers must not be advanced until the future is done.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-grammar")
+
+    def submit(
+        self, matchers: Sequence[Matcher], bitmask: torch.Tensor, rows: Sequence[int] | None = None
+    ) -> "Future[None]":
+        return self._pool.submit(fill_masks, list(matchers), bitmask, None if rows is None else list(rows))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "MaskWorker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_shifts: dict[torch.device, torch.Tensor] = {}
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed `int32 [B, W]` -> bool `[B, vocab_size]` on the bitmask's device.
+
+    Ids past the mask's width (`32 * W`) come out False: a model vocab padded
+    beyond the tokenizer's never emits padding ids.
+    """
+    dev = bitmask.device
+    shifts = _shifts.get(dev)
+    if shifts is None:
+        shifts = _shifts[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+    # Arithmetic right shift of negative words is fine: we keep bit 0 only.
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+    width = bits.shape[-1]
+    if vocab_size <= width:
+        return bits[..., :vocab_size]
+    pad = torch.zeros(*bits.shape[:-1], vocab_size - width, dtype=torch.bool, device=dev)
+    return torch.cat([bits, pad], dim=-1)
+
+
+def apply_masks(
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    rows: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Set disallowed logits to -inf, in place; returns `logits`.
+
+    Args:
+        logits: `[N, V]` (any float dtype/device), V the model's vocab.
+        bitmask: `int32 [M, W]`, on any device (moved non-blocking).
+        rows: which logits row each bitmask row masks (`M` entries); default
+            all rows in order (M == N).
+    """
+    mask = bitmask.to(logits.device, non_blocking=True)
+    allowed = unpack_bitmask(mask, logits.shape[-1])
+    neg_inf = float("-inf")
+    if rows is None:
+        if mask.shape[0] != logits.shape[0]:
+            raise ValueError(f"bitmask has {mask.shape[0]} rows, logits {logits.shape[0]}")
+        logits.masked_fill_(~allowed, neg_inf)
+    else:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=logits.device)
+        logits[idx] = logits[idx].masked_fill(~allowed, neg_inf)
+    return logits
