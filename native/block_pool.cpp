@@ -1,0 +1,99 @@
+// block_pool.cpp - BlockPool: refcounts, free list, headroom accounting.
+#include "block_pool.h"
+
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+#include "errors.h"
+
+namespace dendrite {
+
+BlockPool::BlockPool(int32_t num_pages, int32_t page_size, int32_t cow_headroom)
+    : page_size_(page_size), cow_headroom_(cow_headroom) {
+  if (num_pages < 0) throw std::invalid_argument("num_pages must be >= 0");
+  if (page_size <= 0) throw std::invalid_argument("page_size must be > 0");
+  if (cow_headroom < 0 || cow_headroom > num_pages)
+    throw std::invalid_argument("cow_headroom must be in [0, num_pages]");
+  // Slots (page * page_size + offset) are exported as int32.
+  if (static_cast<int64_t>(num_pages) * page_size > INT32_MAX)
+    throw std::invalid_argument("num_pages * page_size must fit in int32");
+  refcount_.assign(static_cast<size_t>(num_pages), 0);
+  free_list_.resize(static_cast<size_t>(num_pages));
+  for (int32_t i = 0; i < num_pages; ++i) free_list_[static_cast<size_t>(i)] = num_pages - 1 - i;
+}
+
+bool BlockPool::can_allocate(int64_t regular, int64_t cow) const {
+  if (regular < 0 || cow < 0) return false;
+  const int64_t f = free();
+  return regular <= f - cow_headroom_ && regular + cow <= f;
+}
+
+int32_t BlockPool::pop_free() {
+  const int32_t p = free_list_.back();
+  free_list_.pop_back();
+  refcount_[static_cast<size_t>(p)] = 1;
+  return p;
+}
+
+int32_t BlockPool::allocate() {
+  if (!can_allocate(1, 0))
+    throw OutOfPages("BlockPool: no free page (free=" + std::to_string(free()) +
+                     ", cow_headroom=" + std::to_string(cow_headroom_) + ")");
+  const int32_t p = pop_free();
+  high_watermark_ = std::max(high_watermark_, used());
+  return p;
+}
+
+void BlockPool::allocate_batch(int64_t regular, int64_t cow, std::vector<int32_t>& out) {
+  if (regular < 0 || cow < 0) throw std::invalid_argument("allocate_batch: negative count");
+  if (!can_allocate(regular, cow))
+    throw OutOfPages("BlockPool: cannot allocate " + std::to_string(regular) + " pages + " +
+                     std::to_string(cow) + " copy-on-write pages (free=" + std::to_string(free()) +
+                     ", cow_headroom=" + std::to_string(cow_headroom_) + ")");
+  out.reserve(out.size() + static_cast<size_t>(regular + cow));
+  for (int64_t i = 0; i < regular + cow; ++i) out.push_back(pop_free());
+  high_watermark_ = std::max(high_watermark_, used());
+}
+
+void BlockPool::check_page(int32_t page) const {
+  if (page < 0 || page >= num_pages())
+    throw std::out_of_range("page id " + std::to_string(page) + " out of range [0, " +
+                            std::to_string(num_pages()) + ")");
+}
+
+void BlockPool::incref(int32_t page) {
+  check_page(page);
+  int32_t& rc = refcount_[static_cast<size_t>(page)];
+  if (rc <= 0) throw std::invalid_argument("incref of free page " + std::to_string(page));
+  ++rc;
+}
+
+bool BlockPool::decref(int32_t page) {
+  check_page(page);
+  int32_t& rc = refcount_[static_cast<size_t>(page)];
+  if (rc <= 0) throw std::invalid_argument("decref of free page " + std::to_string(page));
+  if (--rc == 0) {
+    free_list_.push_back(page);
+    return true;
+  }
+  return false;
+}
+
+void BlockPool::decref_batch(const int32_t* pages, int64_t n) {
+  // Validate first so a bad id in the middle does not leave a half-applied batch.
+  for (int64_t i = 0; i < n; ++i) {
+    check_page(pages[i]);
+    if (refcount_[static_cast<size_t>(pages[i])] <= 0)
+      throw std::invalid_argument("decref of free page " + std::to_string(pages[i]));
+  }
+  for (int64_t i = 0; i < n; ++i) decref(pages[i]);
+}
+
+int32_t BlockPool::refcount(int32_t page) const {
+  check_page(page);
+  return refcount_[static_cast<size_t>(page)];
+}
+
+}  // namespace dendrite
