@@ -1,0 +1,221 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over paged KV.
+
+The math mirrors transformers op for op (RMSNorm in float32 then cast, RoPE
+cos/sin computed in float32 then cast, residual adds in the model dtype) so
+fp32 logits agree to ~1e-6 and bf16 rounds the same way. Two fusions change
+nothing numerically per output but halve the matmul launches: q/k/v are one
+`qkv_proj` and gate/up one `gate_up_proj`; `load_hf_weight` maps HF names.
+
+The forward pass takes a flat batch of T new tokens from B sequences (no
+padding): it writes each layer's new K/V at `meta.slot_mapping` and asks the
+attention backend, already planned for `meta`, to attend over the pages.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dendrite.attention.base import AttentionBackend, AttentionMetadata
+from dendrite.model.config import ModelConfig
+from dendrite.model.kv_cache import KVCache
+
+__all__ = ["LlamaForCausalLM", "rope_inv_freq"]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """float32 [D/2] inverse frequencies, with Llama-3 / linear scaling (as transformers)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    if sc["rope_type"] == "linear":
+        return inv / float(sc["factor"])
+    # llama3: keep high frequencies, divide low ones by `factor`, blend between.
+    factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_ctx = sc["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d,
+                                  bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv: KVCache, backend: AttentionBackend) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d,
+                                          self.hkv * self.d], dim=-1)
+        q, k, v = q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.write(self.layer, meta.slot_mapping, k, v)
+        o = backend.forward(self.layer, q, *kv.layer(self.layer))
+        return self.o_proj(o.reshape(t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv: KVCache, backend: AttentionBackend) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Body(nn.Module):
+    """HF's `model.` submodule, so parameter names line up with checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# HF name -> (our fused parameter, which slice of it): q|k|v and gate|up.
+_FUSED = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.(weight|bias)$")
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward(input_ids [T], meta, kv) -> hidden [T, H]`; `compute_logits(hidden) -> fp32`."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backend = backend
+        self.model = _Body(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-checkpoint buffers (after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.model.norm.weight.device)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+                backend: AttentionBackend | None = None) -> torch.Tensor:
+        """Hidden states after the final norm; `backend` must be planned for `meta`."""
+        backend = backend or self.backend
+        if backend is None:
+            raise ValueError("no attention backend: pass one or set model.backend")
+        h = self.model.embed_tokens(input_ids)
+        # RoPE tables for this step's positions, shared by every layer.
+        freqs = meta.positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, meta, kv, backend)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> float32 [N, vocab]; matmul in the model dtype like transformers."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    # -- checkpoint loading ---------------------------------------------------
+    def hf_parameter_names(self) -> set[str]:
+        """Checkpoint names this model needs (unfused, HF spelling)."""
+        names = set()
+        for name, _ in self.named_parameters():
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                kind = name.rsplit(".", 1)[1]
+                base = name.rsplit(".qkv_proj.", 1)[0]
+                names |= {f"{base}.{p}_proj.{kind}" for p in "qkv"}
+            elif ".gate_up_proj." in name:
+                base, kind = name.rsplit(".gate_up_proj.", 1)
+                names |= {f"{base}.gate_proj.{kind}", f"{base}.up_proj.{kind}"}
+            else:
+                names.add(name)
+        return names
+
+    def load_hf_weight(self, name: str, tensor: torch.Tensor) -> bool:
+        """Copy one checkpoint tensor into place (casting dtype/device).
+
+        Returns False for names the model has no slot for (the caller decides
+        whether that is an error)."""
+        m = _FUSED.match(name)
+        if m:
+            prefix, _, qkv, gu, kind = m.groups()
+            if qkv:
+                param = self.get_parameter(f"{prefix}self_attn.qkv_proj.{kind}")
+                hq, hkv, d = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
+                start, size = {"q": (0, hq * d), "k": (hq * d, hkv * d),
+                               "v": ((hq + hkv) * d, hkv * d)}[qkv]
+            else:
+                param = self.get_parameter(f"{prefix}mlp.gate_up_proj.{kind}")
+                inter = self.config.intermediate_size
+                start, size = (0 if gu == "gate" else inter), inter
+            dst = param.data.narrow(0, start, size)
+        else:
+            try:
+                dst = self.get_parameter(name).data
+            except AttributeError:
+                return False
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        return True

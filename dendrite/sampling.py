@@ -1,0 +1,263 @@
+"""Batched sampling with per-sequence parameters and reproducible seeds.
+
+`sample(logits, params, positions)` picks one token per row; every row has its
+own `SamplingParams`. Processing order follows transformers: repetition
+penalty, allowed-token mask, then for sampled rows temperature, top-k, top-p,
+min-p; greedy rows (temperature 0) take the argmax.
+
+Determinism: a sampled row draws with the Gumbel-max trick, its noise for
+token `v` a counter-based hash of `(seed, position, v)` computed with exact
+int64 arithmetic. So the draw of a sequence with seed `s` at absolute
+position `i` depends only on `(s, i)` and that row's logits: the same for any
+batch composition, and a forked branch sharing the seed draws exactly what
+an unforked run draws. Rows without a seed get fresh random keys.
+
+Reported logprobs are the model's: `log_softmax` of the raw logits, before
+penalties, masks and temperature.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SamplingParams", "SamplerOutput", "Sampler", "sample", "unpack_bitmask",
+           "gumbel_noise", "row_keys"]
+
+_M64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one generation request (see design.md)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = -1  # <= 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: str | Sequence[str] | None = None
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int = 0  # top-n alternatives to report; the chosen token's is always reported
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs < 0 or self.max_tokens < 0:
+            raise ValueError("logprobs and max_tokens must be >= 0")
+        if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        stop = self.stop
+        self.stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class SamplerOutput:
+    """Per-row results, tensors on the logits' device (call `.cpu()` once)."""
+
+    token_ids: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor  # float32 [B], chosen token under the model
+    top_token_ids: torch.Tensor | None = None  # int64 [B, n], n = max logprobs asked
+    top_logprobs: torch.Tensor | None = None  # float32 [B, n]
+
+    def cpu(self) -> "SamplerOutput":
+        mv = (lambda t: None if t is None else t.cpu())
+        return SamplerOutput(mv(self.token_ids), mv(self.logprobs), mv(self.top_token_ids),
+                             mv(self.top_logprobs))
+
+
+# -- counter-based noise --------------------------------------------------------
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def row_keys(seeds: Sequence[int], positions: Sequence[int]) -> list[int]:
+    """64-bit key per row from (seed, absolute position)."""
+    return [_splitmix64(_splitmix64(int(s) & _M64) ^ (int(p) & _M64))
+            for s, p in zip(seeds, positions)]
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # x * c mod 2^32 without int64 overflow: split c into 16-bit halves.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # "lowbias32" integer hash (C. Wellons): a good 32-bit permutation.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(keys: Sequence[int], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """float32 [len(keys), vocab] standard Gumbel noise, a pure function of (key, token)."""
+    k = torch.tensor([[(key & 0xFFFFFFFF), key >> 32] for key in keys], dtype=torch.int64,
+                     device=device)
+    v = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
+    h = _mix32(_mix32(v ^ k[:, :1]) ^ k[:, 1:])
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), 24 bits
+    return -torch.log(-torch.log(u))
+
+
+# -- masks and processors -----------------------------------------------------------
+
+def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Allowed-token mask as bool [B, vocab].
+
+    Accepts llguidance's packed layout (int32 [B, ceil(V'/32)], bit `j` of word
+    `w` allows token `32 w + j`) or a bool [B, V']. Tokens past the mask's
+    width are disallowed, as llguidance.torch does.
+    """
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.dtype == torch.int32:
+        shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
+        allowed = ((mask[:, :, None] >> shifts) & 1).bool().reshape(mask.shape[0], -1)
+    else:
+        raise TypeError(f"allowed-token mask must be bool or packed int32, not {mask.dtype}")
+    width = allowed.shape[1]
+    if width >= vocab_size:
+        return allowed[:, :vocab_size]
+    pad = torch.zeros(allowed.shape[0], vocab_size - width, dtype=torch.bool, device=mask.device)
+    return torch.cat([allowed, pad], dim=1)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, params: Sequence[SamplingParams],
+                              prev_tokens: Sequence[Sequence[int] | np.ndarray]) -> torch.Tensor:
+    rows, toks, pens = [], [], []
+    vocab = logits.shape[1]
+    for r, (p, prev) in enumerate(zip(params, prev_tokens)):
+        if p.repetition_penalty == 1.0 or prev is None or len(prev) == 0:
+            continue
+        t = np.unique(np.asarray(prev, dtype=np.int64))
+        t = t[(t >= 0) & (t < vocab)]
+        rows.append(np.full(len(t), r, dtype=np.int64))
+        toks.append(t)
+        pens.append(np.full(len(t), p.repetition_penalty, dtype=np.float32))
+    if not rows:
+        return logits
+    dev = logits.device
+    r = torch.from_numpy(np.concatenate(rows)).to(dev)
+    t = torch.from_numpy(np.concatenate(toks)).to(dev)
+    pen = torch.from_numpy(np.concatenate(pens)).to(dev)
+    score = logits[r, t]
+    logits = logits.clone()
+    logits[r, t] = torch.where(score < 0, score * pen, score / pen)
+    return logits
+
+
+def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """top-k, then top-p on what is left, then min-p; filtered tokens -> -inf."""
+    vocab, dev = x.shape[1], x.device
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
+        sx, idx = x.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=dev)[None, :]
+        sx = sx.masked_fill(rank >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
+        probs = sx.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly above each token
+        drop = before > torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+        sx = sx.masked_fill(drop, float("-inf"))  # rank 0 never drops: `before` is 0 there
+        x = torch.empty_like(x).scatter_(1, idx, sx)
+    min_p = [p.min_p for p in params]
+    if any(m > 0 for m in min_p):
+        probs = x.softmax(-1)
+        floor = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * \
+            probs.amax(-1, keepdim=True)
+        x = x.masked_fill(probs < floor, float("-inf"))
+    return x
+
+
+# -- the sampler --------------------------------------------------------------------
+
+class Sampler:
+    """Stateless per row except for the random keys of unseeded rows."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                 positions: Sequence[int] | np.ndarray | torch.Tensor, *,
+                 prev_tokens: Sequence[Sequence[int] | np.ndarray] | None = None,
+                 allowed: torch.Tensor | None = None) -> SamplerOutput:
+        """Pick one token per row.
+
+        Args:
+            logits: float [B, V] next-token logits.
+            params: one SamplingParams per row.
+            positions: per row, the absolute position the sampled token will
+                occupy (the sequence length before it); keys the seeded noise.
+            prev_tokens: per row, the tokens the repetition penalty counts
+                (prompt + generated, as transformers); only read for rows
+                with a penalty != 1.
+            allowed: optional allowed-token mask, packed int32 [B, ceil(V'/32)]
+                (llguidance) or bool [B, V'].
+        """
+        b, vocab = logits.shape
+        if len(params) != b:
+            raise ValueError(f"{len(params)} SamplingParams for {b} rows")
+        logits = logits.float()
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        x = logits
+        if prev_tokens is not None:
+            x = _apply_repetition_penalty(x, params, prev_tokens)
+        if allowed is not None:
+            x = x.masked_fill(~unpack_bitmask(allowed.to(x.device, non_blocking=True), vocab),
+                              float("-inf"))
+
+        tokens = x.argmax(dim=-1)
+        sampled = [r for r, p in enumerate(params) if not p.greedy]
+        if sampled:
+            pos = positions.tolist() if hasattr(positions, "tolist") else list(positions)
+            sp = [params[r] for r in sampled]
+            seeds = [p.seed if p.seed is not None else self._rng.getrandbits(64) for p in sp]
+            keys = row_keys(seeds, [pos[r] for r in sampled])
+            rows = torch.tensor(sampled, device=x.device)
+            temps = torch.tensor([p.temperature for p in sp], device=x.device)[:, None]
+            xs = _filter(x[rows] / temps, sp)
+            tokens[rows] = (xs + gumbel_noise(keys, vocab, x.device)).argmax(dim=-1)
+
+        chosen = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+        n = max((p.logprobs for p in params), default=0)
+        top_ids = top_lps = None
+        if n > 0:
+            top_lps, top_ids = logprobs_all.topk(min(n, vocab), dim=-1)
+        return SamplerOutput(tokens, chosen, top_ids, top_lps)
+
+
+_default_sampler = Sampler()
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           positions: Sequence[int] | np.ndarray | torch.Tensor, *,
+           prev_tokens: Sequence[Sequence[int] | np.ndarray] | None = None,
+           allowed: torch.Tensor | None = None) -> SamplerOutput:
+    """`Sampler()(...)` with a process-wide sampler (see `Sampler.__call__`)."""
+    return _default_sampler(logits, params, positions, prev_tokens=prev_tokens, allowed=allowed)
