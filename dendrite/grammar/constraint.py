@@ -42,10 +42,12 @@ def choices_to_lark(choices: Sequence[str]) -> str:
 
 
 class Constraint:
-    """Exactly one of `regex=`, `json_schema=`, `grammar=` (lark), `choices=`.
+    r"""Exactly one of `regex=`, `json_schema=`, `grammar=` (lark), `choices=`.
 
     Args:
-        regex: Rust-regex syntax pattern the whole output must match.
+        regex: pattern the whole output must match, in Rust `regex` syntax:
+            `\d`, `\w`, `\s` are Unicode-aware (`\d` admits e.g. Devanagari
+            digits), so write `[0-9]` for ASCII digits.
         json_schema: a schema as a dict or JSON text.
         grammar: a lark grammar in llguidance's dialect (`start:` rule).
         choices: the output is exactly one of these strings.
