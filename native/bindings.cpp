@@ -104,6 +104,10 @@ PYBIND11_MODULE(_native, m) {
   py::class_<AppendResult>(m, "AppendResult")
       .def_readonly("slot_mapping", &AppendResult::slot_mapping)
       .def_readonly("copies", &AppendResult::copies)
+      // Unpacks as `slot_mapping, copies = tree.append(...)`.
+      .def("__iter__",
+           [](const AppendResult& r) { return py::iter(py::make_tuple(r.slot_mapping, r.copies)); })
+      .def("__len__", [](const AppendResult&) { return 2; })
       .def("__repr__", [](const AppendResult& r) {
         return "AppendResult(slot_mapping=" + py::repr(r.slot_mapping).cast<std::string>() +
                ", copies=" + py::repr(r.copies).cast<std::string>() + ")";
@@ -146,7 +150,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("node"), py::arg("tokens"))
       .def(
           "append_batch",
-          [](KVTree& t, const I64In& nodes, const I32In& tokens, const I32In& counts) {
+          [](KVTree& t, const I64In& nodes, const I32In& counts, const I32In& tokens) {
             require_1d(nodes, "nodes");
             require_1d(tokens, "tokens");
             require_1d(counts, "counts");
@@ -158,7 +162,7 @@ PYBIND11_MODULE(_native, m) {
                            slots.mutable_data(), copies);
             return make_append_result(std::move(slots), copies);
           },
-          py::arg("nodes"), py::arg("tokens"), py::arg("counts"))
+          py::arg("nodes"), py::arg("counts"), py::arg("tokens"))
       .def("truncate", &KVTree::truncate, py::arg("node"), py::arg("num_tokens"))
       .def("release", &KVTree::release, py::arg("node"))
       .def("release_subtree", &KVTree::release_subtree, py::arg("node"))
@@ -166,7 +170,17 @@ PYBIND11_MODULE(_native, m) {
       .def("is_released", &KVTree::is_released, py::arg("node"))
       .def("num_tokens", &KVTree::num_tokens, py::arg("node"))
       .def("num_pages", &KVTree::num_pages, py::arg("node"))
-      .def("exclusive_pages", &KVTree::exclusive_pages, py::arg("node"))
+      .def("pages_freed_by_release", &KVTree::pages_freed_by_release, py::arg("node"))
+      .def(
+          "pages_needed",
+          [](const KVTree& t, const I64In& nodes, const I32In& counts) {
+            require_1d(nodes, "nodes");
+            require_1d(counts, "counts");
+            if (nodes.size() != counts.size())
+              throw std::invalid_argument("pages_needed: nodes and counts differ in length");
+            return t.pages_needed(ptr(nodes), ptr(counts), nodes.size());
+          },
+          py::arg("nodes"), py::arg("counts"))
       .def("parent", &KVTree::parent, py::arg("node"))
       .def(
           "children",
@@ -208,6 +222,7 @@ PYBIND11_MODULE(_native, m) {
           py::arg("leaves"))
       .def("debug_page_refs", [](const KVTree& t) { return to_numpy(t.debug_page_refs()); })
       .def("debug_live_nodes", [](const KVTree& t) { return to_numpy(t.debug_live_nodes()); })
+      .def("debug_parents", [](const KVTree& t) { return to_numpy(t.debug_parents()); })
       .def("validate", &KVTree::validate);
 
   py::class_<RadixCache, std::shared_ptr<RadixCache>>(m, "RadixCache")
@@ -226,6 +241,7 @@ PYBIND11_MODULE(_native, m) {
             return py::make_tuple(n, to_numpy(pages));
           },
           py::arg("tokens"), py::arg("now") = py::none(), py::arg("pin") = true)
+      .def("unpin", &RadixCache::unpin, py::arg("last_page"))
       .def(
           "unpin",
           [](RadixCache& c, const I32In& pages) {
@@ -269,8 +285,8 @@ PYBIND11_MODULE(_native, m) {
       .def("validate", &RadixCache::validate);
 
   py::class_<Scheduler, std::shared_ptr<Scheduler>>(m, "Scheduler")
-      .def(py::init<std::shared_ptr<KVTree>, int64_t, int64_t, int64_t>(), py::arg("tree"),
-           py::arg("token_budget"), py::arg("chunk_size") = 512, py::arg("max_batch") = 0)
+      .def(py::init<int64_t, int64_t, int64_t, std::shared_ptr<KVTree>>(), py::arg("token_budget"),
+           py::arg("chunk_size") = 512, py::arg("max_batch") = 0, py::arg("tree") = nullptr)
       .def("add", &Scheduler::add, py::arg("leaf"), py::arg("priority") = 0.0,
            py::arg("pending_tokens") = 0)
       .def("remove", &Scheduler::remove, py::arg("leaf"))
@@ -288,6 +304,28 @@ PYBIND11_MODULE(_native, m) {
              s.schedule(leaves, counts);
              return py::make_tuple(to_numpy(leaves), to_numpy(counts));
            })
+      .def(
+          "schedule",
+          [](const Scheduler& s, const I64In& leaves, const I32In& pending) {
+            require_1d(leaves, "leaves");
+            require_1d(pending, "pending");
+            if (leaves.size() != pending.size())
+              throw std::invalid_argument("schedule: leaves and pending differ in length");
+            std::vector<int64_t> out;
+            std::vector<int32_t> counts;
+            s.schedule_subset(ptr(leaves), ptr(pending), leaves.size(), out, counts);
+            return py::make_tuple(to_numpy(out), to_numpy(counts));
+          },
+          py::arg("leaves"), py::arg("pending"))
+      .def(
+          "preempt_order",
+          [](const Scheduler& s, const I64In& leaves) {
+            require_1d(leaves, "leaves");
+            std::vector<int64_t> order;
+            s.preempt_order(ptr(leaves), leaves.size(), order);
+            return to_numpy(order);
+          },
+          py::arg("leaves"))
       .def(
           "advance",
           [](Scheduler& s, const I64In& leaves, const I32In& counts) {

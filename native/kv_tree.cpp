@@ -415,10 +415,30 @@ void KVTree::tokens(int64_t node, int32_t* out) const {
 
 void KVTree::pages(int64_t node, int32_t* out) const { write_path(slot_of(node), out, true); }
 
-int64_t KVTree::exclusive_pages(int64_t node) const {
-  int64_t n = 0;
-  for (int32_t p : nodes_[static_cast<size_t>(slot_of(node))].own_pages) n += pool_->refcount(p) == 1;
-  return n;
+int64_t KVTree::pages_needed(const int64_t* nodes, const int32_t* counts, int64_t batch) const {
+  int64_t need = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (counts[b] < 0) throw std::invalid_argument("pages_needed: negative count");
+    const AppendPlan p = plan_append(owned_slot_of(nodes[b]), counts[b]);
+    need += p.new_pages + (p.cow ? 1 : 0);
+  }
+  return need;
+}
+
+int64_t KVTree::pages_freed_by_release(int64_t node) const {
+  int32_t s = owned_slot_of(node);
+  if (!nodes_[static_cast<size_t>(s)].children.empty()) return 0;  // stays alive
+  int64_t freed = 0;
+  while (true) {
+    const Node& n = nodes_[static_cast<size_t>(s)];
+    for (int32_t p : n.own_pages) freed += pool_->refcount(p) == 1;
+    // The parent goes too if the caller dropped it and this was its only child.
+    if (n.parent < 0) break;
+    const Node& p = nodes_[static_cast<size_t>(n.parent)];
+    if (p.ext || p.children.size() != 1) break;
+    s = n.parent;
+  }
+  return freed;
 }
 
 // ---- CSR export ----------------------------------------------------------------
@@ -471,6 +491,13 @@ std::vector<int64_t> KVTree::debug_live_nodes() const {
   std::vector<int64_t> out;
   for (size_t s = 0; s < nodes_.size(); ++s)
     if (nodes_[s].alive) out.push_back(handle_of(static_cast<int32_t>(s)));
+  return out;
+}
+
+std::vector<int64_t> KVTree::debug_parents() const {
+  std::vector<int64_t> out;
+  for (const Node& n : nodes_)
+    if (n.alive) out.push_back(n.parent < 0 ? -1 : handle_of(n.parent));
   return out;
 }
 

@@ -84,8 +84,11 @@ class KVTree {
   // Whole-path pages, num_pages(node) entries. Const: never builds caches.
   void pages(int64_t node, int32_t* out) const;
   int64_t num_live_nodes() const { return live_nodes_; }
-  // Own pages nobody else references: a lower bound on what release() frees.
-  int64_t exclusive_pages(int64_t node) const;
+  // Pages that append_batch(nodes, counts) would allocate (new + copy-on-write).
+  int64_t pages_needed(const int64_t* nodes, const int32_t* counts, int64_t batch) const;
+  // Pages release(node) would return to the pool right now (its own and those
+  // of ancestors it would collect, counting only pages nothing else holds).
+  int64_t pages_freed_by_release(int64_t node) const;
 
   // export_csr in two phases so the caller can allocate the output arrays:
   // prepare returns nnz (and builds missing parent caches), fill writes
@@ -98,8 +101,9 @@ class KVTree {
   std::vector<int32_t> debug_page_refs() const;
   // Debug: structural problems (empty when consistent).
   std::vector<std::string> validate() const;
-  // Debug: handles of all live nodes.
+  // Debug: handles of all live nodes, and their parents' handles (-1: root).
   std::vector<int64_t> debug_live_nodes() const;
+  std::vector<int64_t> debug_parents() const;
 
  private:
   struct Node {

@@ -7,10 +7,9 @@
 
 namespace dendrite {
 
-Scheduler::Scheduler(std::shared_ptr<KVTree> tree, int64_t token_budget, int64_t chunk_size,
-                     int64_t max_batch)
+Scheduler::Scheduler(int64_t token_budget, int64_t chunk_size, int64_t max_batch,
+                     std::shared_ptr<KVTree> tree)
     : tree_(std::move(tree)), token_budget_(token_budget), chunk_size_(chunk_size), max_batch_(max_batch) {
-  if (!tree_) throw std::invalid_argument("Scheduler needs a KVTree");
   if (token_budget <= 0 || chunk_size <= 0 || max_batch < 0)
     throw std::invalid_argument("Scheduler: token_budget and chunk_size must be > 0, max_batch >= 0");
 }
@@ -58,18 +57,55 @@ void Scheduler::set_token_budget(int64_t b) {
   token_budget_ = b;
 }
 
-void Scheduler::schedule(std::vector<int64_t>& leaves, std::vector<int32_t>& counts) const {
+template <typename Pending>
+void Scheduler::grant(const std::vector<Key>& keys, Pending pending,
+                      std::vector<int64_t>& out_leaves, std::vector<int32_t>& counts) const {
   int64_t left = token_budget_;
-  for (const Key& k : order_) {
-    if (left <= 0 || (max_batch_ > 0 && static_cast<int64_t>(leaves.size()) >= max_batch_)) break;
+  for (const Key& k : keys) {
+    if (left <= 0 || (max_batch_ > 0 && static_cast<int64_t>(out_leaves.size()) >= max_batch_)) break;
     const int64_t leaf = std::get<2>(k);
-    const int64_t p = info_.at(leaf).pending;
+    const int64_t p = pending(leaf);
     const int64_t want = p > 0 ? std::min(p, chunk_size_) : 1;  // decode: one token
     const int64_t n = std::min(want, left);
-    leaves.push_back(leaf);
+    out_leaves.push_back(leaf);
     counts.push_back(static_cast<int32_t>(n));
     left -= n;
   }
+}
+
+void Scheduler::schedule(std::vector<int64_t>& leaves, std::vector<int32_t>& counts) const {
+  // order_ is already sorted; copying the keys keeps grant() shared.
+  const std::vector<Key> keys(order_.begin(), order_.end());
+  grant(keys, [this](int64_t leaf) { return info_.at(leaf).pending; }, leaves, counts);
+}
+
+void Scheduler::schedule_subset(const int64_t* leaves, const int32_t* pending, int64_t n,
+                                std::vector<int64_t>& out_leaves,
+                                std::vector<int32_t>& counts) const {
+  std::vector<Key> keys;
+  std::unordered_map<int64_t, int64_t> given;
+  keys.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const Info& in = info(leaves[i]);
+    if (pending[i] < 0) throw std::invalid_argument("Scheduler: negative pending count");
+    if (!given.emplace(leaves[i], pending[i]).second)
+      throw std::invalid_argument("Scheduler: leaf " + std::to_string(leaves[i]) + " given twice");
+    keys.emplace_back(-in.priority, in.seq, leaves[i]);
+  }
+  std::sort(keys.begin(), keys.end());
+  grant(keys, [&given](int64_t leaf) { return given.at(leaf); }, out_leaves, counts);
+}
+
+void Scheduler::preempt_order(const int64_t* leaves, int64_t n, std::vector<int64_t>& order) const {
+  std::vector<std::pair<Key, int64_t>> keyed;
+  keyed.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const Info& in = info(leaves[i]);
+    keyed.emplace_back(Key{-in.priority, in.seq, leaves[i]}, i);
+  }
+  // Reverse run order: lowest priority, then most recently added, first.
+  std::sort(keyed.begin(), keyed.end(), [](const auto& a, const auto& b) { return b.first < a.first; });
+  for (const auto& k : keyed) order.push_back(k.second);
 }
 
 void Scheduler::advance(const int64_t* leaves, const int32_t* counts, int64_t n) {
@@ -81,11 +117,12 @@ void Scheduler::advance(const int64_t* leaves, const int32_t* counts, int64_t n)
 }
 
 void Scheduler::preempt_candidates(int64_t pages_needed, std::vector<int64_t>& out) const {
+  if (!tree_) throw std::logic_error("Scheduler.preempt_candidates needs the tree (pass tree=)");
   int64_t freed = 0;
   for (auto it = order_.rbegin(); it != order_.rend() && freed < pages_needed; ++it) {
     const int64_t leaf = std::get<2>(*it);
     out.push_back(leaf);
-    if (tree_->is_valid(leaf)) freed += tree_->exclusive_pages(leaf);
+    if (tree_->is_valid(leaf) && !tree_->is_released(leaf)) freed += tree_->pages_freed_by_release(leaf);
   }
 }
 

@@ -21,9 +21,10 @@ namespace dendrite {
 
 class Scheduler {
  public:
-  // tree: used only to estimate the pages preempting a leaf would free.
-  Scheduler(std::shared_ptr<KVTree> tree, int64_t token_budget, int64_t chunk_size,
-            int64_t max_batch = 0);
+  // tree (optional): used only by preempt_candidates, to count the pages
+  // preempting a leaf would free.
+  Scheduler(int64_t token_budget, int64_t chunk_size, int64_t max_batch = 0,
+            std::shared_ptr<KVTree> tree = nullptr);
 
   void add(int64_t leaf, double priority, int64_t pending_tokens = 0);
   void remove(int64_t leaf);
@@ -38,6 +39,14 @@ class Scheduler {
 
   // The step plan; does not change state (call advance() once it ran).
   void schedule(std::vector<int64_t>& leaves, std::vector<int32_t>& counts) const;
+  // Same plan over the given registered leaves only, with the caller's
+  // pending counts (for engines that keep pending tokens themselves; a count
+  // of 0 means decode, one token).
+  void schedule_subset(const int64_t* leaves, const int32_t* pending, int64_t n,
+                       std::vector<int64_t>& out_leaves, std::vector<int32_t>& counts) const;
+  // Indices into leaves[0:n] in preemption order: lowest priority first,
+  // newest first among equal priorities.
+  void preempt_order(const int64_t* leaves, int64_t n, std::vector<int64_t>& order) const;
   // Marks counts[i] prompt tokens of leaves[i] as prefilled.
   void advance(const int64_t* leaves, const int32_t* counts, int64_t n);
 
@@ -53,6 +62,10 @@ class Scheduler {
   };
   using Key = std::tuple<double, uint64_t, int64_t>;  // (-priority, seq, leaf)
   const Info& info(int64_t leaf) const;
+  // Appends (leaf, tokens) grants in `keys` order under the budget.
+  template <typename Pending>
+  void grant(const std::vector<Key>& keys, Pending pending, std::vector<int64_t>& out_leaves,
+             std::vector<int32_t>& counts) const;
 
   std::shared_ptr<KVTree> tree_;
   int64_t token_budget_;
