@@ -1,0 +1,281 @@
+"""FlashInfer attention backend (GPU, fp16/bf16) over Dendrite's paged KV cache.
+
+One step = one `plan()` then one `forward()` per layer. `plan()` picks the
+wrapper for the step's shape and plans it once; every layer reuses that plan:
+
+* pure decode steps (`meta.is_decode`) go through
+  `BatchDecodeWithPagedKVCacheWrapper`;
+* prefill / extend / mixed steps go through
+  `BatchPrefillWithPagedKVCacheWrapper` with `causal=True`. FlashInfer aligns
+  the causal mask to the end of each sequence's KV (query row i of a sequence
+  with `qo_len` new tokens and `kv_len` total sees KV positions
+  `<= kv_len - qo_len + i`), which is exactly Dendrite's contract because the
+  new tokens are the last `qo_len` entries of the sequence's pages.
+
+The cache is passed as the `(k_cache, v_cache)` tuple of
+`[num_pages, page_size, Hkv, D]` views (NHD), i.e. `(kv[l, 0], kv[l, 1])`.
+
+Sliding windows (Mistral, some Qwen2 layers) are a plan-time parameter in
+FlashInfer, so layers are grouped by window and each group gets its own
+wrappers. A window that no sequence of the step has outgrown masks nothing,
+so such steps use the full-attention plan (and its already built kernels).
+
+FlashInfer is optional: it is imported only when a backend is built, so CPU
+installs never touch it. `flashinfer_available()` answers whether it can run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["FlashInferBackend", "GraphDecodeWrapper", "flashinfer_available",
+           "import_flashinfer", "DEFAULT_WORKSPACE_BYTES"]
+
+log = logging.getLogger(__name__)
+
+#: 128 MiB, FlashInfer's recommended float workspace (split-KV partials).
+DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
+
+#: Activation / KV dtypes FlashInfer's kernels are built for here.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def import_flashinfer() -> Any:
+    """Import FlashInfer lazily; raise ImportError with an install hint."""
+    try:
+        import flashinfer  # noqa: PLC0415  (optional, heavy import)
+    except ImportError as e:
+        raise ImportError(
+            "the FlashInfer attention backend needs `flashinfer-python` "
+            "(pip install 'dendrite[gpu]'); use attention='reference' otherwise") from e
+    return flashinfer
+
+
+def flashinfer_available(device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None) -> bool:
+    """True when FlashInfer imports, CUDA is up and `dtype` (if given) is supported.
+
+    Used by `attention="auto"`: FlashInfer on CUDA in fp16/bf16, otherwise the
+    torch reference backend.
+    """
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        return False
+    try:
+        import_flashinfer()
+    except Exception:  # a broken install (missing CUDA libs) is "not available" too
+        return False
+    return True
+
+
+def _host_i32(t: torch.Tensor) -> torch.Tensor:
+    """CPU int32 copy of an index tensor (no-op when it already is one).
+
+    FlashInfer's `plan()` reads indptr / last_page_len on the host to build its
+    schedule; handing it CPU tensors avoids a hidden device->host sync.
+    """
+    if t.device.type == "cpu" and t.dtype == torch.int32:
+        return t
+    return t.to(device="cpu", dtype=torch.int32)
+
+
+def _host_field(meta: Any, name: str) -> torch.Tensor:
+    """`meta.host.<name>` when the metadata carries host mirrors, else a copy."""
+    host = getattr(meta, "host", None)
+    t = getattr(host, name, None) if host is not None else None
+    return _host_i32(t if t is not None else getattr(meta, name))
+
+
+class _WindowGroup:
+    """The layers sharing one sliding window, with their own pair of wrappers."""
+
+    def __init__(self, window: int | None, layers: list[int]) -> None:
+        self.window = window  # None = full attention
+        self.layers = layers
+        self.prefill: Any = None
+        self.decode: Any = None
+
+
+class FlashInferBackend:
+    """AttentionBackend over FlashInfer's paged prefill and decode wrappers.
+
+    Args:
+        num_heads: query heads per token (Hq).
+        num_kv_heads: KV heads (Hkv); Hq must be a multiple (GQA).
+        head_dim: D.
+        page_size: tokens per KV page.
+        dtype: activation and KV dtype (fp16 or bf16).
+        device: CUDA device.
+        sm_scale: softmax scale; default 1/sqrt(D).
+        sliding_windows: per-layer window (None = full attention), HF's
+            convention: a token sees itself and the `w - 1` tokens before it.
+        workspace: optional shared uint8 float workspace; allocated otherwise.
+        prefill_backend: FlashInfer prefill backend ("auto" picks fa3 on
+            Hopper); when "auto" fails to build we fall back to "fa2".
+        decode_tensor_cores: run decode through the tensor-core (prefill)
+            kernels. Off by default: at small batch the CUDA-core decode
+            kernel is as fast, and it JIT-builds in seconds.
+    """
+
+    name = "flashinfer"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 page_size: int = 16, *, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cuda", sm_scale: float | None = None,
+                 sliding_windows: Sequence[int | None] | None = None,
+                 workspace: torch.Tensor | None = None, prefill_backend: str = "auto",
+                 decode_tensor_cores: bool = False) -> None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"FlashInfer backend supports float16/bfloat16, not {dtype}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        self.fi = import_flashinfer()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.sliding_windows = list(sliding_windows) if sliding_windows is not None else None
+        self.decode_tensor_cores = decode_tensor_cores
+        self._prefill_backend = prefill_backend
+        # One float workspace for every wrapper: kernels run one after the
+        # other on one stream and the workspace is scratch within a run only.
+        self.workspace = workspace if workspace is not None else torch.zeros(
+            DEFAULT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._full = _WindowGroup(None, [])
+        self._groups: dict[int, _WindowGroup] = {}  # window -> group
+        for layer, w in enumerate(self.sliding_windows or []):
+            if w is None:
+                self._full.layers.append(layer)
+            else:
+                self._groups.setdefault(int(w), _WindowGroup(int(w), [])).layers.append(layer)
+        self._layer_wrapper: dict[int, Any] = {}
+        self._default_wrapper: Any = None
+
+    # -- wrappers -------------------------------------------------------------
+    def _prefill_wrapper(self, g: _WindowGroup) -> Any:
+        if g.prefill is None:
+            g.prefill = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "NHD", backend=self._prefill_backend)
+        return g.prefill
+
+    def _decode_wrapper(self, g: _WindowGroup) -> Any:
+        if g.decode is None:
+            g.decode = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
+        return g.decode
+
+    # -- planning -------------------------------------------------------------
+    def plan(self, meta: Any) -> None:
+        """Plan the step described by `meta` once; all layers share it."""
+        kv_indptr = _host_field(meta, "kv_indptr")
+        kv_last = _host_field(meta, "kv_last_page_len")
+        kv_lens = _host_field(meta, "kv_lens")
+        qo_indptr = None if meta.is_decode else _host_field(meta, "qo_indptr")
+        max_kv = int(kv_lens.max()) if kv_lens.numel() else 0
+
+        def plan_group(g: _WindowGroup, window: int | None) -> Any:
+            window_left = -1 if window is None else window - 1
+            if meta.is_decode:
+                w = self._decode_wrapper(g)
+                self.plan_decode(w, kv_indptr, meta.kv_indices, kv_last, window_left=window_left)
+            else:
+                w = self._plan_prefill(g, qo_indptr, kv_indptr, meta.kv_indices, kv_last,
+                                       window_left)
+            return w
+
+        # Full attention, also for every window no sequence has outgrown yet.
+        full = plan_group(self._full, None)
+        self._default_wrapper = full
+        self._layer_wrapper = {}
+        for g in self._groups.values():
+            if max_kv > g.window:
+                w = plan_group(g, g.window)
+                self._layer_wrapper.update((layer, w) for layer in g.layers)
+
+    def plan_decode(self, wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                    kv_last_page_len: torch.Tensor, window_left: int = -1) -> None:
+        """Plan any decode wrapper (e.g. a CUDA-graph one) with this backend's shapes.
+
+        `kv_indptr` / `kv_last_page_len` should be CPU tensors (no sync);
+        `kv_indices` may live on the device (FlashInfer copies it device-side).
+        """
+        wrapper.plan(_host_i32(kv_indptr), kv_indices, _host_i32(kv_last_page_len),
+                     self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                     window_left=window_left, q_data_type=self.dtype,
+                     kv_data_type=self.dtype, sm_scale=self.sm_scale)
+
+    def _plan_prefill(self, g: _WindowGroup, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+                      kv_indices: torch.Tensor, kv_last: torch.Tensor, window_left: int) -> Any:
+        args = (qo_indptr, kv_indptr, kv_indices, kv_last,
+                self.num_heads, self.num_kv_heads, self.head_dim, self.page_size)
+        kwargs = dict(causal=True, window_left=window_left, q_data_type=self.dtype,
+                      kv_data_type=self.dtype, sm_scale=self.sm_scale)
+        w = self._prefill_wrapper(g)
+        try:
+            w.plan(*args, **kwargs)
+        except Exception as e:  # the JIT build of the Hopper (fa3) kernels can fail
+            if self._prefill_backend != "auto":
+                raise
+            log.warning("FlashInfer prefill backend 'auto' failed (%s); falling back to fa2", e)
+            self._prefill_backend = "fa2"
+            for grp in (self._full, *self._groups.values()):
+                grp.prefill = None
+            w = self._prefill_wrapper(g)
+            w.plan(*args, **kwargs)
+        return w
+
+    # -- running --------------------------------------------------------------
+    def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of `q` [T, Hq, D] over the planned pages; returns [T, Hq, D]."""
+        w = self._layer_wrapper.get(layer, self._default_wrapper)
+        if w is None:
+            raise RuntimeError("FlashInferBackend.forward called before plan()")
+        return w.run(q.contiguous(), (k_cache, v_cache))
+
+    def window_of(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows is not None else None
+
+
+class GraphDecodeWrapper:
+    """A FlashInfer decode wrapper in CUDA-graph mode, for one fixed batch size.
+
+    The captured kernels read `indptr`, `indices` and `last_page_len` from
+    these fixed-address buffers and FlashInfer's schedule from the wrapper's
+    int workspace; `plan()` (outside the graph) rewrites both, so a replay
+    attends over the new step's pages.
+    """
+
+    def __init__(self, backend: FlashInferBackend, batch_size: int, max_pages: int) -> None:
+        dev = backend.device
+        self.backend = backend
+        self.batch_size = batch_size
+        self.max_pages = max_pages
+        self.indptr = torch.arange(batch_size + 1, dtype=torch.int32, device=dev)
+        self.indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
+        self.last_page_len = torch.ones(batch_size, dtype=torch.int32, device=dev)
+        self.wrapper = backend.fi.BatchDecodeWithPagedKVCacheWrapper(
+            backend.workspace, "NHD", use_cuda_graph=True,
+            use_tensor_cores=backend.decode_tensor_cores,
+            paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len)
+
+    def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+             kv_last_page_len: torch.Tensor) -> None:
+        """Plan outside the graph; CPU indptr / last_page_len avoid a sync."""
+        self.backend.plan_decode(self.wrapper, kv_indptr, kv_indices, kv_last_page_len)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return self.wrapper.run(q.contiguous(), (k_cache, v_cache))

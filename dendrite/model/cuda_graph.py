@@ -1,0 +1,239 @@
+"""CUDA graphs for decode steps: one captured forward per batch-size bucket.
+
+A decode step of a small model is hundreds of tiny kernels; launched from
+Python each costs more than it computes. Here the whole step -- embedding,
+every layer (K/V write + FlashInfer decode attention), final norm, logits of
+the B rows and the greedy argmax -- is captured once per bucket
+(1, 2, 4, 8, ... up to `max_batch_size`) and replayed.
+
+What changes between replays lives in fixed-address buffers:
+
+* token ids, positions and slot mapping: copied into static device buffers;
+* the page tables: a FlashInfer decode wrapper in CUDA-graph mode per bucket
+  (`GraphDecodeWrapper`), planned *outside* the graph before each replay,
+  which rewrites its fixed indptr / indices / last_page_len buffers and its
+  schedule in the int workspace.
+
+A batch of B < bucket rows is padded: the padding rows attend over a single
+reserved "pad page" and write their K/V into it, so they never touch a real
+sequence's KV. That page must never be handed out by the page allocator
+(default: the pool's last page -- give the allocator `num_pages - 1`).
+
+Outputs (`logits` [B, V] float32 and greedy `tokens` [B] int64) are views of
+static buffers: the next `run()` overwrites them, so consume or copy first.
+No host sync happens in `run()` except a guard that keeps FlashInfer's pinned
+planning buffer from being rewritten while the previous step's copy out of it
+is still queued (it waits for the step before the previous one at most).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dendrite.attention.base import AttentionMetadata
+from dendrite.attention.flashinfer_backend import FlashInferBackend, GraphDecodeWrapper
+from dendrite.model.kv_cache import KVCache
+
+__all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "bucket_for"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def bucket_for(batch_size: int, buckets: Sequence[int]) -> int | None:
+    """Smallest bucket >= batch_size (buckets sorted ascending), None if too big."""
+    for b in buckets:
+        if b >= batch_size:
+            return b
+    return None
+
+
+class _GraphAttention:
+    """The backend the model sees while a bucket is captured.
+
+    `plan()` is a no-op (the runner plans the bucket's wrapper before each
+    replay); `forward()` runs that wrapper, so the captured kernels read the
+    wrapper's fixed buffers.
+    """
+
+    def __init__(self, gw: GraphDecodeWrapper) -> None:
+        self.gw = gw
+
+    def plan(self, meta: AttentionMetadata) -> None:  # planned outside the graph
+        return None
+
+    def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        return self.gw.run(q, k_cache, v_cache)
+
+
+@dataclass
+class _Bucket:
+    size: int
+    gw: GraphDecodeWrapper
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # float32 [size, V]
+    tokens: torch.Tensor  # int64 [size]
+
+
+class CudaGraphDecodeRunner:
+    """Replays captured decode steps; falls back to nothing (see `can_run`).
+
+    Args:
+        model: a `LlamaForCausalLM` (`forward(ids, meta, kv, backend)`,
+            `compute_logits(hidden)`).
+        kv_cache: the device KV pool the model writes into.
+        backend: the FlashInfer backend of the eager path (shapes, dtype,
+            workspace are shared with it).
+        max_batch_size: largest bucket captured.
+        buckets: candidate bucket sizes (default powers of two).
+        pad_page: page reserved for padding rows (default: the last page).
+        max_pages: capacity of each bucket's page-index buffer (total pages
+            over the batch, shared pages counted per sequence); default
+            enough for every row to span `max_seq_len` tokens.
+        max_seq_len: default `min(model max positions, pool size)`.
+    """
+
+    def __init__(self, model: Any, kv_cache: KVCache, backend: FlashInferBackend, *,
+                 max_batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 pad_page: int | None = None, max_pages: int | None = None,
+                 max_seq_len: int | None = None) -> None:
+        if kv_cache.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA KV cache")
+        self.model, self.kv, self.backend = model, kv_cache, backend
+        self.device = kv_cache.device
+        self.page_size = kv_cache.page_size
+        self.pad_page = kv_cache.num_pages - 1 if pad_page is None else int(pad_page)
+        self.pad_slot = self.pad_page * self.page_size
+        sizes = sorted({int(b) for b in buckets if int(b) <= max_batch_size} | {max_batch_size})
+        self.buckets = tuple(sizes)
+        self.max_batch_size = max_batch_size
+        cfg = model.config
+        if max_seq_len is None:
+            max_seq_len = min(cfg.max_position_embeddings, kv_cache.num_pages * self.page_size)
+        pages_per_seq = -(-max_seq_len // self.page_size)
+        self.max_pages = max_pages or max_batch_size * pages_per_seq + max_batch_size
+        # Static inputs shared by all buckets (a bucket uses the first rows).
+        self.input_ids = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
+        self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
+        self.slot_mapping = torch.full((max_batch_size,), self.pad_slot, dtype=torch.int64,
+                                       device=self.device)
+        self.qo_indptr = torch.arange(max_batch_size + 1, dtype=torch.int32, device=self.device)
+        self.kv_lens = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
+        self._graphs: dict[int, _Bucket] = {}
+        self._pool: Any = None
+        # Guards FlashInfer's pinned planning buffer (see module docstring).
+        self._planned = torch.cuda.Event()
+        self._planned.record()
+        windows = [w for w in (backend.sliding_windows or []) if w is not None]
+        self._min_window = min(windows) if windows else None
+
+    # -- capture --------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so smaller ones reuse its memory pool."""
+        for bs in sorted(self.buckets, reverse=True):
+            if bs not in self._graphs:
+                self._graphs[bs] = self._capture(bs)
+        torch.cuda.synchronize(self.device)
+
+    def _static_meta(self, bs: int, gw: GraphDecodeWrapper) -> AttentionMetadata:
+        return AttentionMetadata(
+            positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+            qo_indptr=self.qo_indptr[:bs + 1], kv_indptr=gw.indptr, kv_indices=gw.indices,
+            kv_last_page_len=gw.last_page_len, kv_lens=self.kv_lens[:bs], is_decode=True,
+            page_size=self.page_size, host=None)
+
+    def _forward(self, bs: int, meta: AttentionMetadata,
+                 attn: _GraphAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(self.input_ids[:bs], meta, self.kv, attn)
+        logits = self.model.compute_logits(hidden)
+        return logits, torch.argmax(logits, dim=-1)
+
+    def _capture(self, bs: int) -> _Bucket:
+        gw = GraphDecodeWrapper(self.backend, bs, self.max_pages)
+        # Every row: one pad page holding one token, writing into the pad slot.
+        self.slot_mapping[:bs].fill_(self.pad_slot)
+        pad = torch.full((bs,), self.pad_page, dtype=torch.int32, device=self.device)
+        gw.plan(torch.arange(bs + 1, dtype=torch.int32), pad,
+                torch.ones(bs, dtype=torch.int32))
+        meta, attn = self._static_meta(bs, gw), _GraphAttention(gw)
+        # Warm up on a side stream (cuBLAS handles/workspaces, lazy inits), as
+        # torch.cuda.graph's documentation asks.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(bs, meta, attn)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, tokens = self._forward(bs, meta, attn)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return _Bucket(bs, gw, graph, logits, tokens)
+
+    # -- replay ---------------------------------------------------------------
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        """True for decode steps this runner can replay (size, pages, windows)."""
+        if not meta.is_decode or meta.host is None:
+            return False
+        b = meta.num_seqs
+        if b < 1 or b > self.max_batch_size:
+            return False
+        if int(meta.kv_indices.shape[0]) + self.max_batch_size > self.max_pages:
+            return False
+        if self._min_window is not None and int(meta.host.kv_lens.max()) > self._min_window:
+            return False  # graphs are captured with full attention only
+        return True
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor | np.ndarray | Sequence[int],
+            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket for `meta`'s B decode rows.
+
+        `input_ids` [B] (device tensor, or host ids) in `meta`'s row order.
+        Returns (`logits` float32 [B, V], greedy `tokens` int64 [B]), both views
+        of static buffers valid until the next `run()`.
+        """
+        b = meta.num_seqs
+        bs = bucket_for(b, self.buckets)
+        if bs is None or not meta.is_decode:
+            raise ValueError(f"not a replayable decode step (B={b}, decode={meta.is_decode})")
+        bucket = self._graphs.get(bs)
+        if bucket is None:
+            bucket = self._graphs[bs] = self._capture(bs)
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
+        # Wait (rarely blocking) until the previous plan's pinned->device copy ran.
+        self._planned.synchronize()
+        self.input_ids[:b].copy_(input_ids, non_blocking=True)
+        self.positions[:b].copy_(meta.positions, non_blocking=True)
+        self.slot_mapping[:b].copy_(meta.slot_mapping, non_blocking=True)
+        host = meta.host
+        kv_indptr, kv_last = host.kv_indptr, host.kv_last_page_len
+        npad = bs - b
+        if npad:
+            # Padding rows: one pad page each holding one token.
+            self.slot_mapping[b:bs].fill_(self.pad_slot)
+            nnz = int(kv_indptr[-1])
+            kv_indptr = torch.cat([kv_indptr, nnz + torch.arange(1, npad + 1, dtype=torch.int32)])
+            kv_last = torch.cat([kv_last, torch.ones(npad, dtype=torch.int32)])
+            bucket.gw.plan(kv_indptr, meta.kv_indices, kv_last)
+            # plan() copied the real page ids; the pad rows' ids follow them.
+            bucket.gw.indices[nnz:nnz + npad].fill_(self.pad_page)
+        else:
+            bucket.gw.plan(kv_indptr, meta.kv_indices, kv_last)
+        self._planned.record()
+        bucket.graph.replay()
+        return bucket.logits[:b], bucket.tokens[:b]
+
+    @property
+    def captured_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
