@@ -176,15 +176,19 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """top-k, then top-p on what is left, then min-p; filtered tokens -> -inf."""
     vocab, dev = x.shape[1], x.device
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
+    # top_p = 1 disables the filter outright: a float32 cumsum can reach 1.0
+    # before the tail, which would otherwise drop tail tokens.
+    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
     if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
         sx, idx = x.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=dev)[None, :]
         sx = sx.masked_fill(rank >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
         probs = sx.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass strictly above each token
-        drop = before > torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
-        sx = sx.masked_fill(drop, float("-inf"))  # rank 0 never drops: `before` is 0 there
+        # transformers' rule: drop a token once the mass above it reaches top_p;
+        # rank 0 never drops (`before` is 0 there and top_p > 0).
+        drop = before >= torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+        sx = sx.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(1, idx, sx)
     min_p = [p.min_p for p in params]
     if any(m > 0 for m in min_p):

@@ -9,6 +9,7 @@ all from a seed, so the same call always yields the same bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -36,16 +37,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
-    """Train a byte-level BPE tokenizer on the fixed corpus and save it.
-
-    Byte-level with the full 256-byte alphabet, so every string encodes; writes
-    tokenizer.json and tokenizer_config.json (with a chat template).
-    """
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    """Train once per process and vocab size: training is deterministic but not free."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -56,7 +52,18 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
-    tok.save(str(out / "tokenizer.json"))
+    return tok.to_str(pretty=True)
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE tokenizer on the fixed corpus and save it.
+
+    Byte-level with the full 256-byte alphabet, so every string encodes; writes
+    tokenizer.json and tokenizer_config.json (with a chat template).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(_trained_tokenizer_json(vocab_size))
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
