@@ -1,13 +1,13 @@
 """Grammar-constrained generation through llguidance.
 
-    tok = GrammarTokenizer(tokenizers_tokenizer, eos_token_id, vocab_size=model_vocab)
-    c = Constraint(json_schema={...})        # GrammarError if invalid
-    c.compile(tok)                           # per (spec, tokenizer), cached
-    m = c.matcher(tok)                       # one per branch; m.fork() per child
-    fill_masks([m, ...], bitmask, rows)      # CPU, GIL released (MaskWorker to overlap)
-    apply_masks(logits, bitmask)             # disallowed -> -inf
-    m.consume(token) / m.forced_tokens()
-    grammar_status(m, finish_reason)         # "complete" | "incomplete"
+tok = GrammarTokenizer(tokenizers_tokenizer, eos_token_id, vocab_size=model_vocab)
+c = Constraint(json_schema={...})        # GrammarError if invalid
+c.compile(tok)                           # per (spec, tokenizer), cached
+m = c.matcher(tok)                       # one per branch; m.fork() per child
+fill_masks([m, ...], bitmask, rows)      # CPU, GIL released (MaskWorker to overlap)
+apply_masks(logits, bitmask)             # disallowed -> -inf
+m.consume(token) / m.forced_tokens()
+grammar_status(m, finish_reason)         # "complete" | "incomplete"
 """
 
 from .constraint import Constraint, choices_to_lark

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import llguidance
 
@@ -59,7 +60,7 @@ class Constraint:
         TypeError: not exactly one spec given, or wrong types.
     """
 
-    __slots__ = ("kind", "spec", "grammar_text", "key", "_schema", "_json_options")
+    __slots__ = ("_json_options", "_schema", "grammar_text", "key", "kind", "spec")
 
     def __init__(
         self,
@@ -72,11 +73,18 @@ class Constraint:
     ) -> None:
         given = {
             k: v
-            for k, v in (("regex", regex), ("json_schema", json_schema), ("grammar", grammar), ("choices", choices))
+            for k, v in (
+                ("regex", regex),
+                ("json_schema", json_schema),
+                ("grammar", grammar),
+                ("choices", choices),
+            )
             if v is not None
         }
         if len(given) != 1:
-            raise TypeError(f"Constraint needs exactly one of regex=, json_schema=, grammar=, choices=; got {sorted(given)}")
+            raise TypeError(
+                f"Constraint needs exactly one of regex=, json_schema=, grammar=, choices=; got {sorted(given)}"
+            )
         if json_options is not None and json_schema is None:
             raise TypeError("json_options only applies to json_schema=")
         kind: ConstraintKind
@@ -145,6 +153,7 @@ class Constraint:
         if not message:
             return
         if self.kind == "json_schema":
+
             def error_of(schema: Any) -> str:
                 return _schema_error(schema, self._json_options)
 
@@ -181,7 +190,9 @@ def _parse_schema(spec: Any) -> Any:
         try:
             return json.loads(spec)
         except json.JSONDecodeError as e:
-            raise GrammarError("json_schema", f"schema is not valid JSON: {e.msg}", line=e.lineno, column=e.colno) from None
+            raise GrammarError(
+                "json_schema", f"schema is not valid JSON: {e.msg}", line=e.lineno, column=e.colno
+            ) from None
     if isinstance(spec, (Mapping, bool)):
         return dict(spec) if isinstance(spec, Mapping) else spec
     raise TypeError("json_schema must be a dict, bool or JSON str")

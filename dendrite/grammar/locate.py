@@ -12,12 +12,21 @@ path, with a bounded number of validations.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 # Keywords whose value is one subschema, a {name: subschema} map, or a list.
 _SINGLE = (
-    "additionalProperties", "additionalItems", "items", "contains", "not",
-    "if", "then", "else", "propertyNames", "unevaluatedItems",
+    "additionalProperties",
+    "additionalItems",
+    "items",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+    "propertyNames",
+    "unevaluatedItems",
     "unevaluatedProperties",
 )
 # Definitions first: an error inside a referenced definition is reported

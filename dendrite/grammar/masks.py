@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
 
 import llguidance
 import torch
@@ -62,7 +62,9 @@ def fill_masks(
     # llguidance writes a fixed row width; a mismatch would corrupt memory.
     for m in matchers:
         if m.tokenizer.mask_words != words:
-            raise ValueError(f"bitmask has {words} words per row, tokenizer needs {m.tokenizer.mask_words}")
+            raise ValueError(
+                f"bitmask has {words} words per row, tokenizer needs {m.tokenizer.mask_words}"
+            )
     for r in rows:
         if not 0 <= r < batch:
             raise IndexError(f"row {r} out of range for batch {batch}")
@@ -91,13 +93,15 @@ class MaskWorker:
 
     def submit(
         self, matchers: Sequence[Matcher], bitmask: torch.Tensor, rows: Sequence[int] | None = None
-    ) -> "Future[None]":
-        return self._pool.submit(fill_masks, list(matchers), bitmask, None if rows is None else list(rows))
+    ) -> Future[None]:
+        return self._pool.submit(
+            fill_masks, list(matchers), bitmask, None if rows is None else list(rows)
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "MaskWorker":
+    def __enter__(self) -> MaskWorker:
         return self
 
     def __exit__(self, *exc: object) -> None:

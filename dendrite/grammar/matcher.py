@@ -8,7 +8,8 @@ point independently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import llguidance
 
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 class Matcher:
     """Grammar state of one sequence; create with `Constraint.matcher(tok)`."""
 
-    __slots__ = ("ll", "tokenizer", "num_tokens")
+    __slots__ = ("ll", "num_tokens", "tokenizer")
 
-    def __init__(self, ll: llguidance.LLMatcher, tokenizer: "GrammarTokenizer") -> None:
+    def __init__(self, ll: llguidance.LLMatcher, tokenizer: GrammarTokenizer) -> None:
         self.ll = ll
         self.tokenizer = tokenizer
         # Tokens consumed since the start; bounds rollback().
@@ -33,13 +34,13 @@ class Matcher:
 
     # ---------------------------------------------------------------- fork
 
-    def fork(self) -> "Matcher":
+    def fork(self) -> Matcher:
         """An independent copy at the same grammar position."""
         child = Matcher(self.ll.deep_copy(), self.tokenizer)
         child.num_tokens = self.num_tokens
         return child
 
-    def fork_many(self, n: int) -> list["Matcher"]:
+    def fork_many(self, n: int) -> list[Matcher]:
         """`n` independent copies (one per child branch)."""
         return [self.fork() for _ in range(n)]
 
@@ -124,7 +125,7 @@ class Matcher:
         """llguidance's StopReason ("NotStopped", "EndOfSentence", "NoExtension", ...)."""
         return self.ll.stop_reason()
 
-    def fill_mask(self, bitmask: "torch.Tensor", row: int = 0) -> None:
+    def fill_mask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write this matcher's allowed-token bits into `bitmask[row]` (CPU int32)."""
         from .masks import fill_masks
 
@@ -144,5 +145,13 @@ class Matcher:
         return f"{what}: {detail.splitlines()[0]}" if detail else what
 
     def __repr__(self) -> str:
-        state = "error" if self.is_error() else "stopped" if self.is_stopped() else "accepting" if self.is_accepting() else "open"
+        state = (
+            "error"
+            if self.is_error()
+            else "stopped"
+            if self.is_stopped()
+            else "accepting"
+            if self.is_accepting()
+            else "open"
+        )
         return f"Matcher({state}, num_tokens={self.num_tokens})"

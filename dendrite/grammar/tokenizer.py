@@ -13,8 +13,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import torch
@@ -64,14 +65,16 @@ class GrammarTokenizer:
 
     def __init__(
         self,
-        tokenizer: "tokenizers.Tokenizer | str | os.PathLike[str]",
+        tokenizer: tokenizers.Tokenizer | str | os.PathLike[str],
         eos_token_id: int | Sequence[int],
         vocab_size: int | None = None,
         *,
         cache_size: int = 256,
     ) -> None:
         text = _tokenizer_json(tokenizer)
-        eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+        eos = (
+            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+        )
         if not eos:
             raise ValueError("eos_token_id must name at least one token")
         probe = llguidance.LLTokenizer(text, eos_token=eos)
@@ -101,7 +104,9 @@ class GrammarTokenizer:
         """
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
-        return torch.full((batch_size, self.mask_words), -1, dtype=torch.int32, pin_memory=pin_memory)
+        return torch.full(
+            (batch_size, self.mask_words), -1, dtype=torch.int32, pin_memory=pin_memory
+        )
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Bytes of `token_ids` as text (invalid UTF-8 replaced); EOS decodes to ''."""

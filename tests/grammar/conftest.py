@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -38,7 +38,9 @@ def gtok(hf_tokenizer, eos_id) -> GrammarTokenizer:
 def sample(gtok) -> Callable[..., list[Gen]]:
     """`sample(constraint, n, seed=, max_tokens=, ...) -> list[Gen]`."""
 
-    def _sample(constraint, n: int, *, seed: int, max_tokens: int = 128, bias_strength: float = 0.0, **kw):
+    def _sample(
+        constraint, n: int, *, seed: int, max_tokens: int = 128, bias_strength: float = 0.0, **kw
+    ):
         gen = torch.Generator().manual_seed(seed)
         bias = closing_bias(gtok, bias_strength) if bias_strength else None
         gens = [Gen(constraint.matcher(gtok)) for _ in range(n)]

@@ -72,7 +72,9 @@ def run(
             grown: list[Gen] = []
             for g in gens:
                 if g.finish is None:
-                    grown += [Gen(m, list(g.tokens), None, g.forced) for m in g.matcher.fork_many(fork_n)]
+                    grown += [
+                        Gen(m, list(g.tokens), None, g.forced) for m in g.matcher.fork_many(fork_n)
+                    ]
                 else:
                     grown.append(g)
             gens = grown
@@ -96,8 +98,10 @@ def run(
         if bias is not None:
             logits += bias
         apply_masks(logits, bitmask)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        picks = torch.multinomial(probs, 1, generator=gen).flatten().tolist()
+        # Gumbel-max: an exact draw from softmax(logits / T), cheaper than
+        # softmax + multinomial; -inf (masked) logits can never win.
+        u = torch.rand(logits.shape, generator=gen).clamp_(min=1e-20)
+        picks = (logits / temperature - torch.log(-torch.log(u))).argmax(dim=-1).tolist()
         for g, t in zip(active, picks):
             assert t < gtok.tokenizer_vocab_size, f"padded id {t} sampled"
             g.matcher.consume(t)  # raises GrammarViolation if the mask let a bad token through

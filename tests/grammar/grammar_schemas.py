@@ -25,10 +25,17 @@ NESTED = {
             "type": "object",
             "properties": {
                 "id": {"type": "integer", "minimum": 1},
-                "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+                "tags": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 6},
+                    "maxItems": 3,
+                },
                 "address": {
                     "type": "object",
-                    "properties": {"city": {"type": "string", "maxLength": 8}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "properties": {
+                        "city": {"type": "string", "maxLength": 8},
+                        "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                    },
                     "required": ["zip"],
                     "additionalProperties": False,
                 },
@@ -54,7 +61,7 @@ BOUNDED = {
     "additionalProperties": False,
 }
 
-ENUM_MIXED = {"enum": ["red", "green", 3, None, True, "a \"quoted\" one"]}
+ENUM_MIXED = {"enum": ["red", "green", 3, None, True, 'a "quoted" one']}
 
 CODE = {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}
 
@@ -72,7 +79,13 @@ OPTIONAL = {
 UNION = {
     "type": "object",
     "properties": {
-        "v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "string", "maxLength": 5}, {"type": "null"}]},
+        "v": {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": 99},
+                {"type": "string", "maxLength": 5},
+                {"type": "null"},
+            ]
+        },
         "k": {"const": "fixed"},
     },
     "required": ["v", "k"],
@@ -98,7 +111,11 @@ POINTS = {
     "type": "array",
     "items": {
         "type": "object",
-        "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}, "label": {"enum": ["a", "b"]}},
+        "properties": {
+            "x": {"type": "integer"},
+            "y": {"type": "integer"},
+            "label": {"enum": ["a", "b"]},
+        },
         "required": ["x", "y"],
         "additionalProperties": False,
     },

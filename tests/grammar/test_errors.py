@@ -10,17 +10,33 @@ from dendrite.grammar import Constraint, GrammarError, GrammarViolation
 @pytest.mark.parametrize(
     "schema,path,fragment",
     [
-        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}}, "/properties/a/minimum", "minimum"),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}},
+            "/properties/a/minimum",
+            "minimum",
+        ),
         ({"type": "strin"}, "/type", "Invalid type"),
-        ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "/properties/a/$ref", "does not exist"),
+        (
+            {"properties": {"a": {"$ref": "#/$defs/missing"}}},
+            "/properties/a/$ref",
+            "does not exist",
+        ),
         (
             {"properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"type": "strin"}}},
             "/$defs/x/type",
             "Invalid type",
         ),
-        ({"type": "array", "items": {"type": "string", "pattern": "a(b"}}, "/items/pattern", "unclosed group"),
+        (
+            {"type": "array", "items": {"type": "string", "pattern": "a(b"}},
+            "/items/pattern",
+            "unclosed group",
+        ),
         ({"type": "integer", "minimum": 5, "maximum": 2}, "/minimum", "Unsatisfiable"),
-        ({"anyOf": [{"type": "null"}, {"properties": {"q/r": {"maximum": "z"}}}]}, "/anyOf/1/properties/q~1r/maximum", "maximum"),
+        (
+            {"anyOf": [{"type": "null"}, {"properties": {"q/r": {"maximum": "z"}}}]},
+            "/anyOf/1/properties/q~1r/maximum",
+            "maximum",
+        ),
         ({"type": "array", "uniqueItems": True}, "/uniqueItems", "uniqueItems"),
     ],
 )
@@ -43,7 +59,11 @@ def test_schema_text_that_is_not_json_has_line_col():
 
 @pytest.mark.parametrize(
     "pattern,offset,fragment",
-    [("ab(c", 2, "unclosed group"), ("x[z-a]", 2, "invalid character class range"), ("a{3,1}", 1, "repetition")],
+    [
+        ("ab(c", 2, "unclosed group"),
+        ("x[z-a]", 2, "invalid character class range"),
+        ("a{3,1}", 1, "repetition"),
+    ],
 )
 def test_regex_errors_carry_offset(pattern, offset, fragment):
     with pytest.raises(GrammarError) as ei:

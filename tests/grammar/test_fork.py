@@ -11,7 +11,6 @@ import json
 
 import jsonschema
 import torch
-
 from grammar_sampling import Gen, closing_bias, run
 from grammar_schemas import BOUNDED, NESTED, POINTS
 
@@ -35,8 +34,13 @@ def test_forked_json_branches_stay_valid(gtok):
         c = Constraint(json_schema=schema, json_options={"whitespace_flexible": False})
         gens = [Gen(c.matcher(gtok)) for _ in range(24)]
         out = run(
-            gens, gtok, torch.Generator().manual_seed(seed), max_tokens=160,
-            bias=closing_bias(gtok, 1.5), fork_at=fork_at, fork_n=4,
+            gens,
+            gtok,
+            torch.Generator().manual_seed(seed),
+            max_tokens=160,
+            bias=closing_bias(gtok, 1.5),
+            fork_at=fork_at,
+            fork_n=4,
         )
         assert len(out) >= 60  # at least half the parents were still running at the fork
         assert _check_json(out, gtok, schema) >= 0.8 * len(out)
@@ -67,7 +71,9 @@ def test_fork_is_independent(gtok):
     # The parent is untouched and still offers every choice.
     assert parent.num_tokens == 0
     assert {a_tok, b_tok} <= set(parent.allowed_tokens())
-    assert gtok.decode(left.forced_tokens()).startswith("lpha"[: len(gtok.decode(left.forced_tokens()))])
+    assert gtok.decode(left.forced_tokens()).startswith(
+        "lpha"[: len(gtok.decode(left.forced_tokens()))]
+    )
     left.consume_many(left.forced_tokens())
     right.consume_many(right.forced_tokens())
     # Each branch finishes its own word.

@@ -13,7 +13,6 @@ import zlib
 
 import jsonschema
 import pytest
-
 from grammar_schemas import (
     BOUNDED,
     CODE,
