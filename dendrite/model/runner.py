@@ -47,7 +47,8 @@ def make_backend(attention: str | AttentionBackend, config: ModelConfig,
     if attention == "flashinfer":
         from dendrite.attention.flashinfer_backend import FlashInferBackend  # noqa: PLC0415
         return FlashInferBackend(config.num_heads, config.num_kv_heads, config.head_dim,
-                                 page_size=page_size, dtype=dtype, device=device)
+                                 page_size=page_size, dtype=dtype, device=device,
+                                 sliding_windows=config.sliding_windows)
     raise ValueError(f"unknown attention backend {attention!r} (auto, reference, flashinfer)")
 
 

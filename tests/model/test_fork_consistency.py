@@ -24,7 +24,6 @@ PAGE = 4
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    torch.set_num_threads(1)
     d = build_tiny_model(tmp_path_factory.mktemp("fork"), "qwen3", seed=21)
     return ModelRunner(d, num_pages=512, page_size=PAGE, attention="reference")
 

@@ -94,16 +94,6 @@ def dendrite_greedy(runner: ModelRunner, prompts: list[list[int]], chunks=CHUNKS
     return [(g, torch.stack(lg)) for g, lg in zip(gen, logits)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core box
-    # thread oversubscription makes them 5-10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_ids(tmp_path_factory):
     from dendrite.model.tokenizer import Tokenizer
