@@ -19,6 +19,12 @@ reserved "pad page" and write their K/V into it, so they never touch a real
 sequence's KV. That page must never be handed out by the page allocator
 (default: the pool's last page -- give the allocator `num_pages - 1`).
 
+`compile=True` additionally runs the captured forward through
+`torch.compile` first, so the elementwise tails (RMSNorm, RoPE, SiLU*up,
+residual adds) fuse into a few Triton kernels instead of ~40 launches per
+layer; the K/V write and the FlashInfer call are opaque custom ops over the
+whole pool (see `_ops`). It costs a compile per bucket and is opt-in.
+
 Outputs (`logits` [B, V] float32 and greedy `tokens` [B] int64) are views of
 static buffers: the next `run()` overwrites them, so consume or copy first.
 No host sync happens in `run()` except a guard that keeps FlashInfer's pinned
@@ -46,6 +52,62 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+#: GraphDecodeWrapper by id, for the custom ops the compiler sees (ops take no objects).
+_WRAPPERS: dict[int, GraphDecodeWrapper] = {}
+_OPS: dict[str, Any] = {}
+
+
+def _ops() -> dict[str, Any]:
+    """Two custom ops, opaque to torch.compile, registered once.
+
+    `dendrite::kv_write(kv, layer, slots, k, v)` mutates the whole pool `kv`
+    in place and `dendrite::graph_decode_attention(q, kv, layer, wrapper_id)`
+    reads it. Both take the pool itself, not per-layer views: a view of a
+    graph input that is written through makes the compiler materialize (copy)
+    the whole layer cache every step, while a mutated graph input is updated
+    in place, and the data dependency through `kv` keeps write before read.
+    """
+    if not _OPS:
+        @torch.library.custom_op("dendrite::kv_write", mutates_args=("kv",))
+        def kv_write(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+            hkv, d = kv.shape[-2], kv.shape[-1]
+            kv[layer, 0].view(-1, hkv, d)[slots] = k
+            kv[layer, 1].view(-1, hkv, d)[slots] = v
+
+        @kv_write.register_fake
+        def _(kv, layer, slots, k, v):
+            return None
+
+        @torch.library.custom_op("dendrite::graph_decode_attention", mutates_args=())
+        def attention(q: torch.Tensor, kv: torch.Tensor, layer: int,
+                      wrapper_id: int) -> torch.Tensor:
+            return _WRAPPERS[wrapper_id].run(q, kv[layer, 0], kv[layer, 1])
+
+        @attention.register_fake
+        def _(q, kv, layer, wrapper_id):
+            return torch.empty_like(q)
+
+        _OPS.update(kv_write=kv_write, attention=attention)
+    return _OPS
+
+
+class _OpaqueKV:
+    """KVCache look-alike for compiled capture: `write` goes through the custom op."""
+
+    def __init__(self, kv_cache: KVCache) -> None:
+        self.kv = kv_cache.kv
+        self.num_kv_heads, self.head_dim = kv_cache.num_kv_heads, kv_cache.head_dim
+        self._write = _ops()["kv_write"]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer, 0], self.kv[layer, 1]
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        self._write(self.kv, layer, slot_mapping, k, v)
+
+
 def bucket_for(batch_size: int, buckets: Sequence[int]) -> int | None:
     """Smallest bucket >= batch_size (buckets sorted ascending), None if too big."""
     for b in buckets:
@@ -62,14 +124,21 @@ class _GraphAttention:
     wrapper's fixed buffers.
     """
 
-    def __init__(self, gw: GraphDecodeWrapper) -> None:
+    def __init__(self, gw: GraphDecodeWrapper, kv: torch.Tensor | None = None) -> None:
         self.gw = gw
+        self.kv = kv  # set: go through the custom op over the whole pool (compiled capture)
+        self.wrapper_id = id(gw)
+        if kv is not None:
+            _WRAPPERS[self.wrapper_id] = gw
+            self.op = _ops()["attention"]
 
     def plan(self, meta: AttentionMetadata) -> None:  # planned outside the graph
         return None
 
     def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
+        if self.kv is not None:
+            return self.op(q, self.kv, layer, self.wrapper_id)
         return self.gw.run(q, k_cache, v_cache)
 
 
@@ -98,12 +167,13 @@ class CudaGraphDecodeRunner:
             over the batch, shared pages counted per sequence); default
             enough for every row to span `max_seq_len` tokens.
         max_seq_len: default `min(model max positions, pool size)`.
+        compile: fuse the forward with `torch.compile` before capturing.
     """
 
     def __init__(self, model: Any, kv_cache: KVCache, backend: FlashInferBackend, *,
                  max_batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  pad_page: int | None = None, max_pages: int | None = None,
-                 max_seq_len: int | None = None) -> None:
+                 max_seq_len: int | None = None, compile: bool = False) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
@@ -126,6 +196,9 @@ class CudaGraphDecodeRunner:
                                        device=self.device)
         self.qo_indptr = torch.arange(max_batch_size + 1, dtype=torch.int32, device=self.device)
         self.kv_lens = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
+        self.compile = compile
+        self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._model_kv = _OpaqueKV(kv_cache) if compile else kv_cache
         self._graphs: dict[int, _Bucket] = {}
         self._pool: Any = None
         # Guards FlashInfer's pinned planning buffer (see module docstring).
@@ -152,7 +225,7 @@ class CudaGraphDecodeRunner:
 
     def _forward(self, bs: int, meta: AttentionMetadata,
                  attn: _GraphAttention) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(self.input_ids[:bs], meta, self.kv, attn)
+        hidden = self.model(self.input_ids[:bs], meta, self._model_kv, attn)
         logits = self.model.compute_logits(hidden)
         return logits, torch.argmax(logits, dim=-1)
 
@@ -163,18 +236,19 @@ class CudaGraphDecodeRunner:
         pad = torch.full((bs,), self.pad_page, dtype=torch.int32, device=self.device)
         gw.plan(torch.arange(bs + 1, dtype=torch.int32), pad,
                 torch.ones(bs, dtype=torch.int32))
-        meta, attn = self._static_meta(bs, gw), _GraphAttention(gw)
+        meta, attn = self._static_meta(bs, gw), _GraphAttention(
+            gw, self.kv.kv if self.compile else None)
         # Warm up on a side stream (cuBLAS handles/workspaces, lazy inits), as
         # torch.cuda.graph's documentation asks.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(bs, meta, attn)
+            for _ in range(3):  # (the first call compiles when `compile`)
+                self._fwd(bs, meta, attn)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, tokens = self._forward(bs, meta, attn)
+            logits, tokens = self._fwd(bs, meta, attn)
         if self._pool is None:
             self._pool = graph.pool()
         return _Bucket(bs, gw, graph, logits, tokens)
