@@ -19,14 +19,21 @@ penalties, masks and temperature.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["SamplingParams", "SamplerOutput", "Sampler", "sample", "unpack_bitmask",
-           "gumbel_noise", "row_keys"]
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingParams",
+    "gumbel_noise",
+    "row_keys",
+    "sample",
+    "unpack_bitmask",
+]
 
 _M64 = (1 << 64) - 1
 
@@ -79,13 +86,15 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None = None  # int64 [B, n], n = max logprobs asked
     top_logprobs: torch.Tensor | None = None  # float32 [B, n]
 
-    def cpu(self) -> "SamplerOutput":
-        mv = (lambda t: None if t is None else t.cpu())
-        return SamplerOutput(mv(self.token_ids), mv(self.logprobs), mv(self.top_token_ids),
-                             mv(self.top_logprobs))
+    def cpu(self) -> SamplerOutput:
+        mv = lambda t: None if t is None else t.cpu()
+        return SamplerOutput(
+            mv(self.token_ids), mv(self.logprobs), mv(self.top_token_ids), mv(self.top_logprobs)
+        )
 
 
 # -- counter-based noise --------------------------------------------------------
+
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _M64
@@ -96,8 +105,9 @@ def _splitmix64(x: int) -> int:
 
 def row_keys(seeds: Sequence[int], positions: Sequence[int]) -> list[int]:
     """64-bit key per row from (seed, absolute position)."""
-    return [_splitmix64(_splitmix64(int(s) & _M64) ^ (int(p) & _M64))
-            for s, p in zip(seeds, positions)]
+    return [
+        _splitmix64(_splitmix64(int(s) & _M64) ^ (int(p) & _M64)) for s, p in zip(seeds, positions)
+    ]
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -117,8 +127,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(keys: Sequence[int], vocab_size: int, device: torch.device | str) -> torch.Tensor:
     """float32 [len(keys), vocab] standard Gumbel noise, a pure function of (key, token)."""
-    k = torch.tensor([[(key & 0xFFFFFFFF), key >> 32] for key in keys], dtype=torch.int64,
-                     device=device)
+    k = torch.tensor(
+        [[(key & 0xFFFFFFFF), key >> 32] for key in keys], dtype=torch.int64, device=device
+    )
     v = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
     h = _mix32(_mix32(v ^ k[:, :1]) ^ k[:, 1:])
     u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), 24 bits
@@ -126,6 +137,7 @@ def gumbel_noise(keys: Sequence[int], vocab_size: int, device: torch.device | st
 
 
 # -- masks and processors -----------------------------------------------------------
+
 
 def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Allowed-token mask as bool [B, vocab].
@@ -148,8 +160,11 @@ def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat([allowed, pad], dim=1)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, params: Sequence[SamplingParams],
-                              prev_tokens: Sequence[Sequence[int] | np.ndarray]) -> torch.Tensor:
+def _apply_repetition_penalty(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prev_tokens: Sequence[Sequence[int] | np.ndarray],
+) -> torch.Tensor:
     rows, toks, pens = [], [], []
     vocab = logits.shape[1]
     for r, (p, prev) in enumerate(zip(params, prev_tokens)):
@@ -193,13 +208,15 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     min_p = [p.min_p for p in params]
     if any(m > 0 for m in min_p):
         probs = x.softmax(-1)
-        floor = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * \
-            probs.amax(-1, keepdim=True)
+        floor = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * probs.amax(
+            -1, keepdim=True
+        )
         x = x.masked_fill(probs < floor, float("-inf"))
     return x
 
 
 # -- the sampler --------------------------------------------------------------------
+
 
 class Sampler:
     """Stateless per row except for the random keys of unseeded rows."""
@@ -207,10 +224,15 @@ class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                 positions: Sequence[int] | np.ndarray | torch.Tensor, *,
-                 prev_tokens: Sequence[Sequence[int] | np.ndarray] | None = None,
-                 allowed: torch.Tensor | None = None) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        positions: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        prev_tokens: Sequence[Sequence[int] | np.ndarray] | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> SamplerOutput:
         """Pick one token per row.
 
         Args:
@@ -233,8 +255,9 @@ class Sampler:
         if prev_tokens is not None:
             x = _apply_repetition_penalty(x, params, prev_tokens)
         if allowed is not None:
-            x = x.masked_fill(~unpack_bitmask(allowed.to(x.device, non_blocking=True), vocab),
-                              float("-inf"))
+            x = x.masked_fill(
+                ~unpack_bitmask(allowed.to(x.device, non_blocking=True), vocab), float("-inf")
+            )
 
         tokens = x.argmax(dim=-1)
         sampled = [r for r, p in enumerate(params) if not p.greedy]
@@ -259,9 +282,13 @@ class Sampler:
 _default_sampler = Sampler()
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           positions: Sequence[int] | np.ndarray | torch.Tensor, *,
-           prev_tokens: Sequence[Sequence[int] | np.ndarray] | None = None,
-           allowed: torch.Tensor | None = None) -> SamplerOutput:
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    positions: Sequence[int] | np.ndarray | torch.Tensor,
+    *,
+    prev_tokens: Sequence[Sequence[int] | np.ndarray] | None = None,
+    allowed: torch.Tensor | None = None,
+) -> SamplerOutput:
     """`Sampler()(...)` with a process-wide sampler (see `Sampler.__call__`)."""
     return _default_sampler(logits, params, positions, prev_tokens=prev_tokens, allowed=allowed)

@@ -90,8 +90,13 @@ _FAMILIES = {
 }
 
 #: Llama-3.1's rope scaling, for `build_tiny_model(rope_scaling=LLAMA3_ROPE_SCALING)`.
-LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _tiny_weights(cfg: dict, family: str, seed: int) -> dict:
@@ -121,33 +126,46 @@ def _tiny_weights(cfg: dict, family: str, seed: int) -> dict:
         p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = norm(h)
         for name, rows in (("q", hq), ("k", hkv), ("v", hkv)):
-            w[p + f"self_attn.{name}_proj.weight"] = normal((rows, h), h ** -0.5)
+            w[p + f"self_attn.{name}_proj.weight"] = normal((rows, h), h**-0.5)
             if qkv_bias:
                 w[p + f"self_attn.{name}_proj.bias"] = normal(rows, 0.1)
-        w[p + "self_attn.o_proj.weight"] = normal((h, hq), hq ** -0.5)
+        w[p + "self_attn.o_proj.weight"] = normal((h, hq), hq**-0.5)
         if o_bias:
             w[p + "self_attn.o_proj.bias"] = normal(h, 0.1)
         if family == "qwen3":
             w[p + "self_attn.q_norm.weight"] = norm(d)
             w[p + "self_attn.k_norm.weight"] = norm(d)
         w[p + "post_attention_layernorm.weight"] = norm(h)
-        w[p + "mlp.gate_proj.weight"] = normal((i, h), h ** -0.5)
-        w[p + "mlp.up_proj.weight"] = normal((i, h), h ** -0.5)
-        w[p + "mlp.down_proj.weight"] = normal((h, i), i ** -0.5)
+        w[p + "mlp.gate_proj.weight"] = normal((i, h), h**-0.5)
+        w[p + "mlp.up_proj.weight"] = normal((i, h), h**-0.5)
+        w[p + "mlp.down_proj.weight"] = normal((h, i), i**-0.5)
     w["model.norm.weight"] = norm(h)
     if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = normal((v, h), 3.0 * h ** -0.5)
+        w["lm_head.weight"] = normal((v, h), 3.0 * h**-0.5)
     return w
 
 
-def build_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 0,
-                     hidden_size: int = 64, num_layers: int = 2, heads: int = 4,
-                     kv_heads: int = 2, head_dim: int | None = None,
-                     intermediate_size: int | None = None, vocab_size: int | None = None,
-                     dtype: str = "float32", tie_word_embeddings: bool = False,
-                     rope_theta: float | None = None, rope_scaling: dict | None = None,
-                     sliding_window: int | None = None, attention_bias: bool = False,
-                     max_position_embeddings: int = 4096, shards: int = 1) -> Path:
+def build_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate_size: int | None = None,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
+    tie_word_embeddings: bool = False,
+    rope_theta: float | None = None,
+    rope_scaling: dict | None = None,
+    sliding_window: int | None = None,
+    attention_bias: bool = False,
+    max_position_embeddings: int = 4096,
+    shards: int = 1,
+) -> Path:
     """Write a tiny random-weight HF model dir of `family` and return its path.
 
     `family` is 'llama', 'mistral', 'qwen2' or 'qwen3'. The vocabulary is the
@@ -174,33 +192,50 @@ def build_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 
     arch, model_type = _FAMILIES[family]
     head_dim = head_dim or hidden_size // heads
     if rope_theta is None:
-        rope_theta = 500000.0 if rope_scaling and rope_scaling.get("rope_type") == "llama3" \
-            else 10000.0
+        rope_theta = (
+            500000.0 if rope_scaling and rope_scaling.get("rope_type") == "llama3" else 10000.0
+        )
     cfg = {
-        "architectures": [arch], "model_type": model_type,
-        "vocab_size": vocab, "hidden_size": hidden_size,
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden_size,
         "intermediate_size": intermediate_size or 2 * hidden_size,
-        "num_hidden_layers": num_layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6,
-        "rope_theta": rope_theta, "rope_scaling": rope_scaling,
-        "tie_word_embeddings": tie_word_embeddings, "torch_dtype": dtype,
-        "bos_token_id": bos, "eos_token_id": eos, "initializer_range": 0.02,
-        "attention_dropout": 0.0, "use_cache": True,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": dtype,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "use_cache": True,
     }
     if family == "llama":
         cfg.update(attention_bias=attention_bias, mlp_bias=False, pretraining_tp=1)
     elif family == "mistral":
         cfg["sliding_window"] = sliding_window
     else:  # qwen2 / qwen3
-        cfg.update(use_sliding_window=sliding_window is not None,
-                   sliding_window=sliding_window, max_window_layers=0)
+        cfg.update(
+            use_sliding_window=sliding_window is not None,
+            sliding_window=sliding_window,
+            max_window_layers=0,
+        )
         if family == "qwen3":
             cfg["attention_bias"] = attention_bias
 
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    weights = {k: torch.from_numpy(a).to(tdtype).contiguous()
-               for k, a in _tiny_weights(cfg, family, seed).items()}
+    weights = {
+        k: torch.from_numpy(a).to(tdtype).contiguous()
+        for k, a in _tiny_weights(cfg, family, seed).items()
+    }
     for stale in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     meta = {"format": "pt"}
@@ -216,9 +251,11 @@ def build_tiny_model(out_dir: str | Path, family: str = "llama", *, seed: int = 
             save_file(part, str(out / fname), metadata=meta)
             weight_map.update({n: fname for n in part})
         total = sum(t.numel() * t.element_size() for t in weights.values())
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2)
+    )
     return out

@@ -85,8 +85,9 @@ class AttentionBackend(Protocol):
         """Prepare the step described by `meta`; shared by all layers."""
         ...
 
-    def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         """`q` [T, Hq, D] against caches [num_pages, page_size, Hkv, D]
         (the step's K/V already written); returns [T, Hq, D]."""
         ...
@@ -98,25 +99,38 @@ def _as_np(name: str, a: np.ndarray | torch.Tensor | list[int], dtype: type) -> 
     arr = np.asarray(a)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    # Always a private copy: the host mirrors must not alias the caller's buffers.
+    return np.array(arr, dtype=dtype, copy=True)
 
 
-def _check(positions: np.ndarray, slot_mapping: np.ndarray, qo_indptr: np.ndarray,
-           kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_last_page_len: np.ndarray,
-           kv_lens: np.ndarray, page_size: int) -> None:
+def _check(
+    positions: np.ndarray,
+    slot_mapping: np.ndarray,
+    qo_indptr: np.ndarray,
+    kv_indptr: np.ndarray,
+    kv_indices: np.ndarray,
+    kv_last_page_len: np.ndarray,
+    kv_lens: np.ndarray,
+    page_size: int,
+) -> None:
     """Cheap host-side consistency checks; an engine bug fails here, not in a kernel."""
     b = len(qo_indptr) - 1
     if b < 0 or len(kv_indptr) != b + 1 or len(kv_last_page_len) != b or len(kv_lens) != b:
         raise ValueError(
             f"inconsistent batch size: qo_indptr {len(qo_indptr)}, kv_indptr {len(kv_indptr)}, "
-            f"kv_last_page_len {len(kv_last_page_len)}, kv_lens {len(kv_lens)}")
+            f"kv_last_page_len {len(kv_last_page_len)}, kv_lens {len(kv_lens)}"
+        )
     t = len(positions)
     if len(slot_mapping) != t or qo_indptr[0] != 0 or qo_indptr[-1] != t:
-        raise ValueError(f"{t} positions, {len(slot_mapping)} slots, qo_indptr ends "
-                         f"[{qo_indptr[0]}, {qo_indptr[-1]}]")
+        raise ValueError(
+            f"{t} positions, {len(slot_mapping)} slots, qo_indptr ends "
+            f"[{qo_indptr[0]}, {qo_indptr[-1]}]"
+        )
     if kv_indptr[0] != 0 or kv_indptr[-1] != len(kv_indices):
-        raise ValueError(f"kv_indptr spans [{kv_indptr[0]}, {kv_indptr[-1]}] "
-                         f"but there are {len(kv_indices)} kv_indices")
+        raise ValueError(
+            f"kv_indptr spans [{kv_indptr[0]}, {kv_indptr[-1]}] "
+            f"but there are {len(kv_indices)} kv_indices"
+        )
     qo_lens, n_pages = np.diff(qo_indptr), np.diff(kv_indptr)
     if (qo_lens < 0).any() or (n_pages < 1).any():
         raise ValueError("every sequence needs >= 0 new tokens and >= 1 page")
@@ -176,8 +190,21 @@ def build_attention_metadata(
     for i in range(2, 7):
         f[i] = f[i].to(torch.int32)
 
-    host = HostMetadata(qo_indptr=torch.from_numpy(qo), kv_indptr=torch.from_numpy(kvp),
-                        kv_last_page_len=torch.from_numpy(last), kv_lens=torch.from_numpy(lens))
+    host = HostMetadata(
+        qo_indptr=torch.from_numpy(qo),
+        kv_indptr=torch.from_numpy(kvp),
+        kv_last_page_len=torch.from_numpy(last),
+        kv_lens=torch.from_numpy(lens),
+    )
     return AttentionMetadata(
-        positions=f[0], slot_mapping=f[1], qo_indptr=f[2], kv_indptr=f[3], kv_indices=f[4],
-        kv_last_page_len=f[5], kv_lens=f[6], is_decode=is_decode, page_size=page_size, host=host)
+        positions=f[0],
+        slot_mapping=f[1],
+        qo_indptr=f[2],
+        kv_indptr=f[3],
+        kv_indices=f[4],
+        kv_last_page_len=f[5],
+        kv_lens=f[6],
+        is_decode=is_decode,
+        page_size=page_size,
+        host=host,
+    )

@@ -16,8 +16,8 @@ An optional per-layer sliding window `w` additionally hides KV `j <= pos - w`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -46,11 +46,19 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
-                 sm_scale: float | None = None,
-                 sliding_windows: Sequence[int | None] | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int = 16,
+        sm_scale: float | None = None,
+        sliding_windows: Sequence[int | None] | None = None,
+    ) -> None:
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size = page_size
         self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -69,7 +77,7 @@ class ReferenceBackend:
         offsets = torch.arange(ps, device=dev)
 
         def slots_of(b: int) -> torch.Tensor:
-            pages = meta.kv_indices[kvp[b]:kvp[b + 1]].to(torch.int64)
+            pages = meta.kv_indices[kvp[b] : kvp[b + 1]].to(torch.int64)
             return (pages[:, None] * ps + offsets).reshape(-1)[: lens[b]]
 
         self._prefills = []
@@ -92,8 +100,9 @@ class ReferenceBackend:
     def _window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows is not None else None
 
-    def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         if not self._planned:
             raise RuntimeError("ReferenceBackend.forward called before plan()")
         hkv, d = self.num_kv_heads, self.head_dim
@@ -118,7 +127,7 @@ class ReferenceBackend:
 
         for p in self._prefills:
             n = p.slots.shape[0]
-            qp = qf[p.q_start:p.q_start + p.q_len].view(p.q_len, hkv, g, d)
+            qp = qf[p.q_start : p.q_start + p.q_len].view(p.q_len, hkv, g, d)
             k, v = k_flat[p.slots].float(), v_flat[p.slots].float()  # [n, Hkv, D]
             s = torch.einsum("qhgd,khd->hgqk", qp, k) * self.sm_scale
             qpos = torch.arange(n - p.q_len, n, device=q.device)[:, None]
@@ -128,5 +137,5 @@ class ReferenceBackend:
                 mask = mask & (kpos > qpos - window)
             s = s.masked_fill(~mask, float("-inf"))
             o = torch.einsum("hgqk,khd->qhgd", s.softmax(-1), v)
-            out[p.q_start:p.q_start + p.q_len] = o.reshape(p.q_len, self.num_heads, d)
+            out[p.q_start : p.q_start + p.q_len] = o.reshape(p.q_len, self.num_heads, d)
         return out.to(q.dtype)

@@ -13,8 +13,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelConfig", "ModelLoadError", "MissingFileError", "UnsupportedModelError",
-           "SUPPORTED_ARCHITECTURES", "parse_dtype"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "MissingFileError",
+    "ModelConfig",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "parse_dtype",
+]
 
 
 class ModelLoadError(Exception):
@@ -38,8 +44,13 @@ SUPPORTED_ARCHITECTURES = {
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -48,7 +59,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     key = str(name).removeprefix("torch.")
     if key not in _DTYPES:
-        raise UnsupportedModelError(f"unsupported dtype {name!r}; use one of float32, float16, bfloat16")
+        raise UnsupportedModelError(
+            f"unsupported dtype {name!r}; use one of float32, float16, bfloat16"
+        )
     return _DTYPES[key]
 
 
@@ -79,7 +92,7 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Parse a config.json dict; raise UnsupportedModelError naming what is unsupported."""
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
@@ -90,7 +103,8 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture {arch or cfg.get('model_type')!r} "
                 f"(model_type={cfg.get('model_type')!r}); Dendrite supports "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         arch = arch or next(a for a, f in SUPPORTED_ARCHITECTURES.items() if f == family)
 
         act = cfg.get("hidden_act", "silu")
@@ -113,19 +127,29 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
-            family=family, architecture=arch, vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden, intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            family=family,
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias, o_bias=o_bias,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,
             qk_norm=family == "qwen3",
             sliding_windows=_sliding_windows(cfg, family, layers),
             dtype=parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, raw=dict(cfg),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            raw=dict(cfg),
         )
 
 
@@ -135,16 +159,18 @@ def _rope(cfg: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None]
     theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in _ROPE_TYPES:
-        raise UnsupportedModelError(f"{arch}: unsupported rope_scaling type {kind!r} "
-                                    f"(supported: {', '.join(_ROPE_TYPES)})")
+        raise UnsupportedModelError(
+            f"{arch}: unsupported rope_scaling type {kind!r} (supported: {', '.join(_ROPE_TYPES)})"
+        )
     if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
         raise UnsupportedModelError(f"{arch}: partial_rotary_factor is not supported")
     if kind == "default":
         return theta, None
     params["rope_type"] = kind
     if kind == "llama3":
-        params.setdefault("original_max_position_embeddings",
-                          cfg.get("max_position_embeddings", 8192))
+        params.setdefault(
+            "original_max_position_embeddings", cfg.get("max_position_embeddings", 8192)
+        )
     return theta, params
 
 
@@ -158,6 +184,7 @@ def _sliding_windows(cfg: dict[str, Any], family: str, layers: int) -> tuple[int
     if family in ("qwen2", "qwen3") and window and cfg.get("use_sliding_window", False):
         types = cfg.get("layer_types") or [
             "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
-            for i in range(layers)]
+            for i in range(layers)
+        ]
         return tuple(int(window) if t == "sliding_attention" else None for t in types)
     return (None,) * layers

@@ -16,19 +16,36 @@ __all__ = ["KVCache"]
 class KVCache:
     """Paged K/V storage for every layer in one allocation."""
 
-    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         # zeros, not empty: padded/unused slots are masked, but NaN garbage
         # times a zero attention weight would still be NaN.
-        self.kv = torch.zeros(num_layers, 2, num_pages, page_size, num_kv_heads, head_dim,
-                              dtype=dtype, device=self.device)
+        self.kv = torch.zeros(
+            num_layers,
+            2,
+            num_pages,
+            page_size,
+            num_kv_heads,
+            head_dim,
+            dtype=dtype,
+            device=self.device,
+        )
 
     @staticmethod
-    def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
+    def bytes_per_page(
+        num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return num_layers * 2 * page_size * num_kv_heads * head_dim * elem
 
@@ -40,8 +57,9 @@ class KVCache:
         """(K, V) caches of `layer`, each [num_pages, page_size, Hkv, D]."""
         return self.kv[layer, 0], self.kv[layer, 1]
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Store the step's new K/V ([T, Hkv, D]) at their slots."""
         k_cache, v_cache = self.layer(layer)
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[slot_mapping] = k
@@ -62,14 +80,25 @@ class KVCache:
         if len(rows) == 0:
             return
         src, dst, n = rows[:, 0], rows[:, 1], rows[:, 2]
-        if (n > self.page_size).any() or (rows[:, :2] < 0).any() or \
-                (rows[:, :2] >= self.num_pages).any():
-            raise ValueError(f"invalid copy-on-write rows {rows.tolist()} for "
-                             f"{self.num_pages} pages of {self.page_size}")
+        if (
+            (n > self.page_size).any()
+            or (rows[:, :2] < 0).any()
+            or (rows[:, :2] >= self.num_pages).any()
+        ):
+            raise ValueError(
+                f"invalid copy-on-write rows {rows.tolist()} for "
+                f"{self.num_pages} pages of {self.page_size}"
+            )
         # Token offsets 0..n-1 of every row, without a per-row Python loop.
         offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        idx = torch.from_numpy(np.stack([np.repeat(src, n) * self.page_size + offs,
-                                         np.repeat(dst, n) * self.page_size + offs]))
+        idx = torch.from_numpy(
+            np.stack(
+                [
+                    np.repeat(src, n) * self.page_size + offs,
+                    np.repeat(dst, n) * self.page_size + offs,
+                ]
+            )
+        )
         idx = idx.to(self.device, non_blocking=True)
         flat = self.kv.view(self.num_layers, 2, -1, self.num_kv_heads, self.head_dim)
         flat[:, :, idx[1]] = flat[:, :, idx[0]]

@@ -37,7 +37,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     if sc["rope_type"] == "linear":
         return inv / float(sc["factor"])
     # llama3: keep high frequencies, divide low ones by `factor`, blend between.
-    factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    factor, lo, hi = (
+        float(sc["factor"]),
+        float(sc["low_freq_factor"]),
+        float(sc["high_freq_factor"]),
+    )
     old_ctx = sc["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
     wavelen = 2 * math.pi / inv
@@ -71,20 +75,33 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d,
-                                  bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias
+        )
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv: KVCache, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d,
-                                          self.hkv * self.d], dim=-1)
-        q, k, v = q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        q, k, v = self.qkv_proj(x).split(
+            [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1
+        )
+        q, k, v = (
+            q.view(t, self.hq, self.d),
+            k.view(t, self.hkv, self.d),
+            v.view(t, self.hkv, self.d),
+        )
         if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -114,8 +131,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv: KVCache, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -131,7 +155,9 @@ class _Body(nn.Module):
 
 
 # HF name -> (our fused parameter, which slice of it): q|k|v and gate|up.
-_FUSED = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.(weight|bias)$")
+_FUSED = re.compile(
+    r"^(model\.layers\.\d+\.)(self_attn\.(q|k|v)_proj|mlp\.(gate|up)_proj)\.(weight|bias)$"
+)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -156,8 +182,13 @@ class LlamaForCausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
-                backend: AttentionBackend | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        backend: AttentionBackend | None = None,
+    ) -> torch.Tensor:
         """Hidden states after the final norm; `backend` must be planned for `meta`."""
         backend = backend or self.backend
         if backend is None:
@@ -180,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
         """Checkpoint names this model needs (unfused, HF spelling)."""
         names = set()
         for name, _ in self.named_parameters():
-            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
                 kind = name.rsplit(".", 1)[1]
                 base = name.rsplit(".qkv_proj.", 1)[0]
                 names |= {f"{base}.{p}_proj.{kind}" for p in "qkv"}
@@ -202,8 +233,11 @@ class LlamaForCausalLM(nn.Module):
             if qkv:
                 param = self.get_parameter(f"{prefix}self_attn.qkv_proj.{kind}")
                 hq, hkv, d = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
-                start, size = {"q": (0, hq * d), "k": (hq * d, hkv * d),
-                               "v": ((hq + hkv) * d, hkv * d)}[qkv]
+                start, size = {
+                    "q": (0, hq * d),
+                    "k": (hq * d, hkv * d),
+                    "v": ((hq + hkv) * d, hkv * d),
+                }[qkv]
             else:
                 param = self.get_parameter(f"{prefix}mlp.gate_up_proj.{kind}")
                 inter = self.config.intermediate_size
@@ -215,7 +249,9 @@ class LlamaForCausalLM(nn.Module):
             except AttributeError:
                 return False
         if tuple(dst.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(dst.shape)}")
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(dst.shape)}"
+            )
         dst.copy_(tensor)
         return True

@@ -12,20 +12,37 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from dendrite.model.config import (MissingFileError, ModelConfig, ModelLoadError,
-                                   UnsupportedModelError, parse_dtype)
+from dendrite.model.config import (
+    MissingFileError,
+    ModelConfig,
+    ModelLoadError,
+    UnsupportedModelError,
+    parse_dtype,
+)
 from dendrite.model.llama import LlamaForCausalLM
 from dendrite.model.tokenizer import Tokenizer
 
-__all__ = ["LoadedModel", "load", "load_config", "load_generation_config", "load_model",
-           "load_tokenizer", "iter_weights", "weight_files", "resolve_dtype",
-           "ModelLoadError", "MissingFileError", "UnsupportedModelError"]
+__all__ = [
+    "LoadedModel",
+    "MissingFileError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "iter_weights",
+    "load",
+    "load_config",
+    "load_generation_config",
+    "load_model",
+    "load_tokenizer",
+    "resolve_dtype",
+    "weight_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +115,17 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for every tensor of every weight file, memory-mapped."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 yield name, f.get_tensor(name)
 
 
-def resolve_dtype(config: ModelConfig, device: torch.device | str,
-                  dtype: torch.dtype | str | None = None) -> torch.dtype:
+def resolve_dtype(
+    config: ModelConfig, device: torch.device | str, dtype: torch.dtype | str | None = None
+) -> torch.dtype:
     """The dtype to run in: explicit `dtype`, else the checkpoint's on an
     accelerator; on the CPU, half-precision checkpoints run in float32
     (CPU half matmuls are slow and fp16 ones lossy)."""
@@ -119,9 +137,12 @@ def resolve_dtype(config: ModelConfig, device: torch.device | str,
     return config.dtype
 
 
-def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype | str | None = None,
-               config: ModelConfig | None = None) -> LlamaForCausalLM:
+def load_model(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    config: ModelConfig | None = None,
+) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype` and fill it from the checkpoint."""
     d = _model_dir(model_dir)
     config = config or load_config(d)
@@ -147,12 +168,19 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
             unexpected.append(name)
     missing = sorted(needed - seen)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise ModelLoadError(f"{config.architecture} checkpoint in {d} ({len(files)} file(s)) "
-                             f"lacks {len(missing)} tensor(s): {shown}")
+        shown = ", ".join(missing[:8]) + (
+            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        )
+        raise ModelLoadError(
+            f"{config.architecture} checkpoint in {d} ({len(files)} file(s)) "
+            f"lacks {len(missing)} tensor(s): {shown}"
+        )
     if unexpected:
-        log.warning("ignoring %d unexpected checkpoint tensor(s): %s", len(unexpected),
-                    ", ".join(unexpected[:8]))
+        log.warning(
+            "ignoring %d unexpected checkpoint tensor(s): %s",
+            len(unexpected),
+            ", ".join(unexpected[:8]),
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -175,8 +203,11 @@ class LoadedModel:
         return self.model.model.norm.weight.dtype
 
 
-def load(model_dir: str | Path, device: torch.device | str = "cpu",
-         dtype: torch.dtype | str | None = None) -> LoadedModel:
+def load(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> LoadedModel:
     """Config, tokenizer and weights of a local HF model directory."""
     d = _model_dir(model_dir)
     config = load_config(d)

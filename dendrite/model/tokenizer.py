@@ -9,12 +9,13 @@ with jinja2 when it is installed (it is not a Dendrite dependency), and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from dendrite.model.config import MissingFileError, ModelLoadError
 
-__all__ = ["Tokenizer", "ChatTemplateError"]
+__all__ = ["ChatTemplateError", "Tokenizer"]
 
 
 class ChatTemplateError(ModelLoadError):
@@ -39,15 +40,22 @@ class Tokenizer:
     token table from it).
     """
 
-    def __init__(self, model_dir: str | Path, eos_token_ids: Iterable[int] = (),
-                 bos_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        eos_token_ids: Iterable[int] = (),
+        bos_token_id: int | None = None,
+    ) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
         d = Path(model_dir)
         path = d / "tokenizer.json"
         if not path.is_file():
-            extra = " (only tokenizer.json is supported, not tokenizer.model)" \
-                if (d / "tokenizer.model").is_file() else ""
+            extra = (
+                " (only tokenizer.json is supported, not tokenizer.model)"
+                if (d / "tokenizer.model").is_file()
+                else ""
+            )
             raise MissingFileError(f"missing tokenizer file {path}{extra}")
         self.backend = _HFTokenizer.from_file(str(path))
         cfg = _read_json(d / "tokenizer_config.json")
@@ -62,8 +70,9 @@ class Tokenizer:
         self.bos_token_id = tid("bos_token") if self.bos_token is not None else bos_token_id
         self.pad_token_id = tid("pad_token")
         eos = [tid("eos_token")] if self.eos_token is not None else []
-        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(
-            i for i in [*eos, *eos_token_ids] if i is not None))
+        self.eos_token_ids: tuple[int, ...] = tuple(
+            dict.fromkeys(i for i in [*eos, *eos_token_ids] if i is not None)
+        )
         self.add_bos_token = bool(cfg.get("add_bos_token", False))
         self.chat_template = self._find_chat_template(d, cfg)
 
@@ -88,8 +97,12 @@ class Tokenizer:
         """Token ids; with `add_special_tokens`, the tokenizer's post-processor
         runs and BOS is prepended when tokenizer_config asks for it."""
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None \
-                and (not ids or ids[0] != self.bos_token_id):
+        if (
+            add_special_tokens
+            and self.add_bos_token
+            and self.bos_token_id is not None
+            and (not ids or ids[0] != self.bos_token_id)
+        ):
             ids = [self.bos_token_id, *ids]
         return ids
 
@@ -99,31 +112,40 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """Render `messages` with the model's chat template (HF semantics)."""
         if self.chat_template is None:
             raise ChatTemplateError("this model directory has no chat template")
         try:
-            import jinja2  # noqa: PLC0415  (optional)
-            from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError as e:
-            raise ChatTemplateError("rendering a chat template needs jinja2 "
-                                    "(pip install jinja2); pass raw text instead") from e
+            raise ChatTemplateError(
+                "rendering a chat template needs jinja2 (pip install jinja2); pass raw text instead"
+            ) from e
 
         def raise_exception(msg: str) -> None:
             raise jinja2.exceptions.TemplateError(msg)
 
         def strftime_now(fmt: str) -> str:
-            from datetime import datetime  # noqa: PLC0415
+            from datetime import datetime
+
             return datetime.now().strftime(fmt)
 
         # Same environment options transformers uses, so templates render alike.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
-            x, indent=indent, ensure_ascii=False)
+            x, indent=indent, ensure_ascii=False
+        )
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )

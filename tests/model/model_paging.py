@@ -51,8 +51,12 @@ class Pager:
         kids = []
         for _ in range(n):
             k = self.new()
-            self.seqs[k] = Seq(list(parent.pages), parent.num_tokens,
-                               parent.num_tokens % self.page_size != 0, list(parent.tokens))
+            self.seqs[k] = Seq(
+                list(parent.pages),
+                parent.num_tokens,
+                parent.num_tokens % self.page_size != 0,
+                list(parent.tokens),
+            )
             kids.append(k)
         return kids
 
@@ -87,17 +91,30 @@ class Pager:
             kvi += s.pages
             kvp.append(len(kvi))
             last.append(s.num_tokens - (len(s.pages) - 1) * self.page_size)
-        i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
-        return Step(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
-                    np.asarray(slots, np.int64), i32(qo), i32(kvp), i32(kvi), i32(last),
-                    np.asarray(copies, np.int32).reshape(-1, 3))
+        i32 = lambda a: np.asarray(a, dtype=np.int32)
+        return Step(
+            np.asarray(ids, np.int64),
+            np.asarray(pos, np.int64),
+            np.asarray(slots, np.int64),
+            i32(qo),
+            i32(kvp),
+            i32(kvi),
+            i32(last),
+            np.asarray(copies, np.int32).reshape(-1, 3),
+        )
 
 
 def run_step(runner, pager: Pager, batch: list[tuple[int, list[int]]], with_step: bool = False):
     """One runner step over `batch`: float32 logits, one row per sequence
     (and the `Step` it ran, with its copy-on-write rows, if `with_step`)."""
     st = pager.step(batch)
-    meta = runner.build_metadata(st.positions, st.slot_mapping, st.qo_indptr, st.kv_indptr,
-                                 st.kv_indices, st.kv_last_page_len)
+    meta = runner.build_metadata(
+        st.positions,
+        st.slot_mapping,
+        st.qo_indptr,
+        st.kv_indptr,
+        st.kv_indices,
+        st.kv_last_page_len,
+    )
     logits = runner.run(st.input_ids, meta, copies=st.copies)
     return (logits, st) if with_step else logits

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_paging import Pager, run_step
 
 from dendrite.model.runner import ModelRunner
 from dendrite.sampling import Sampler, SamplingParams
 from dendrite.testing import build_tiny_model
-
-from model_paging import Pager, run_step
 
 N = 32
 PAGE = 4
@@ -30,7 +29,8 @@ def runner(tmp_path_factory):
 
 def prompt_ids(runner) -> list[int]:
     ids = [runner.tokenizer.bos_token_id] + runner.tokenizer.encode(
-        "Question: Natalia sold clips to 48 of her friends. Answer:")
+        "Question: Natalia sold clips to 48 of her friends. Answer:"
+    )
     assert len(ids) % PAGE, "the prompt must end inside a page so the fork has to copy it"
     return ids
 

@@ -10,14 +10,12 @@ logits close (max |a - b| / max |b| < 1e-4).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from model_paging import Pager, run_step
 
 from dendrite.model.runner import ModelRunner
 from dendrite.testing import LLAMA3_ROPE_SCALING, build_tiny_model
-
-from model_paging import Pager, run_step
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -34,16 +32,26 @@ CHUNKS = [3, 64, 7, 1]  # prefill chunk per sequence
 STARTS = [0, 0, 2, 5]  # step at which each sequence joins
 
 VARIANTS = {
-    "llama": dict(family="llama", seed=1),
+    "llama": {"family": "llama", "seed": 1},
     # window 16 < the longest prompt + 64: attention both inside and past the window
-    "mistral_sliding": dict(family="mistral", seed=2, sliding_window=16),
-    "qwen2_tied_sharded": dict(family="qwen2", seed=3, tie_word_embeddings=True, shards=2),
-    "qwen3": dict(family="qwen3", seed=4, head_dim=32),  # head_dim != hidden / heads
+    "mistral_sliding": {"family": "mistral", "seed": 2, "sliding_window": 16},
+    "qwen2_tied_sharded": {"family": "qwen2", "seed": 3, "tie_word_embeddings": True, "shards": 2},
+    "qwen3": {"family": "qwen3", "seed": 4, "head_dim": 32},  # head_dim != hidden / heads
     # Llama-3 rope scaling, MHA, a bf16 checkpoint (upcast to fp32 by both sides)
-    "llama3_rope_mha_bf16": dict(family="llama", seed=5, rope_scaling=LLAMA3_ROPE_SCALING,
-                                 max_position_embeddings=131072, kv_heads=4, dtype="bfloat16"),
-    "llama_tied_bias": dict(family="llama", seed=6, tie_word_embeddings=True,
-                            attention_bias=True),
+    "llama3_rope_mha_bf16": {
+        "family": "llama",
+        "seed": 5,
+        "rope_scaling": LLAMA3_ROPE_SCALING,
+        "max_position_embeddings": 131072,
+        "kv_heads": 4,
+        "dtype": "bfloat16",
+    },
+    "llama_tied_bias": {
+        "family": "llama",
+        "seed": 6,
+        "tie_word_embeddings": True,
+        "attention_bias": True,
+    },
 }
 
 
@@ -58,15 +66,22 @@ def hf_greedy(model_dir, prompts: list[list[int]]) -> list[tuple[list[int], torc
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            r = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW,
-                            do_sample=False, output_logits=True, return_dict_in_generate=True)
+            r = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=N_NEW,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             assert r.sequences.shape[1] == len(ids) + N_NEW
-            out.append((r.sequences[0, len(ids):].tolist(), torch.cat(r.logits).float()))
+            out.append((r.sequences[0, len(ids) :].tolist(), torch.cat(r.logits).float()))
     return out
 
 
-def dendrite_greedy(runner: ModelRunner, prompts: list[list[int]], chunks=CHUNKS,
-                    starts=STARTS) -> list[tuple[list[int], torch.Tensor]]:
+def dendrite_greedy(
+    runner: ModelRunner, prompts: list[list[int]], chunks=CHUNKS, starts=STARTS
+) -> list[tuple[list[int], torch.Tensor]]:
     """Greedy decode of all prompts at once, mixed prefill/decode steps."""
     pager = Pager(runner.num_pages, runner.page_size)
     sids = [pager.new() for _ in prompts]
@@ -80,7 +95,7 @@ def dendrite_greedy(runner: ModelRunner, prompts: list[list[int]], chunks=CHUNKS
             if step < starts[j] or len(gen[j]) == N_NEW:
                 continue
             if pending[j]:
-                toks, pending[j] = pending[j][:chunks[j]], pending[j][chunks[j]:]
+                toks, pending[j] = pending[j][: chunks[j]], pending[j][chunks[j] :]
             else:
                 toks = [gen[j][-1]]
             batch.append((sid, toks))
@@ -97,6 +112,7 @@ def dendrite_greedy(runner: ModelRunner, prompts: list[list[int]], chunks=CHUNKS
 @pytest.fixture(scope="module")
 def tokenizer_ids(tmp_path_factory):
     from dendrite.model.tokenizer import Tokenizer
+
     d = build_tiny_model(tmp_path_factory.mktemp("tok"), "llama")
     tok = Tokenizer(d)
     return [[tok.bos_token_id] + tok.encode(p) for p in PROMPTS]
@@ -106,8 +122,9 @@ def tokenizer_ids(tmp_path_factory):
 def test_greedy_matches_transformers(variant, tmp_path, tokenizer_ids):
     model_dir = build_tiny_model(tmp_path / variant, **VARIANTS[variant])
     expected = hf_greedy(model_dir, tokenizer_ids)
-    runner = ModelRunner(model_dir, device="cpu", num_pages=256, page_size=PAGE_SIZE,
-                         attention="reference")
+    runner = ModelRunner(
+        model_dir, device="cpu", num_pages=256, page_size=PAGE_SIZE, attention="reference"
+    )
     assert runner.dtype == torch.float32
     got = dendrite_greedy(runner, tokenizer_ids)
     for j, ((hf_ids, hf_logits), (ids, lg)) in enumerate(zip(expected, got)):
@@ -121,4 +138,3 @@ def test_greedy_matches_transformers(variant, tmp_path, tokenizer_ids):
 
 def _first_diff(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-

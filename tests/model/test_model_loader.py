@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dendrite.model import (ChatTemplateError, MissingFileError, ModelConfig, ModelLoadError,
-                            Tokenizer, UnsupportedModelError, load, load_config)
+from dendrite.model import (
+    ChatTemplateError,
+    MissingFileError,
+    ModelConfig,
+    ModelLoadError,
+    Tokenizer,
+    UnsupportedModelError,
+    load,
+    load_config,
+)
 from dendrite.model.runner import ModelRunner
 from dendrite.testing import LLAMA3_ROPE_SCALING, build_tiny_model
 
@@ -26,6 +34,7 @@ def copy(tiny, tmp_path):
         d = tmp_path / "m"
         shutil.copytree(tiny, d)
         return d
+
     return make
 
 
@@ -36,6 +45,7 @@ def edit_config(d, **kw):
 
 
 # -- clear errors ------------------------------------------------------------------
+
 
 def test_missing_dir_and_config(tmp_path, copy):
     with pytest.raises(MissingFileError, match="does not exist"):
@@ -55,11 +65,14 @@ def test_unsupported_architecture_is_named(copy, arch):
     assert "LlamaForCausalLM" in str(e.value)  # and says what is supported
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(hidden_act="gelu"), "gelu"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
-    (dict(torch_dtype="float8"), "float8"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"hidden_act": "gelu"}, "gelu"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"torch_dtype": "float8"}, "float8"),
+    ],
+)
 def test_unsupported_features_are_named(copy, kw, match):
     d = copy()
     edit_config(d, **kw)
@@ -86,6 +99,7 @@ def test_missing_shard_is_named(tmp_path):
 
 def test_missing_tensor_is_named(copy):
     from safetensors.torch import load_file, save_file
+
     d = copy()
     w = load_file(d / "model.safetensors")
     del w["model.layers.1.mlp.up_proj.weight"]
@@ -103,27 +117,59 @@ def test_missing_tokenizer(copy):
 
 # -- config parsing ----------------------------------------------------------------
 
+
 def test_config_families_and_transformers5_keys():
-    base = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=10,
-                intermediate_size=8)
-    q2 = ModelConfig.from_hf({**base, "architectures": ["Qwen2ForCausalLM"],
-                              "use_sliding_window": True, "sliding_window": 32,
-                              "max_window_layers": 1})
+    base = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "vocab_size": 10,
+        "intermediate_size": 8,
+    }
+    q2 = ModelConfig.from_hf(
+        {
+            **base,
+            "architectures": ["Qwen2ForCausalLM"],
+            "use_sliding_window": True,
+            "sliding_window": 32,
+            "max_window_layers": 1,
+        }
+    )
     assert q2.qkv_bias and not q2.o_bias and q2.sliding_windows == (None, 32, 32)
-    q3 = ModelConfig.from_hf({**base, "model_type": "qwen3", "head_dim": 32,
-                              "sliding_window": 32, "use_sliding_window": False})
+    q3 = ModelConfig.from_hf(
+        {
+            **base,
+            "model_type": "qwen3",
+            "head_dim": 32,
+            "sliding_window": 32,
+            "use_sliding_window": False,
+        }
+    )
     assert q3.qk_norm and q3.head_dim == 32 and q3.num_kv_heads == 4
     assert q3.sliding_windows == (None,) * 3 and q3.architecture == "Qwen3ForCausalLM"
-    m = ModelConfig.from_hf({**base, "architectures": ["MistralForCausalLM"],
-                             "sliding_window": None})
+    m = ModelConfig.from_hf(
+        {**base, "architectures": ["MistralForCausalLM"], "sliding_window": None}
+    )
     assert m.sliding_windows == (None,) * 3
     # transformers 5 spelling: rope_parameters + dtype
-    l5 = ModelConfig.from_hf({**base, "architectures": ["LlamaForCausalLM"], "dtype": "bfloat16",
-                              "rope_parameters": {**LLAMA3_ROPE_SCALING, "rope_theta": 5e5}})
+    l5 = ModelConfig.from_hf(
+        {
+            **base,
+            "architectures": ["LlamaForCausalLM"],
+            "dtype": "bfloat16",
+            "rope_parameters": {**LLAMA3_ROPE_SCALING, "rope_theta": 5e5},
+        }
+    )
     assert l5.rope_theta == 5e5 and l5.rope_scaling["rope_type"] == "llama3"
     assert l5.dtype == torch.bfloat16
-    l4 = ModelConfig.from_hf({**base, "architectures": ["LlamaForCausalLM"], "rope_theta": 5e5,
-                              "rope_scaling": LLAMA3_ROPE_SCALING})
+    l4 = ModelConfig.from_hf(
+        {
+            **base,
+            "architectures": ["LlamaForCausalLM"],
+            "rope_theta": 5e5,
+            "rope_scaling": LLAMA3_ROPE_SCALING,
+        }
+    )
     assert (l4.rope_theta, l4.rope_scaling) == (l5.rope_theta, l5.rope_scaling)
 
 
@@ -138,7 +184,7 @@ def test_eos_ids_merge_generation_config(copy):
 
 # -- tokenizer ---------------------------------------------------------------------
 
-TEXTS = ["The quick brown fox", "  {\"a\": [1, 2]}\n\tünïcödé 🌳", "<|user|>hi<|assistant|>"]
+TEXTS = ["The quick brown fox", '  {"a": [1, 2]}\n\tünïcödé 🌳', "<|user|>hi<|assistant|>"]
 
 
 def test_tokenizer_matches_transformers(tiny):
@@ -148,10 +194,14 @@ def test_tokenizer_matches_transformers(tiny):
     for t in TEXTS:
         assert tok.encode(t) == hf.encode(t)
         assert tok.decode(tok.encode(t)) == hf.decode(hf.encode(t), skip_special_tokens=True)
-    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "and 3+3?"}]
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
     assert tok.apply_chat_template(msgs) == hf.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True)
+        msgs, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_add_bos_token_and_missing_chat_template(copy):
@@ -165,17 +215,26 @@ def test_add_bos_token_and_missing_chat_template(copy):
     assert tok.encode("hi", add_special_tokens=False)[0] != tok.bos_token_id
     with pytest.raises(ChatTemplateError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
-    (d / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    )
     assert Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
 
 
 # -- dtypes and runner -----------------------------------------------------------------
 
+
 def prefill(runner, ids):
     t = len(ids)
     pages = np.arange((t + runner.page_size - 1) // runner.page_size)
-    meta = runner.build_metadata(np.arange(t), np.arange(t), [0, t], [0, len(pages)], pages,
-                                 [t - (len(pages) - 1) * runner.page_size])
+    meta = runner.build_metadata(
+        np.arange(t),
+        np.arange(t),
+        [0, t],
+        [0, len(pages)],
+        pages,
+        [t - (len(pages) - 1) * runner.page_size],
+    )
     return runner.run(ids, meta, logits_indices=np.arange(t))
 
 

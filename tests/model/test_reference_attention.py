@@ -17,7 +17,7 @@ def dense_attention(q, k, v, q_pos, window=None):
     """q [q, Hq, D] at positions q_pos over contiguous k/v [n, Hkv, D]."""
     g = HQ // HKV
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("qhd,khd->hqk", q, k) / D ** 0.5
+    s = torch.einsum("qhd,khd->hqk", q, k) / D**0.5
     kpos = torch.arange(k.shape[0])
     mask = kpos[None, :] <= q_pos[:, None]
     if window is not None:
@@ -40,7 +40,7 @@ def make_batch(kv_lens, q_lens, seed=0, num_pages=64):
         cache.write(0, torch.from_numpy(s), k, v)
         seqs.append((k, v, torch.randn(ql, HQ, D, generator=g), torch.arange(n - ql, n)))
         pos += list(range(n - ql, n))
-        slots += list(s[n - ql:])
+        slots += list(s[n - ql :])
         qo.append(qo[-1] + ql)
         kvi += pages
         kvp.append(len(kvi))
@@ -80,15 +80,21 @@ def test_pure_decode_batch_and_dtype():
 
 def test_forward_before_plan_raises():
     with pytest.raises(RuntimeError, match="plan"):
-        ReferenceBackend(HQ, HKV, D).forward(0, torch.zeros(1, HQ, D),
-                                              torch.zeros(1, PAGE, HKV, D),
-                                              torch.zeros(1, PAGE, HKV, D))
+        ReferenceBackend(HQ, HKV, D).forward(
+            0, torch.zeros(1, HQ, D), torch.zeros(1, PAGE, HKV, D), torch.zeros(1, PAGE, HKV, D)
+        )
 
 
 def test_metadata_fields_and_host_mirrors():
-    meta = build_attention_metadata(np.array([3, 4, 0]), np.array([7, 8, 20]),
-                                    np.array([0, 2, 3]), np.array([0, 2, 3]),
-                                    np.array([1, 2, 5]), np.array([1, 1]), page_size=4)
+    meta = build_attention_metadata(
+        np.array([3, 4, 0]),
+        np.array([7, 8, 20]),
+        np.array([0, 2, 3]),
+        np.array([0, 2, 3]),
+        np.array([1, 2, 5]),
+        np.array([1, 1]),
+        page_size=4,
+    )
     assert meta.positions.dtype == torch.int64 and meta.slot_mapping.dtype == torch.int64
     for f in ("qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "kv_lens"):
         assert getattr(meta, f).dtype == torch.int32
@@ -97,17 +103,26 @@ def test_metadata_fields_and_host_mirrors():
     assert meta.last_token_indices().tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(slot_mapping=[1]), "slots"),
-    (dict(qo_indptr=[0, 1, 2]), "qo_indptr"),
-    (dict(kv_last_page_len=[5]), "kv_last_page_len"),
-    (dict(kv_indices=[1, 2]), "kv_indices"),
-    (dict(kv_lens=[3]), "kv_lens"),
-    (dict(positions=[[0, 1]]), "1-D"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"slot_mapping": [1]}, "slots"),
+        ({"qo_indptr": [0, 1, 2]}, "qo_indptr"),
+        ({"kv_last_page_len": [5]}, "kv_last_page_len"),
+        ({"kv_indices": [1, 2]}, "kv_indices"),
+        ({"kv_lens": [3]}, "kv_lens"),
+        ({"positions": [[0, 1]]}, "1-D"),
+    ],
+)
 def test_metadata_validation_names_the_problem(bad, match):
-    args = dict(positions=[0, 1], slot_mapping=[4, 5], qo_indptr=[0, 2], kv_indptr=[0, 1],
-                kv_indices=[1], kv_last_page_len=[2])
+    args = {
+        "positions": [0, 1],
+        "slot_mapping": [4, 5],
+        "qo_indptr": [0, 2],
+        "kv_indptr": [0, 1],
+        "kv_indices": [1],
+        "kv_last_page_len": [2],
+    }
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         build_attention_metadata(page_size=4, **args)

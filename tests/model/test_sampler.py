@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dendrite.sampling import (Sampler, SamplingParams, gumbel_noise, row_keys, sample,
-                               unpack_bitmask)
+from dendrite.sampling import (
+    Sampler,
+    SamplingParams,
+    gumbel_noise,
+    row_keys,
+    sample,
+    unpack_bitmask,
+)
 
 V = 300
 
@@ -25,10 +31,14 @@ def test_greedy_is_argmax_and_ignores_seed():
 
 def test_draw_depends_only_on_seed_position_and_logits():
     x = rand_logits(6, seed=1)
-    mixed = [SamplingParams(temperature=0.7, seed=5), SamplingParams(temperature=0.0),
-             SamplingParams(temperature=1.3, top_k=20, seed=6),
-             SamplingParams(temperature=0.7, seed=5), SamplingParams(top_p=0.5, seed=8),
-             SamplingParams(min_p=0.1, repetition_penalty=1.3, seed=9)]
+    mixed = [
+        SamplingParams(temperature=0.7, seed=5),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.3, top_k=20, seed=6),
+        SamplingParams(temperature=0.7, seed=5),
+        SamplingParams(top_p=0.5, seed=8),
+        SamplingParams(min_p=0.1, repetition_penalty=1.3, seed=9),
+    ]
     pos = [10, 11, 12, 10, 14, 15]
     prev = [[1, 2]] * 6
     # Rows 0 and 3 have identical (seed, position, logits) -> identical draws.
@@ -37,7 +47,7 @@ def test_draw_depends_only_on_seed_position_and_logits():
     assert full[0] == full[3]
     # Each row alone, and the batch reversed, give the same tokens.
     for r in range(6):
-        alone = Sampler()(x[r:r + 1], [mixed[r]], [pos[r]], prev_tokens=[prev[r]]).token_ids
+        alone = Sampler()(x[r : r + 1], [mixed[r]], [pos[r]], prev_tokens=[prev[r]]).token_ids
         assert alone[0] == full[r]
     rev = Sampler()(x.flip(0), mixed[::-1], pos[::-1], prev_tokens=prev).token_ids
     assert torch.equal(rev.flip(0), full)
@@ -61,24 +71,29 @@ def test_noise_is_counter_based_and_gumbel():
     assert torch.equal(a[:, :100], gumbel_noise(keys, 100, "cpu"))  # independent of V
     # Standard Gumbel: mean = Euler-Mascheroni, variance = pi^2 / 6.
     assert abs(a.mean().item() - 0.5772) < 0.05
-    assert abs(a.var().item() - np.pi ** 2 / 6) < 0.15
+    assert abs(a.var().item() - np.pi**2 / 6) < 0.15
 
 
 def test_frequencies_follow_softmax():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 20000
     p = torch.softmax(logits / 0.8, -1)
-    toks = sample(logits.expand(n, -1), [SamplingParams(temperature=0.8, seed=s)
-                                         for s in range(n)], [0] * n).token_ids
+    toks = sample(
+        logits.expand(n, -1), [SamplingParams(temperature=0.8, seed=s) for s in range(n)], [0] * n
+    ).token_ids
     freq = torch.bincount(toks, minlength=6).float() / n
     sigma = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() < 5 * sigma + 1e-4).all(), (freq, p)
 
 
 def _hf_filtered(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    from transformers.generation.logits_process import (MinPLogitsWarper,
-                                                        TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
     ids = torch.zeros(1, 1, dtype=torch.long)
     s = TemperatureLogitsWarper(p.temperature)(ids, x[None].clone())
     if p.top_k > 0:
@@ -90,49 +105,61 @@ def _hf_filtered(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.isfinite(s[0])
 
 
-@pytest.mark.parametrize("p", [
-    SamplingParams(temperature=0.7, top_k=5),
-    SamplingParams(temperature=1.0, top_p=0.3),
-    SamplingParams(temperature=1.2, top_k=40, top_p=0.8),
-    SamplingParams(temperature=0.9, min_p=0.05),
-    SamplingParams(temperature=1.5, top_k=50, top_p=0.9, min_p=0.02),
-])
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.3),
+        SamplingParams(temperature=1.2, top_k=40, top_p=0.8),
+        SamplingParams(temperature=0.9, min_p=0.05),
+        SamplingParams(temperature=1.5, top_k=50, top_p=0.9, min_p=0.02),
+    ],
+)
 def test_filters_keep_the_same_tokens_as_transformers(p):
     pytest.importorskip("transformers")
     from dendrite.sampling import _filter
+
     x = rand_logits(8, seed=2)
     # Batched with neutral rows: per-row parameters must not leak across rows.
     params = [p, SamplingParams(), p, SamplingParams(top_k=3), p, p, p, p]
-    kept = torch.isfinite(_filter(x / torch.tensor([q.temperature for q in params])[:, None],
-                                  params))
+    kept = torch.isfinite(
+        _filter(x / torch.tensor([q.temperature for q in params])[:, None], params)
+    )
     for r in (0, 2, 4):
         assert torch.equal(kept[r], _hf_filtered(x[r], p))
     assert kept[1].all() and kept[3].sum() == 3
     # Samples only ever come from the kept set.
-    toks = sample(x[:1].expand(500, -1), [SamplingParams(**{**_kw(p), "seed": s})
-                                          for s in range(500)], [0] * 500).token_ids
+    toks = sample(
+        x[:1].expand(500, -1),
+        [SamplingParams(**{**_kw(p), "seed": s}) for s in range(500)],
+        [0] * 500,
+    ).token_ids
     assert kept[0][toks].all()
 
 
 def _kw(p: SamplingParams) -> dict:
-    return dict(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
+    return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p}
 
 
 def test_repetition_penalty_matches_transformers():
     pytest.importorskip("transformers")
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
     x = rand_logits(2, seed=3)
     prev = [[5, 9, 9, 250, 17], [1, 2, 3]]
     from dendrite.sampling import _apply_repetition_penalty
-    ours = _apply_repetition_penalty(x, [SamplingParams(repetition_penalty=1.3),
-                                         SamplingParams(repetition_penalty=1.0)], prev)
+
+    ours = _apply_repetition_penalty(
+        x, [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=1.0)], prev
+    )
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prev[0]]), x[:1].clone())
     assert torch.equal(ours[0], ref[0])
     assert torch.equal(ours[1], x[1])
     # Greedy honours the penalty: penalising the argmax moves it.
     top = int(x[0].argmax())
-    out = sample(x[:1], [SamplingParams(temperature=0.0, repetition_penalty=100.0)], [0],
-                 prev_tokens=[[top]])
+    out = sample(
+        x[:1], [SamplingParams(temperature=0.0, repetition_penalty=100.0)], [0], prev_tokens=[[top]]
+    )
     assert int(out.token_ids[0]) != top
 
 
@@ -166,8 +193,12 @@ def test_mask_constrains_greedy_and_sampled_rows():
     allowed = rng.random((4, V)) < 0.05
     allowed[:, 7] = True
     x = rand_logits(4, seed=5)
-    params = [SamplingParams(temperature=0.0), SamplingParams(seed=1),
-              SamplingParams(top_k=2, seed=2), SamplingParams(top_p=0.5, seed=3)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(seed=1),
+        SamplingParams(top_k=2, seed=2),
+        SamplingParams(top_p=0.5, seed=3),
+    ]
     for mask in (_pack(allowed), torch.from_numpy(allowed)):
         out = sample(x, params, [0, 1, 2, 3], allowed=mask)
         assert allowed[np.arange(4), out.token_ids.numpy()].all()
@@ -177,8 +208,11 @@ def test_mask_constrains_greedy_and_sampled_rows():
 
 def test_logprobs_are_the_models():
     x = rand_logits(3, seed=6)
-    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(seed=1, logprobs=2),
-              SamplingParams(temperature=0.5, seed=2, top_k=3)]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=5),
+        SamplingParams(seed=1, logprobs=2),
+        SamplingParams(temperature=0.5, seed=2, top_k=3),
+    ]
     out = sample(x, params, [0, 0, 0])
     lp = torch.log_softmax(x, -1)
     assert torch.allclose(out.logprobs, lp.gather(1, out.token_ids[:, None])[:, 0])
@@ -188,9 +222,18 @@ def test_logprobs_are_the_models():
     assert sample(x, [SamplingParams()] * 3, [0, 0, 0]).top_token_ids is None
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
-                                dict(min_p=2.0), dict(repetition_penalty=0.0),
-                                dict(logprobs=-1), dict(seed=1.5)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"min_p": 2.0},
+        {"repetition_penalty": 0.0},
+        {"logprobs": -1},
+        {"seed": 1.5},
+    ],
+)
 def test_invalid_params_are_rejected(kw):
     with pytest.raises((ValueError, TypeError)):
         SamplingParams(**kw)
