@@ -9,6 +9,8 @@ nothing numerically per output but halve the matmul launches: q/k/v are one
 The forward pass takes a flat batch of T new tokens from B sequences (no
 padding): it writes each layer's new K/V at `meta.slot_mapping` and asks the
 attention backend, already planned for `meta`, to attend over the pages.
+The KV argument is duck-typed: anything with `write(layer, slots, k, v)` and
+`layer(l) -> (k_cache, v_cache)` (the CUDA-graph runner passes a look-alike).
 """
 
 from __future__ import annotations

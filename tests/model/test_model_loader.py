@@ -288,3 +288,13 @@ def test_padded_vocab(tmp_path):
     d = build_tiny_model(tmp_path / "p", "qwen2", vocab_size=640)
     loaded = load(d)
     assert loaded.config.vocab_size == 640 and loaded.tokenizer.vocab_size == 512
+
+
+def test_chat_template_without_jinja2_is_a_clear_error(tiny, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 -> ImportError
+    tok = Tokenizer(tiny)
+    assert tok.encode("still works")
+    with pytest.raises(ChatTemplateError, match="jinja2"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
