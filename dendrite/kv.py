@@ -414,7 +414,8 @@ class Scheduler:
 
 
 def check_invariants(pool: BlockPool, trees: Optional[Iterable[KVTree]] = None,
-                     caches: Optional[Iterable[RadixCache]] = None) -> None:
+                     caches: Optional[Iterable[RadixCache]] = None,
+                     extra_refs: Optional[ArrayLike] = None) -> None:
     """Raise `InvariantError` unless the pool and its users are consistent.
 
     Checked (independently of the native bookkeeping, from its raw arrays):
@@ -423,7 +424,9 @@ def check_invariants(pool: BlockPool, trees: Optional[Iterable[KVTree]] = None,
     matches; parent links have no cycles; every live node's pages are valid
     allocated pages; with no live node and no cache entry, zero pages are used.
     Plus each structure's native `validate()`. By default `trees`/`caches` are
-    all live ones created on `pool`. O(pages + nodes); meant for tests.
+    all live ones created on `pool`; `extra_refs` lists page ids referenced
+    directly by the caller (one reference per occurrence). O(pages + nodes);
+    meant for tests.
     """
     users = list(pool._users)
     trees = [u for u in users if isinstance(u, KVTree)] if trees is None else list(trees)
@@ -431,6 +434,8 @@ def check_invariants(pool: BlockPool, trees: Optional[Iterable[KVTree]] = None,
     problems: list[str] = []
     rc = pool.debug_refcounts().astype(np.int64)
     refs = np.zeros_like(rc)
+    if extra_refs is not None:
+        np.add.at(refs, np.asarray(extra_refs, dtype=np.int64), 1)
     for t in trees:
         problems += t._native.validate()
         refs += t._native.debug_page_refs()
@@ -454,7 +459,8 @@ def check_invariants(pool: BlockPool, trees: Optional[Iterable[KVTree]] = None,
     for t in trees:
         problems += _check_tree_structure(t, rc)
     if (all(t.num_live_nodes == 0 for t in trees) and all(c.num_entries == 0 for c in caches)
-            and pool.used != 0 and len(pool._users) == len(trees) + len(caches)):
+            and extra_refs is None and pool.used != 0
+            and len(pool._users) == len(trees) + len(caches)):
         problems.append(f"nothing holds pages but {pool.used} pages are used")
     if problems:
         raise InvariantError("\n".join(problems))
