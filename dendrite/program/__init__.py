@@ -1,0 +1,74 @@
+"""The Python DSL: programs over lazily-run, batched states.
+
+    import dendrite
+
+    @dendrite.program
+    def best_of(s, question: str, n: int = 4):
+        s += f"Question: {question}\\nAnswer:"
+        kids = s.fork(n)
+        for k in kids:
+            k.gen("answer", max_tokens=64, stop="\\n", temperature=0.8)
+        best = dendrite.select(kids, by=dendrite.score.logprob)
+        return best["answer"]
+
+    result = best_of.run(engine, question="...", seed=0)
+
+Public API: `program` / `Program` / `ProgramResult`, `State` (``s += text``,
+``s.gen``, ``s.fork``, ``s[name]``, ``s.text``, ``s.logprob``, ``s.score``,
+``s.release``), `gen` (SGLang's ``s += gen(...)``), `select`, `prune`,
+`score` (logprob, sum_logprob, length_penalty, capture, judge), `Runtime`,
+`Tree`, and `load_script` for ``.dendrite`` files.
+"""
+
+from __future__ import annotations
+
+import sys as _sys
+import types as _types
+
+from dendrite.program import score
+from dendrite.program.options import GEN_OPTIONS, GenOptionError
+from dendrite.program.program import Param, Program, ProgramResult, program
+from dendrite.program.runtime import Runtime
+from dendrite.program.select import prune, select
+from dendrite.program.state import GenExpr, State, StateGroup, StateReleasedError, gen
+from dendrite.program.tree import Node, Segment, Tree
+
+
+def load_script(path: str, name: str | None = None) -> Program:
+    """Compile a ``.dendrite`` file into a `Program` (its first, or ``name``d, program)."""
+    import dsl
+
+    return dsl.load(path, name=name)
+
+
+__all__ = [
+    "GEN_OPTIONS",
+    "GenExpr",
+    "GenOptionError",
+    "Node",
+    "Param",
+    "Program",
+    "ProgramResult",
+    "Runtime",
+    "Segment",
+    "State",
+    "StateGroup",
+    "StateReleasedError",
+    "Tree",
+    "gen",
+    "load_script",
+    "program",
+    "prune",
+    "score",
+    "select",
+]
+
+
+class _CallableModule(_types.ModuleType):
+    """Lets ``@dendrite.program`` work even when ``dendrite.program`` is this module."""
+
+    def __call__(self, fn=None, *, name=None):
+        return program(fn, name=name)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,290 @@
+"""The runtime: drives every state's op queue and batches generations.
+
+Each *round* starts every state's next runnable ops (prompt text, forks,
+captures finish at once; a generation is submitted to the engine and stays
+in flight), then calls ``engine.step()`` exactly once. Every branch created
+by a fork therefore advances in the same batched engine steps: the number of
+steps grows with the depth of the tree, not with the number of branches.
+
+Program code runs in ordinary Python. When it reads a value that is not ready
+(``s["x"]``) the runtime runs rounds until it is. With ``run_batch`` each
+program instance runs in its own thread, and rounds only start once every
+instance is waiting, so all instances share the same engine steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from dendrite.program.state import State, _GenOp, _TextOp, derive_seed
+from dendrite.program.tree import Tree
+
+
+class ProgramAborted(BaseException):
+    """Raised inside a program thread when its batch was aborted."""
+
+
+class _Task:
+    """One program instance of a batch, run in a thread and resumed by the runtime."""
+
+    def __init__(self, rt: "Runtime", fn: Callable[[], Any], name: str):
+        self.rt = rt
+        self.fn = fn
+        self.resume = threading.Semaphore(0)
+        self.yielded = threading.Semaphore(0)
+        self.cond: Callable[[], bool] | None = None
+        self.done = False
+        self.aborted = False
+        self.result: Any = None
+        self.exc: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def _main(self) -> None:
+        self.resume.acquire()
+        self.rt._local.task = self
+        try:
+            if not self.aborted:
+                self.result = self.fn()
+        except ProgramAborted:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self.exc = e
+        finally:
+            self.done = True
+            self.yielded.release()
+
+    def switch_in(self) -> None:
+        """Run the task until it waits or ends (called by the scheduler)."""
+        self.resume.release()
+        self.yielded.acquire()
+
+
+class Runtime:
+    """Runs the op queues of all states of one or more program instances."""
+
+    def __init__(self, engine: Any, progress: Callable[["Runtime"], None] | None = None):
+        self.engine = engine
+        self.tree = Tree()
+        self.steps = 0  # engine.step() calls made by this runtime
+        self.gen_tokens = 0
+        self.finished_gens = 0
+        self.progress = progress
+        self._pending: dict[int, State] = {}  # node id -> state with queued ops
+        self._inflight: dict[int, tuple[Any, State, _GenOp, float]] = {}
+        self._awaiting_prefill: set[int] = set()  # states whose fork waits for a step
+        self._states: list[State] = []
+        self._constraints: dict[Any, Any] = {}
+        self._local = threading.local()
+        self._t0 = time.perf_counter()
+
+    # ---------------------------------------------------------- states
+
+    def new_root(self, seed: int | None = None, path: str = "0", label: str | None = None) -> State:
+        """A fresh root state over a new, empty engine sequence."""
+        node = self.tree.add(None, label, path, None)
+        s = State(self, node, None, derive_seed(seed, path))
+        node.seed = s.seed
+        s._root_seed = seed
+        s._lazy_root = True
+        self._states.append(s)
+        return s
+
+    def _new_child(self, parent: State, label: str | None, path: str) -> State:
+        node = self.tree.add(parent.node.id, label, path, None)
+        seed = derive_seed(parent._root_seed, path)
+        s = State(self, node, parent, seed)
+        s._root_seed = parent._root_seed
+        node.seed = seed
+        self._states.append(s)
+        return s
+
+    def _enqueue(self, state: State, op) -> None:
+        state._queue.append(op)
+        self._pending[state.node.id] = state
+
+    def _release_seq(self, state: State) -> None:
+        if state._seq is not None and not state.node.released:
+            state._seq.release()
+        state._lazy_root = False
+        state.node.released = True
+        state.node.finished = self.tree.now()
+
+    # ---------------------------------------------------------- engine
+
+    def constraint(self, kind: str, spec: Any) -> Any:
+        """The compiled constraint for ``(kind, spec)``, compiled once per runtime."""
+        from dendrite.program.constraints import compile_constraint, constraint_key
+
+        key = constraint_key(kind, spec)
+        c = self._constraints.get(key)
+        if c is None:
+            c = self._constraints[key] = compile_constraint(self.engine, kind, spec)
+        return c
+
+    def _submit(self, state: State, op: _GenOp) -> None:
+        from dendrite.sampling import SamplingParams
+
+        spec = op.spec
+        params = SamplingParams(seed=state.seed, **spec.sampling)
+        cons = spec.constraint
+        constraint = self.constraint(*cons) if cons else None
+        handle = self.engine.submit(state._seq, params, constraint=constraint)
+        state._inflight = handle
+        self._inflight[id(handle)] = (handle, state, op, time.perf_counter())
+
+    def _advance(self, state: State) -> None:
+        q = state._queue
+        while q and state._inflight is None:
+            op = q[0]
+            if state._seq is None and op.needs_seq:
+                if not state._lazy_root:
+                    break  # a child waiting for its parent's fork
+                if not isinstance(op, _TextOp):
+                    state._seq = self.engine.new_sequence("")
+            if op.start(state, self):
+                q.popleft()
+            else:
+                break
+
+    def _advance_all(self) -> None:
+        self._awaiting_prefill.clear()
+        for nid in sorted(self._pending):
+            st = self._pending[nid]
+            self._advance(st)
+        for nid in [n for n, st in self._pending.items() if not st._queue]:
+            del self._pending[nid]
+
+    def round(self) -> bool:
+        """Start all runnable ops, then one ``engine.step()`` if anything is in flight.
+
+        Returns False when there was nothing to step (all queues idle or blocked).
+        """
+        self._advance_all()
+        if not self._inflight and not self._awaiting_prefill:
+            return False
+        finished = self.engine.step()
+        self.steps += 1
+        done_ids = {id(h) for h in finished}
+        for key, (h, _, _, _) in list(self._inflight.items()):
+            if key in done_ids or getattr(h, "done", False):
+                self._complete(key)
+        self._advance_all()
+        if self.progress is not None:
+            self.progress(self)
+        return True
+
+    def _complete(self, key: int) -> None:
+        handle, state, op, t0 = self._inflight.pop(key)
+        result = handle.result
+        context = self.engine.tokenizer.decode(list(result.token_ids), skip_special_tokens=False)
+        op.finish(state, result, time.perf_counter() - t0, context)
+        state._inflight = None
+        state._queue.popleft()
+        self.gen_tokens += len(result.token_ids)
+        self.finished_gens += 1
+
+    @property
+    def num_inflight(self) -> int:
+        """Generations submitted and not finished."""
+        return len(self._inflight)
+
+    @property
+    def num_pending_states(self) -> int:
+        """States with queued ops."""
+        return len(self._pending)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    # ---------------------------------------------------------- waiting
+
+    def wait(self, cond: Callable[[], bool]) -> None:
+        """Block the calling program until ``cond()`` holds.
+
+        Inside a batch task this hands control to the scheduler; otherwise it
+        runs rounds right here.
+        """
+        if cond():
+            return
+        task = getattr(self._local, "task", None)
+        if task is None:
+            self._run_until(cond)
+            return
+        task.cond = cond
+        task.yielded.release()
+        task.resume.acquire()
+        if task.aborted:
+            raise ProgramAborted()
+
+    def _run_until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            if not self.round() and not cond():
+                raise RuntimeError(
+                    "program is waiting on a state that can never finish "
+                    f"({len(self._pending)} states pending, nothing in flight)"
+                )
+
+    def drain(self) -> None:
+        """Run until every queued op of every state has finished."""
+        self._run_until(lambda: not self._pending and not self._inflight)
+
+    def run_tasks(self, fns: list[Callable[[], Any]]) -> list[Any]:
+        """Run program instances as cooperative threads sharing engine steps."""
+        tasks = [_Task(self, fn, f"dendrite-program-{i}") for i, fn in enumerate(fns)]
+        for t in tasks:
+            t.thread.start()
+        try:
+            for t in tasks:
+                t.switch_in()
+                if t.exc is not None:
+                    raise t.exc
+            while not all(t.done for t in tasks):
+                woke = False
+                for t in tasks:
+                    if not t.done and t.cond is not None and t.cond():
+                        t.cond = None
+                        t.switch_in()
+                        woke = True
+                        if t.exc is not None:
+                            raise t.exc
+                if not woke and not self.round():
+                    if not any(not t.done and t.cond is not None and t.cond() for t in tasks):
+                        raise RuntimeError("program batch is stuck: nothing in flight")
+        except BaseException:
+            for t in tasks:
+                if not t.done:
+                    t.aborted = True
+                    t.resume.release()
+            for t in tasks:
+                t.thread.join(timeout=5)
+            raise
+        return [t.result for t in tasks]
+
+    def close(self) -> None:
+        """Finish queued work, then release every engine sequence still held."""
+        try:
+            self.drain()
+        finally:
+            self.release_all()
+
+    def release_all(self) -> None:
+        """Release all sequences (after errors too); pending ops are dropped."""
+        for key in list(self._inflight):
+            handle, state, _, _ = self._inflight.pop(key)
+            cancel = getattr(self.engine, "cancel", None)
+            if cancel is not None:
+                try:
+                    cancel(handle)
+                except Exception:  # noqa: BLE001 - best effort on the error path
+                    pass
+            state._inflight = None
+        for st in self._states:
+            st._queue.clear()
+            try:
+                self._release_seq(st)
+            except Exception:  # noqa: BLE001 - best effort
+                st.node.released = True
+        self._pending.clear()

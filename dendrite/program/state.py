@@ -1,0 +1,399 @@
+"""`State`: one branch of a program, with a lazy queue of ops.
+
+``s += "text"``, ``s.gen(...)``, ``s.fork(n)``, ``s["x"] = v`` and
+``s.release()`` only *queue* ops. The `Runtime` runs every state's queue in
+rounds and batches all pending generations into shared ``engine.step()``
+calls. Reading a result (``s["x"]``, ``s.text``, ``s.logprob``) waits until
+that state's queue is empty, which advances every other state too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import TYPE_CHECKING, Any, Iterable
+
+from dendrite.program.options import GenSpec, make_spec
+from dendrite.program.tree import Node, Segment
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dendrite.program.runtime import Runtime
+
+
+class StateReleasedError(RuntimeError):
+    """An op was queued on a state that was released (pruned, not selected...)."""
+
+
+def derive_seed(seed: int | None, path: str) -> int | None:
+    """A 63-bit seed from the run seed and a state's path in the tree."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{int(seed)}/{path}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class GenExpr:
+    """A generation to append, SGLang style: ``s += dendrite.gen("x", ...)``."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: GenSpec):
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"gen({self.spec.name!r}, {self.spec.options})"
+
+
+def gen(name: str, **options: Any) -> GenExpr:
+    """``s += gen("answer", max_tokens=32, stop="\\n")``; same options as `State.gen`."""
+    return GenExpr(make_spec(name, options))
+
+
+# ---------------------------------------------------------------- ops
+
+
+class _Op:
+    """One queued operation. ``start`` returns True when it finished at once."""
+
+    needs_seq = False  # must the state's engine sequence exist to start it?
+
+    def start(self, state: "State", rt: "Runtime") -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _TextOp(_Op):
+    needs_seq = True
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def start(self, state, rt):
+        if self.text:
+            if state._seq is None:  # a lazy root: its first prompt may hit the prefix cache
+                state._seq = rt.engine.new_sequence(self.text)
+            else:
+                state._seq.append_text(self.text)
+            state._text += self.text
+            state.node.segments.append(Segment("text", self.text))
+        return True
+
+
+class _GenOp(_Op):
+    needs_seq = True
+
+    def __init__(self, spec: GenSpec):
+        self.spec = spec
+
+    def start(self, state, rt):
+        rt._submit(state, self)
+        return False
+
+    def finish(self, state: "State", result: Any, seconds: float, context: str) -> None:
+        """Record a finished generation.
+
+        ``result.text`` (stop string cut off) is the capture; ``context`` is
+        what the sequence now holds (the stop string included), which is
+        what the state's text shows.
+        """
+        text = result.text
+        n = len(result.token_ids)
+        lp = float(result.cumulative_logprob or 0.0)
+        state._text += context
+        state._captures[self.spec.name] = text
+        state._lp_sum += lp
+        state._lp_tokens += n
+        state._finish_reason = result.finish_reason
+        node = state.node
+        node.captures[self.spec.name] = text
+        node.gen_tokens += n
+        node.gen_seconds += seconds
+        node.segments.append(
+            Segment("gen", text, self.spec.name, n, lp, seconds, result.finish_reason)
+        )
+
+
+class _ForkOp(_Op):
+    needs_seq = True
+
+    def __init__(self, children: list["State"]):
+        self.children = children
+
+    def start(self, state, rt):
+        if getattr(state._seq, "pending", None):
+            # Let the next batched step prefill the parent instead of forcing
+            # a flush (one engine step per parent) inside engine.fork.
+            rt._awaiting_prefill.add(state.node.id)
+            return False
+        seqs = state._seq.fork(len(self.children))
+        for child, seq in zip(self.children, seqs):
+            child._seq = seq
+            child._text = state._text
+            child._captures = dict(state._captures)
+            child._lp_sum = state._lp_sum
+            child._lp_tokens = state._lp_tokens
+            child._finish_reason = state._finish_reason
+        state.node.segments.append(Segment("fork", children=[c.node.id for c in self.children]))
+        return True
+
+
+class _SetOp(_Op):
+    def __init__(self, name: str, value: Any):
+        self.name, self.value = name, value
+
+    def start(self, state, rt):
+        state._captures[self.name] = self.value
+        state.node.captures[self.name] = self.value
+        return True
+
+
+class _CallOp(_Op):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def start(self, state, rt):
+        self.fn(state)
+        return True
+
+
+class _ReleaseOp(_Op):
+    def start(self, state, rt):
+        rt._release_seq(state)
+        return True
+
+
+# ---------------------------------------------------------------- state
+
+
+class State:
+    """A branch of a running program (SGLang's ``s``).
+
+    Writing is lazy; reading waits. Children made by `fork` inherit the
+    text, captures and logprob totals the parent has *at the fork point*.
+    """
+
+    def __init__(
+        self,
+        rt: "Runtime",
+        node: Node,
+        parent: "State | None" = None,
+        seed: int | None = None,
+    ):
+        self._rt = rt
+        self.node = node
+        self.parent = parent
+        self.seed = seed
+        self._seq: Any = None
+        self._queue: deque[_Op] = deque()
+        self._inflight: Any = None
+        self._text = ""
+        self._captures: dict[str, Any] = {}
+        self._lp_sum = 0.0
+        self._lp_tokens = 0
+        self._finish_reason: str | None = None
+        self._score: float | None = None
+        self._released = False  # release queued
+        self._nforks = 0
+        self._lazy_root = False  # root whose engine sequence starts with its first prompt
+        self._root_seed: int | None = None
+
+    # ---- writing (lazy) ----
+
+    def _push(self, op: _Op) -> None:
+        if self._released:
+            raise StateReleasedError(f"state #{self.node.id} was released; it takes no more ops")
+        self._rt._enqueue(self, op)
+
+    def __iadd__(self, other: "str | GenExpr | Iterable[str | GenExpr]") -> "State":
+        if isinstance(other, str):
+            self._push(_TextOp(other))
+        elif isinstance(other, GenExpr):
+            self.gen(other.spec.name, **other.spec.options)
+        elif isinstance(other, (list, tuple)):
+            for x in other:
+                self.__iadd__(x)
+        else:
+            raise TypeError(f"cannot append {type(other).__name__} to a State")
+        return self
+
+    def append(self, text: str) -> "State":
+        """Queue prompt text (same as ``s += text``)."""
+        return self.__iadd__(str(text))
+
+    def gen(self, name: str, **options: Any) -> "State":
+        """Queue a generation captured as ``self[name]``.
+
+        Options: max_tokens, stop, stop_token_ids, temperature, top_p, top_k,
+        min_p, repetition_penalty, ignore_eos, and at most one constraint of
+        regex, json_schema, grammar, choices. Returns ``self``.
+        """
+        spec = make_spec(name, options)
+        if spec.constraint is not None:
+            self._rt.constraint(*spec.constraint)  # reject a bad regex/schema here
+        self._push(_GenOp(spec))
+        return self
+
+    def fork(self, n: int, label: str | None = None) -> "StateGroup":
+        """Queue an O(1) fork into ``n`` children; they run batched together."""
+        n = int(n)
+        if n < 0:
+            raise ValueError("fork needs n >= 0")
+        k = self._nforks
+        self._nforks += 1
+        kids = [self._rt._new_child(self, label, f"{self.node.path}.{k}.{j}") for j in range(n)]
+        if n:
+            self._push(_ForkOp(kids))
+        return StateGroup(kids)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        """Queue ``captures[name] = value`` (in order with the other ops)."""
+        self._push(_SetOp(name, value))
+
+    def then(self, fn) -> "State":
+        """Queue ``fn(state)`` to run in order with the other ops."""
+        self._push(_CallOp(fn))
+        return self
+
+    def release(self) -> None:
+        """Queue the release of this branch's engine sequence (idempotent)."""
+        if not self._released:
+            self._push(_ReleaseOp())
+            self._released = True
+
+    # ---- reading (waits) ----
+
+    def wait(self) -> "State":
+        """Run until every op queued on this state has finished."""
+        self._rt.wait(lambda: self.done)
+        return self
+
+    @property
+    def done(self) -> bool:
+        """True when no op of this state is pending (does not wait)."""
+        return not self._queue and (
+            self._seq is not None or self._lazy_root or self.node.released
+        )
+
+    def __getitem__(self, name: str) -> Any:
+        self.wait()
+        try:
+            return self._captures[name]
+        except KeyError:
+            raise KeyError(
+                f"state #{self.node.id} has no capture {name!r} "
+                f"(captures: {sorted(self._captures)})"
+            ) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """``self[name]`` or ``default``."""
+        self.wait()
+        return self._captures.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        self.wait()
+        return name in self._captures
+
+    @property
+    def captures(self) -> dict[str, Any]:
+        """A copy of all captured values (inherited ones included)."""
+        self.wait()
+        return dict(self._captures)
+
+    @property
+    def text(self) -> str:
+        """The whole text of this branch: prompts and generations."""
+        self.wait()
+        return self._text
+
+    @property
+    def num_gen_tokens(self) -> int:
+        """Tokens generated on the path from the root to this state."""
+        self.wait()
+        return self._lp_tokens
+
+    @property
+    def sum_logprob(self) -> float:
+        """Sum of generated-token logprobs on the path (0.0 when none)."""
+        self.wait()
+        return self._lp_sum
+
+    @property
+    def logprob(self) -> float:
+        """Mean generated-token logprob on the path (0.0 when none)."""
+        self.wait()
+        return self._lp_sum / self._lp_tokens if self._lp_tokens else 0.0
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the last generation stopped: "stop", "eos" or "length"."""
+        self.wait()
+        return self._finish_reason
+
+    @property
+    def score(self) -> float | None:
+        """The last score given by select/prune/search, or set by hand."""
+        return self._score
+
+    @score.setter
+    def score(self, value: float | None) -> None:
+        self._score = None if value is None else float(value)
+        self.node.score = self._score
+
+    @property
+    def id(self) -> int:
+        """The node id of this state in the explored tree."""
+        return self.node.id
+
+    @property
+    def depth(self) -> int:
+        """Number of forks between the root and this state."""
+        d, s = 0, self.parent
+        while s is not None:
+            d, s = d + 1, s.parent
+        return d
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def runtime(self) -> "Runtime":
+        return self._rt
+
+    def __repr__(self) -> str:
+        status = "released" if self._released else ("done" if self.done else "pending")
+        return f"<State #{self.node.id} {self.node.label or 'root'} {status}>"
+
+
+class StateGroup(list):
+    """The children of one fork: a list of States that broadcasts writes.
+
+    ``kids += "text"`` and ``kids.gen(...)`` apply to every child (SGLang's
+    ``forks += ...``); everything else is a plain list.
+    """
+
+    def __iadd__(self, other):  # type: ignore[override]
+        if isinstance(other, (str, GenExpr)):
+            for s in self:
+                s += other
+            return self
+        return super().__iadd__(other)
+
+    def gen(self, name: str, **options: Any) -> "StateGroup":
+        """Queue the same generation on every state."""
+        for s in self:
+            s.gen(name, **options)
+        return self
+
+    def wait(self) -> "StateGroup":
+        """Run until every state of the group is done."""
+        if self:
+            self[0]._rt.wait(lambda: all(s.done for s in self))
+        return self
+
+    def release(self) -> None:
+        for s in self:
+            s.release()
+
+    def __getitem__(self, i):
+        r = super().__getitem__(i)
+        return StateGroup(r) if isinstance(i, slice) else r

@@ -1,0 +1,867 @@
+"""Compile a parsed .dendrite script into `dendrite.program.Program` objects.
+
+A script runs over a *frontier*: the list of states the next statement applies
+to (at first, the program's root state). Statements queue ops on every state
+of the frontier through the ordinary State API, so generations of all
+branches run batched, exactly like a Python ``@dendrite.program``:
+
+* ``"text {x}"``        ``s += text`` on every state (``{expr}`` interpolates).
+* ``gen x(opts)``       ``s.gen("x", **opts)``; ``x`` becomes a capture.
+* ``fork N as g:``      every state forks N children; the body runs on all
+                        children; afterwards the frontier is the children.
+* ``prune [g] keep K [by e]``  keep the K best states of the frontier.
+* ``select [g] by e``   keep the single best state.
+* ``let x = e`` / ``x = e``   set a value on every state (per-state ``e``).
+* ``repeat N:`` / ``for x in list:`` / ``while c max N:``  bounded loops.
+* ``if c: ... elif c: ... else: ...``  splits the frontier by ``c``.
+* ``search algo(opts) as g [by e]:`` runs a `dendrite.search` algorithm on each
+  state; the body is one expansion step.
+* ``return e``          last statement; one value per frontier state (a list
+                        if several), or one value if ``e`` only aggregates.
+
+Names are resolved at compile time; an undefined name, unknown gen option or
+function, or misplaced statement is a `ScriptNameError`/`ScriptSyntaxError`
+at its line and column.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lark import Token, Tree
+
+from dendrite.program.options import GEN_OPTIONS, GenOptionError, check_gen_options
+from dendrite.program.program import Param, Program
+from dendrite.program.state import State
+from dsl import builtins as B
+from dsl.errors import (
+    ScriptError,
+    ScriptNameError,
+    ScriptRuntimeError,
+    ScriptSyntaxError,
+    did_you_mean,
+)
+from dsl.strings import StringError, split_string
+
+#: Upper bound on any loop's iteration count (loops are bounded by design).
+MAX_ITERATIONS = 100_000
+
+_COMPARE = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "in": lambda a, b: a in b,
+    "notin": lambda a, b: a not in b,
+}
+_ARITH = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "//": operator.floordiv,
+    "%": operator.mod,
+}
+
+
+class _Run:
+    """The mutable context of one program invocation."""
+
+    __slots__ = ("args", "frontier", "value", "has_value")
+
+    def __init__(self, args: dict[str, Any], frontier: list[State]):
+        self.args = args
+        self.frontier = frontier
+        self.value: Any = None
+        self.has_value = False
+
+
+Eval = Callable[[_Run, "State | None"], Any]
+Exec = Callable[[_Run], None]
+
+
+@dataclass
+class Expr:
+    """A compiled expression: ``fn(run, state)``; ``per_state`` if it reads a branch."""
+
+    fn: Eval
+    per_state: bool
+    line: int
+    column: int
+    node: Any = None
+    constant: bool = False
+
+
+class _Scope:
+    """Names visible at a point of the program, in source order."""
+
+    def __init__(self, params: list[str]):
+        self.params = set(params)
+        self.values: set[str] = set()  # captures and lets
+        self.groups: set[str] = set()
+        self.group: str | None = None  # label of the current frontier
+
+
+def _pos(node: Any) -> tuple[int, int]:
+    if isinstance(node, Token):
+        return node.line or 1, node.column or 1
+    meta = getattr(node, "meta", None)
+    if meta is not None and not getattr(meta, "empty", True):
+        return meta.line, meta.column
+    for c in getattr(node, "children", []):
+        if c is not None:
+            return _pos(c)
+    return 1, 1
+
+
+class Compiler:
+    """Compiles one script (source text + parse tree) into programs."""
+
+    def __init__(self, source: str, filename: str):
+        self.source = source
+        self.filename = filename
+
+    # ------------------------------------------------------------ errors
+
+    def error(self, cls: type[ScriptError], message: str, where: Any) -> ScriptError:
+        line, col = where if isinstance(where, tuple) else _pos(where)
+        return cls(message, self.filename, self.source, line, col)
+
+    def _guard(self, e: Expr) -> Eval:
+        """Wrap an expression so Python errors become ScriptRuntimeErrors at its spot."""
+        fn = e.fn
+
+        def run(r: _Run, s: State | None) -> Any:
+            try:
+                return fn(r, s)
+            except ScriptError:
+                raise
+            except Exception as ex:  # noqa: BLE001 - re-raised with a position
+                raise self.error(ScriptRuntimeError, f"{type(ex).__name__}: {ex}", (e.line, e.column)) from ex
+
+        return run
+
+    # ------------------------------------------------------------ module
+
+    def compile_module(self, tree: Tree) -> dict[str, Program]:
+        programs: dict[str, Program] = {}
+        for node in tree.children:
+            if isinstance(node, Tree) and node.data == "program":
+                name_tok = node.children[0]
+                if name_tok in programs:
+                    raise self.error(ScriptNameError, f"program '{name_tok}' is defined twice", name_tok)
+                programs[str(name_tok)] = self.compile_program(node)
+        if not programs:
+            raise self.error(ScriptSyntaxError, "no 'program name(...):' in script", (1, 1))
+        return programs
+
+    def compile_program(self, node: Tree) -> Program:
+        name_tok, params_node, block = node.children
+        params: list[Param] = []
+        seen: set[str] = set()
+        empty = _Scope([])
+        for p in params_node.children if params_node is not None else []:
+            pname = p.children[0]
+            if pname in seen:
+                raise self.error(ScriptNameError, f"duplicate parameter '{pname}'", pname)
+            seen.add(str(pname))
+            if len(p.children) > 1 and p.children[1] is not None:
+                dexpr = self.expr(p.children[1], empty)
+                default = self._guard(dexpr)(_Run({}, []), None)
+                params.append(Param(str(pname), default))
+            else:
+                if params and not params[-1].required:
+                    raise self.error(
+                        ScriptSyntaxError, f"parameter '{pname}' without a default follows one with a default", pname
+                    )
+                params.append(Param(str(pname)))
+        scope = _Scope([p.name for p in params])
+        stmts = self.block(block, scope, top=True)
+        program_name = str(name_tok)
+
+        def fn(s: State, **args: Any) -> Any:
+            run = _Run(args, [s])
+            for st in stmts:
+                st(run)
+            return run.value
+
+        fn.__name__ = program_name
+        prog = Program(fn, name=program_name, params=params, doc=f"{self.filename}: program {program_name}")
+        prog.filename = self.filename  # type: ignore[attr-defined]
+        return prog
+
+    # ------------------------------------------------------------ statements
+
+    def block(self, block: Tree, scope: _Scope, top: bool = False, in_search: bool = False) -> list[Exec]:
+        stmts = block.children
+        out = []
+        for i, st in enumerate(stmts):
+            if st.data == "return_stmt" and not (top and i == len(stmts) - 1):
+                raise self.error(ScriptSyntaxError, "'return' must be the last statement of the program", st)
+            if in_search and st.data in ("fork_stmt", "prune_stmt", "select_stmt", "search_stmt", "return_stmt"):
+                word = st.data.split("_")[0]
+                raise self.error(ScriptSyntaxError, f"'{word}' is not allowed in a search step", st)
+            out.append(getattr(self, st.data)(st, scope, in_search))
+        return out
+
+    def pass_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        return lambda run: None
+
+    def text_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        text = self.string(node.children[0], scope)
+        ev = self._guard(text)
+
+        def run_text(run: _Run) -> None:
+            for s in run.frontier:
+                s += ev(run, s)
+
+        return run_text
+
+    def gen_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        name_tok = node.children[0]
+        opts_node = node.children[1] if len(node.children) > 1 else None
+        name = str(name_tok)
+        self._check_definable(name_tok)
+        opts = self.options(opts_node, scope, GEN_OPTIONS, "gen option")
+        constant = {k: e.fn(None, None) for k, (e, _) in opts.items() if e.constant}
+        try:
+            check_gen_options(constant)
+        except GenOptionError as ex:
+            raise self.error(ScriptSyntaxError, str(ex), opts[ex.option][1]) from None
+        self._check_constraint(constant, opts)
+        evs = {k: self._guard(e) for k, (e, _) in opts.items()}
+        scope.values.add(name)
+
+        def run_gen(run: _Run) -> None:
+            for s in run.frontier:
+                s.gen(name, **{k: ev(run, s) for k, ev in evs.items()})
+
+        return run_gen
+
+    def _check_constraint(self, constant: dict[str, Any], opts: dict[str, Any]) -> None:
+        """Validate constant regex/json_schema/grammar/choices now, at their spot."""
+        for kind in ("regex", "json_schema", "grammar", "choices"):
+            if kind not in constant or constant[kind] is None:
+                continue
+            try:
+                from dendrite.grammar.constraint import Constraint
+                from dendrite.grammar.errors import GrammarError
+            except ImportError:  # pragma: no cover - grammar module not installed
+                return
+            try:
+                Constraint(**{kind: constant[kind]})
+            except (GrammarError, TypeError, ValueError) as ex:
+                expr = opts[kind][0]
+                where = (expr.line, expr.column)
+                detail = getattr(ex, "message", str(ex)).strip().splitlines()
+                msg = detail[-1] if detail else str(ex)
+                if msg.startswith("error: "):
+                    msg = msg[len("error: "):]
+                offset = getattr(ex, "offset", None)
+                tok = expr.node.children[0] if expr.node is not None and expr.node.data == "string" else None
+                if offset is not None and tok is not None and tok.line == tok.end_line:
+                    prefix = 1 + (1 if str(tok)[:1] in "rR" else 0)
+                    where = (tok.line, tok.column + prefix + offset)
+                raise self.error(ScriptSyntaxError, f"invalid {kind}: {msg}", where) from None
+
+    def _check_definable(self, tok: Token) -> None:
+        """Names may shadow built-ins (like Python); nothing to reject today."""
+
+    def let_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        name_tok, value = node.children
+        self._check_definable(name_tok)
+        e = self.expr(value, scope)
+        scope.values.add(str(name_tok))
+        return self._setter(str(name_tok), e)
+
+    def assign_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        name_tok, value = node.children
+        name = str(name_tok)
+        if name not in scope.values and name not in scope.params:
+            raise self.error(
+                ScriptNameError,
+                f"undefined name '{name}' (use 'let {name} = ...' to define it)",
+                name_tok,
+            )
+        self._check_definable(name_tok)
+        e = self.expr(value, scope)
+        scope.values.add(name)
+        return self._setter(name, e)
+
+    def _setter(self, name: str, e: Expr) -> Exec:
+        ev = self._guard(e)
+
+        def run_set(run: _Run) -> None:
+            if e.per_state:
+                for s in run.frontier:
+                    s[name] = ev(run, s)
+            else:
+                v = ev(run, run.frontier[0] if run.frontier else None)
+                for s in run.frontier:
+                    s[name] = v
+
+        return run_set
+
+    def return_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        e = self.expr(node.children[0], scope)
+        ev = self._guard(e)
+
+        def run_return(run: _Run) -> None:
+            fr = run.frontier
+            if not e.per_state:
+                run.value = ev(run, fr[0] if fr else None)
+            elif len(fr) == 1:
+                run.value = ev(run, fr[0])
+            else:
+                run.value = [ev(run, s) for s in fr]
+            run.has_value = True
+
+        return run_return
+
+    def _group_check(self, name_tok: Token | None, scope: _Scope) -> None:
+        if name_tok is None:
+            return
+        name = str(name_tok)
+        if name == scope.group:
+            return
+        if name in scope.groups:
+            raise self.error(
+                ScriptNameError,
+                f"'{name}' is not the current fork group (the frontier is '{scope.group}')",
+                name_tok,
+            )
+        raise self.error(
+            ScriptNameError,
+            f"undefined fork group '{name}'{did_you_mean(name, scope.groups)}",
+            name_tok,
+        )
+
+    def _state_independent(self, e: Expr, what: str) -> Eval:
+        if e.per_state:
+            raise self.error(
+                ScriptSyntaxError, f"{what} must not depend on a branch's values", (e.line, e.column)
+            )
+        ev = self._guard(e)
+        return lambda run: ev(run, run.frontier[0] if run.frontier else None)
+
+    def _int_bound(self, e: Expr, what: str) -> Callable[[_Run], int]:
+        get = self._state_independent(e, what)
+
+        def bound(run: _Run) -> int:
+            v = get(run)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise self.error(ScriptRuntimeError, f"{what} must be a non-negative int, got {v!r}", (e.line, e.column))
+            if v > MAX_ITERATIONS:
+                raise self.error(ScriptRuntimeError, f"{what} {v} exceeds the limit {MAX_ITERATIONS}", (e.line, e.column))
+            return v
+
+        return bound
+
+    def prune_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        name_tok, keep_node, by_node = node.children
+        self._group_check(name_tok, scope)
+        keep = self._int_bound(self.expr(keep_node, scope), "keep count")
+        scorer = self.scorer(by_node, scope)
+
+        def run_prune(run: _Run) -> None:
+            from dendrite.program.select import prune
+
+            run.frontier = list(prune(run.frontier, keep(run), by=scorer(run)))
+
+        return run_prune
+
+    def select_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        name_tok, by_node = node.children
+        self._group_check(name_tok, scope)
+        scorer = self.scorer(by_node, scope)
+
+        def run_select(run: _Run) -> None:
+            from dendrite.program.select import select
+
+            if run.frontier:
+                run.frontier = [select(run.frontier, by=scorer(run))]
+
+        return run_select
+
+    def fork_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        count_node, name_tok, block = node.children
+        label = str(name_tok)
+        count = self.expr(count_node, scope)
+        cev = self._guard(count)
+        scope.groups.add(label)
+        scope.group = label
+        body = self.block(block, scope)
+
+        def run_fork(run: _Run) -> None:
+            kids: list[State] = []
+            for s in run.frontier:
+                n = cev(run, s)
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    raise self.error(ScriptRuntimeError, f"fork count must be a non-negative int, got {n!r}", (count.line, count.column))
+                kids.extend(s.fork(n, label=label))
+            run.frontier = kids
+            for st in body:
+                st(run)
+
+        return run_fork
+
+    def repeat_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        count_node, block = node.children
+        count = self._int_bound(self.expr(count_node, scope), "repeat count")
+        body = self.block(block, scope, in_search=in_search)
+
+        def run_repeat(run: _Run) -> None:
+            for _ in range(count(run)):
+                for st in body:
+                    st(run)
+
+        return run_repeat
+
+    def for_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        name_tok, iter_node, block = node.children
+        self._check_definable(name_tok)
+        it = self.expr(iter_node, scope)
+        get = self._state_independent(it, "the loop's list")
+        name = str(name_tok)
+        scope.values.add(name)
+        body = self.block(block, scope, in_search=in_search)
+
+        def run_for(run: _Run) -> None:
+            items = get(run)
+            if isinstance(items, (str, dict)) or not hasattr(items, "__len__"):
+                items = list(items) if isinstance(items, (str, dict)) else items
+            try:
+                n = len(items)
+            except TypeError:
+                raise self.error(ScriptRuntimeError, f"cannot loop over {type(items).__name__}", (it.line, it.column)) from None
+            if n > MAX_ITERATIONS:
+                raise self.error(ScriptRuntimeError, f"loop over {n} items exceeds the limit {MAX_ITERATIONS}", (it.line, it.column))
+            for v in list(items):
+                for s in run.frontier:
+                    s[name] = v
+                for st in body:
+                    st(run)
+
+        return run_for
+
+    def while_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        cond_node, max_node, block = node.children
+        cond = self._guard(self.expr(cond_node, scope))
+        bound = self._int_bound(self.expr(max_node, scope), "while bound")
+        body = self.block(block, scope, in_search=in_search)
+
+        def run_while(run: _Run) -> None:
+            for _ in range(bound(run)):
+                active = [s for s in run.frontier if cond(run, s)]
+                if not active:
+                    break
+                rest = [s for s in run.frontier if s not in active]
+                run.frontier = active
+                for st in body:
+                    st(run)
+                run.frontier = rest + run.frontier
+
+        return run_while
+
+    def if_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        cond_node, then_block, *rest = node.children
+        branches = [(self._guard(self.expr(cond_node, scope)), self.block(then_block, scope, in_search=in_search))]
+        else_body: list[Exec] | None = None
+        for clause in rest:
+            if clause is None:
+                continue
+            if clause.data == "elif_clause":
+                c, b = clause.children
+                branches.append((self._guard(self.expr(c, scope)), self.block(b, scope, in_search=in_search)))
+            else:
+                else_body = self.block(clause.children[0], scope, in_search=in_search)
+
+        def run_if(run: _Run) -> None:
+            remaining = list(run.frontier)
+            result: list[State] = []
+            for cond, body in branches:
+                take = [s for s in remaining if cond(run, s)]
+                remaining = [s for s in remaining if s not in take]
+                if take:
+                    run.frontier = take
+                    for st in body:
+                        st(run)
+                    result.extend(run.frontier)
+            if else_body is not None and remaining:
+                run.frontier = remaining
+                for st in else_body:
+                    st(run)
+                result.extend(run.frontier)
+            elif remaining:
+                result.extend(remaining)
+            run.frontier = result
+
+        return run_if
+
+    def search_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        children = list(node.children)
+        if len(children) == 4:  # no "(...)" after the algorithm name
+            children.insert(1, None)
+        algo_tok, opts_node, name_tok, by_node, block = children
+        from dendrite import search as S
+
+        algo = S.ALGORITHMS.get(str(algo_tok))
+        if algo is None:
+            raise self.error(
+                ScriptNameError,
+                f"unknown search '{algo_tok}'{did_you_mean(str(algo_tok), S.ALGORITHMS)}"
+                f" (known: {', '.join(sorted(S.ALGORITHMS))})",
+                algo_tok,
+            )
+        allowed = [p.name for p in algo.params if p.name not in ("step", "by", "label", "prompt")]
+        opts = self.options(opts_node, scope, allowed, f"option of search {algo_tok}")
+        for k, (e, tok) in opts.items():
+            if e.per_state:
+                raise self.error(ScriptSyntaxError, f"search option '{k}' must not depend on a branch's values", tok)
+        label = str(name_tok)
+        scorer = self.scorer(by_node, scope) if by_node is not None else None
+        scope.groups.add(label)
+        body = self.block(block, scope, in_search=True)
+        scope.group = label
+        evs = {k: self._guard(e) for k, (e, _) in opts.items()}
+
+        def run_search(run: _Run) -> None:
+            def step(states: list[State]) -> None:
+                saved = run.frontier
+                run.frontier = list(states)
+                try:
+                    for st in body:
+                        st(run)
+                finally:
+                    run.frontier = saved
+
+            step.batched = True  # type: ignore[attr-defined]
+            kwargs = {k: ev(run, None) for k, ev in evs.items()}
+            if scorer is not None:
+                kwargs["by"] = scorer(run)
+            run.frontier = [algo(s, step=step, label=label, **kwargs) for s in run.frontier]
+
+        return run_search
+
+    # ------------------------------------------------------------ pieces
+
+    def options(self, node: Tree | None, scope: _Scope, allowed, what: str) -> dict[str, tuple[Expr, Token]]:
+        out: dict[str, tuple[Expr, Token]] = {}
+        for opt in node.children if node is not None else []:
+            name_tok, value = opt.children
+            name = str(name_tok)
+            if name not in allowed:
+                raise self.error(ScriptNameError, f"unknown {what} '{name}'{did_you_mean(name, allowed)}", name_tok)
+            if name in out:
+                raise self.error(ScriptSyntaxError, f"{what} '{name}' given twice", name_tok)
+            out[name] = (self.expr(value, scope), name_tok)
+        return out
+
+    def scorer(self, node: Any, scope: _Scope) -> Callable[[_Run], Any]:
+        """Compile a ``by`` clause to a factory of scorers (default: logprob)."""
+        from dendrite.program import score as SC
+
+        if node is None:
+            return lambda run: SC.logprob
+        if isinstance(node, Tree) and node.data == "call" and str(node.children[0]) == "judge":
+            args, kwargs = self.call_args(node.children[1], scope)
+            if not args:
+                raise self.error(ScriptSyntaxError, "judge() needs a prompt template", node)
+            allowed = ("regex", "max_tokens", "temperature", "context")
+            for k, (e, tok) in kwargs.items():
+                if k not in allowed:
+                    raise self.error(ScriptNameError, f"unknown judge option '{k}'{did_you_mean(k, allowed)}", tok)
+            t = args[0]
+            if t.per_state:
+                raise self.error(ScriptSyntaxError, "the judge template must not depend on a branch (use {name} in it)", (t.line, t.column))
+            template_node = node.children[1].children[0]
+            raw = self._raw_template(template_node)
+            kev = {k: self._guard(e) for k, (e, _) in kwargs.items()}
+            return lambda run: SC.judge(raw, **{k: ev(run, None) for k, ev in kev.items()})
+        e = self.expr(node, scope)
+        ev = self._guard(e)
+
+        def factory(run: _Run):
+            def by(s: State) -> float:
+                return ev(run, s)
+
+            by.__name__ = "by"
+            return by
+
+        return factory
+
+    def _raw_template(self, node: Any) -> str:
+        """A judge template: a string literal whose {names} are formatted per state."""
+        if not (isinstance(node, Tree) and node.data == "string"):
+            raise self.error(ScriptSyntaxError, "judge() template must be a string literal", node)
+        tok = node.children[0]
+        try:
+            pieces = split_string(str(tok), tok.line, tok.column)
+        except StringError as ex:
+            raise self.error(ScriptSyntaxError, str(ex), (ex.line, ex.column)) from None
+        out = []
+        for p in pieces:
+            if p.expr is None:
+                out.append(p.text.replace("{", "{{").replace("}", "}}"))
+            else:
+                if not p.expr.isidentifier():
+                    raise self.error(ScriptSyntaxError, "judge() templates interpolate plain names only", (p.line, p.column))
+                out.append("{" + p.expr + "}")
+        return "".join(out)
+
+    def string(self, node: Tree, scope: _Scope) -> Expr:
+        tok = node.children[0]
+        line, col = tok.line, tok.column
+        try:
+            pieces = split_string(str(tok), line, col)
+        except StringError as ex:
+            raise self.error(ScriptSyntaxError, str(ex), (ex.line, ex.column)) from None
+        parts: list[Any] = []
+        per_state = False
+        for p in pieces:
+            if p.expr is None:
+                parts.append(p.text)
+            else:
+                e = self.sub_expr(p.expr, p.line, p.column, scope)
+                per_state = per_state or e.per_state
+                parts.append(self._guard(e))
+        if all(isinstance(p, str) for p in parts):
+            value = "".join(parts)
+            return Expr(lambda r, s: value, False, line, col, node, constant=True)
+
+        def render(r: _Run, s: State | None) -> str:
+            return "".join(p if isinstance(p, str) else _fmt(p(r, s)) for p in parts)
+
+        return Expr(render, per_state, line, col, node)
+
+    def sub_expr(self, src: str, line: int, column: int, scope: _Scope) -> Expr:
+        """Parse and compile an interpolated ``{expr}`` located at line:column."""
+        from dsl.parser import parse_expression
+
+        tree = parse_expression(src, self.filename, self.source, line, column)
+        return self.expr(tree, scope)
+
+    # ------------------------------------------------------------ expressions
+
+    def expr(self, node: Any, scope: _Scope) -> Expr:
+        if isinstance(node, Token):  # bare tokens do not occur; be safe
+            raise self.error(ScriptSyntaxError, f"unexpected {node!r}", node)
+        line, col = _pos(node)
+        kind = node.data
+        method = getattr(self, "x_" + kind, None)
+        if method is None:  # pragma: no cover - grammar and compiler out of sync
+            raise self.error(ScriptSyntaxError, f"unsupported expression '{kind}'", node)
+        e = method(node, scope)
+        e.line, e.column, e.node = line, col, node
+        return e
+
+    def x_number(self, node: Tree, scope: _Scope) -> Expr:
+        t = str(node.children[0])
+        v: Any = float(t) if any(c in t for c in ".eE") else int(t)
+        return Expr(lambda r, s: v, False, 0, 0, constant=True)
+
+    def x_string(self, node: Tree, scope: _Scope) -> Expr:
+        return self.string(node, scope)
+
+    def x_true(self, node: Tree, scope: _Scope) -> Expr:
+        return Expr(lambda r, s: True, False, 0, 0, constant=True)
+
+    def x_false(self, node: Tree, scope: _Scope) -> Expr:
+        return Expr(lambda r, s: False, False, 0, 0, constant=True)
+
+    def x_none(self, node: Tree, scope: _Scope) -> Expr:
+        return Expr(lambda r, s: None, False, 0, 0, constant=True)
+
+    def x_list(self, node: Tree, scope: _Scope) -> Expr:
+        items = [self.expr(c, scope) for c in (node.children[0].children if node.children[0] is not None else [])]
+        fns = [i.fn for i in items]
+        const = all(i.constant for i in items)
+        if const:
+            v = [f(None, None) for f in fns]
+            return Expr(lambda r, s: list(v), False, 0, 0, constant=True)
+        return Expr(lambda r, s: [f(r, s) for f in fns], any(i.per_state for i in items), 0, 0)
+
+    def x_dict(self, node: Tree, scope: _Scope) -> Expr:
+        pairs = []
+        for pair in node.children[0].children if node.children[0] is not None else []:
+            pairs.append((self.expr(pair.children[0], scope), self.expr(pair.children[1], scope)))
+        const = all(k.constant and v.constant for k, v in pairs)
+        fns = [(k.fn, v.fn) for k, v in pairs]
+        if const:
+            d = {k(None, None): v(None, None) for k, v in fns}
+            return Expr(lambda r, s: dict(d), False, 0, 0, constant=True)
+        per = any(k.per_state or v.per_state for k, v in pairs)
+        return Expr(lambda r, s: {k(r, s): v(r, s) for k, v in fns}, per, 0, 0)
+
+    def x_var(self, node: Tree, scope: _Scope) -> Expr:
+        tok = node.children[0]
+        name = str(tok)
+        if name in scope.values:
+            def get_capture(r: _Run, s: State | None) -> Any:
+                if s is None:
+                    raise NameError(f"'{name}' needs a branch, but the frontier is empty")
+                return s[name]
+
+            return Expr(get_capture, True, 0, 0)
+        if name in scope.params:
+            return Expr(lambda r, s: r.args[name], False, 0, 0)
+        if name in B.STATE_NAMES:
+            getter = B.STATE_NAMES[name]
+
+            def get_state(r: _Run, s: State | None) -> Any:
+                if s is None:
+                    raise NameError(f"'{name}' needs a branch, but the frontier is empty")
+                return getter(s)
+
+            return Expr(get_state, True, 0, 0)
+        known = scope.values | scope.params | set(B.STATE_NAMES)
+        if name in B.FUNCTIONS or name in B.AGGREGATES:
+            raise self.error(ScriptNameError, f"'{name}' is a function; call it as {name}(...)", tok)
+        raise self.error(ScriptNameError, f"undefined name '{name}'{did_you_mean(name, known)}", tok)
+
+    def call_args(self, node: Tree | None, scope: _Scope) -> tuple[list[Expr], dict[str, tuple[Expr, Token]]]:
+        args: list[Expr] = []
+        kwargs: dict[str, tuple[Expr, Token]] = {}
+        for a in node.children if node is not None else []:
+            if isinstance(a, Tree) and a.data == "kwarg":
+                k = a.children[0]
+                if str(k) in kwargs:
+                    raise self.error(ScriptSyntaxError, f"argument '{k}' given twice", k)
+                kwargs[str(k)] = (self.expr(a.children[1], scope), k)
+            else:
+                if kwargs:
+                    raise self.error(ScriptSyntaxError, "positional argument after a keyword argument", a)
+                args.append(self.expr(a, scope))
+        return args, kwargs
+
+    def x_call(self, node: Tree, scope: _Scope) -> Expr:
+        name_tok, args_node = node.children
+        name = str(name_tok)
+        if name in B.SCORER_FUNCTIONS:
+            raise self.error(ScriptSyntaxError, f"{name}() can only be used after 'by'", name_tok)
+        args, kwargs = self.call_args(args_node, scope)
+        afns = [a.fn for a in args]
+        kfns = {k: e.fn for k, (e, _) in kwargs.items()}
+        if name in B.AGGREGATES:
+            if len(args) != 1 or kwargs:
+                raise self.error(ScriptSyntaxError, f"{name}() takes one expression", name_tok)
+            agg = B.AGGREGATES[name]
+            inner = afns[0]
+
+            def aggregate(r: _Run, s: State | None) -> Any:
+                return agg([inner(r, x) for x in r.frontier])
+
+            return Expr(aggregate, False, 0, 0)
+        fn = B.FUNCTIONS.get(name)
+        if fn is None:
+            known = list(B.FUNCTIONS) + list(B.AGGREGATES) + list(B.SCORER_FUNCTIONS)
+            raise self.error(ScriptNameError, f"unknown function '{name}'{did_you_mean(name, known)}", name_tok)
+        per = any(a.per_state for a in args) or any(e.per_state for e, _ in kwargs.values())
+        return Expr(lambda r, s: fn(*[f(r, s) for f in afns], **{k: f(r, s) for k, f in kfns.items()}), per, 0, 0)
+
+    def x_index(self, node: Tree, scope: _Scope) -> Expr:
+        a, b = (self.expr(c, scope) for c in node.children)
+        fa, fb = a.fn, b.fn
+        return Expr(lambda r, s: fa(r, s)[fb(r, s)], a.per_state or b.per_state, 0, 0)
+
+    def x_neg(self, node: Tree, scope: _Scope) -> Expr:
+        a = self.expr(node.children[0], scope)
+        f = a.fn
+        return Expr(lambda r, s: -f(r, s), a.per_state, 0, 0, constant=a.constant)
+
+    def x_pos(self, node: Tree, scope: _Scope) -> Expr:
+        a = self.expr(node.children[0], scope)
+        f = a.fn
+        return Expr(lambda r, s: +f(r, s), a.per_state, 0, 0, constant=a.constant)
+
+    def x_not_op(self, node: Tree, scope: _Scope) -> Expr:
+        a = self.expr(node.children[0], scope)
+        f = a.fn
+        return Expr(lambda r, s: not f(r, s), a.per_state, 0, 0, constant=a.constant)
+
+    def x_power(self, node: Tree, scope: _Scope) -> Expr:
+        a, b = (self.expr(c, scope) for c in node.children)
+        fa, fb = a.fn, b.fn
+        return Expr(lambda r, s: fa(r, s) ** fb(r, s), a.per_state or b.per_state, 0, 0,
+                    constant=a.constant and b.constant)
+
+    def _binary_chain(self, node: Tree, scope: _Scope, table: dict[str, Callable]) -> Expr:
+        items = node.children
+        first = self.expr(items[0], scope)
+        ops = []
+        per, const = first.per_state, first.constant
+        for i in range(1, len(items), 2):
+            op_tok = "".join(str(t) for t in items[i].children)
+            rhs = self.expr(items[i + 1], scope)
+            ops.append((table[op_tok], rhs.fn))
+            per, const = per or rhs.per_state, const and rhs.constant
+        f0 = first.fn
+
+        def chain(r: _Run, s: State | None) -> Any:
+            v = f0(r, s)
+            for op, f in ops:
+                v = op(v, f(r, s))
+            return v
+
+        return Expr(chain, per, 0, 0, constant=const)
+
+    def x_sum(self, node: Tree, scope: _Scope) -> Expr:
+        return self._binary_chain(node, scope, _ARITH)
+
+    def x_product(self, node: Tree, scope: _Scope) -> Expr:
+        return self._binary_chain(node, scope, _ARITH)
+
+    def x_comparison(self, node: Tree, scope: _Scope) -> Expr:
+        items = node.children
+        exprs = [self.expr(items[i], scope) for i in range(0, len(items), 2)]
+        ops = [_COMPARE["".join(str(t) for t in items[i].children)] for i in range(1, len(items), 2)]
+        fns = [e.fn for e in exprs]
+
+        def compare(r: _Run, s: State | None) -> bool:
+            left = fns[0](r, s)
+            for op, f in zip(ops, fns[1:]):
+                right = f(r, s)
+                if not op(left, right):
+                    return False
+                left = right
+            return True
+
+        return Expr(compare, any(e.per_state for e in exprs), 0, 0, constant=all(e.constant for e in exprs))
+
+    def x_and_expr(self, node: Tree, scope: _Scope) -> Expr:
+        exprs = [self.expr(c, scope) for c in node.children]
+        fns = [e.fn for e in exprs]
+
+        def and_(r: _Run, s: State | None) -> Any:
+            v: Any = True
+            for f in fns:
+                v = f(r, s)
+                if not v:
+                    return v
+            return v
+
+        return Expr(and_, any(e.per_state for e in exprs), 0, 0, constant=all(e.constant for e in exprs))
+
+    def x_or_expr(self, node: Tree, scope: _Scope) -> Expr:
+        exprs = [self.expr(c, scope) for c in node.children]
+        fns = [e.fn for e in exprs]
+
+        def or_(r: _Run, s: State | None) -> Any:
+            v: Any = False
+            for f in fns:
+                v = f(r, s)
+                if v:
+                    return v
+            return v
+
+        return Expr(or_, any(e.per_state for e in exprs), 0, 0, constant=all(e.constant for e in exprs))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
