@@ -12,12 +12,10 @@ from __future__ import annotations
 import json as _json
 import math
 import re
-from collections import Counter
 from typing import Any, Callable
 
+from dendrite.program.answers import number, vote
 from dendrite.program.state import State
-
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 #: Branch values: name -> getter.
 STATE_NAMES: dict[str, Callable[[State], Any]] = {
@@ -29,15 +27,6 @@ STATE_NAMES: dict[str, Callable[[State], Any]] = {
     "depth": lambda s: s.depth,
     "finish_reason": lambda s: s.finish_reason,
 }
-
-
-def number(text: Any, default: Any = None) -> Any:
-    """The last number in ``text`` (int when integral, commas dropped), or ``default``."""
-    found = _NUM.findall(str(text))
-    if not found:
-        return default
-    v = float(found[-1].replace(",", ""))
-    return int(v) if v.is_integer() else v
 
 
 def match(text: Any, pattern: str, default: Any = None) -> Any:
@@ -89,27 +78,6 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "match": match,
     "json": parse_json,
 }
-
-
-def vote(values: list[Any]) -> Any:
-    """Majority value (None values ignored; ties: the first value seen)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    counts = Counter(_key(v) for v in vals)
-    best = max(counts.values())
-    for v in vals:
-        if counts[_key(v)] == best:
-            return v
-    return None  # pragma: no cover
-
-
-def _key(v: Any) -> Any:
-    try:
-        hash(v)
-        return v
-    except TypeError:
-        return repr(v)
 
 
 def _mean(values: list[Any]) -> float | None:

@@ -403,6 +403,7 @@ class Compiler:
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     raise self.error(ScriptRuntimeError, f"fork count must be a non-negative int, got {n!r}", (count.line, count.column))
                 kids.extend(s.fork(n, label=label))
+                s.release()  # superseded by its children, which keep the shared KV
             run.frontier = kids
             for st in body:
                 st(run)

@@ -199,7 +199,7 @@ class State:
     # ---- writing (lazy) ----
 
     def _push(self, op: _Op) -> None:
-        if self._released:
+        if self._released and (op.needs_seq or isinstance(op, _ReleaseOp)):
             raise StateReleasedError(f"state #{self.node.id} was released; it takes no more ops")
         self._rt._enqueue(self, op)
 
