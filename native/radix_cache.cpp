@@ -34,9 +34,18 @@ RadixCache::~RadixCache() {
 }
 
 uint64_t RadixCache::key_of(int32_t parent, const int32_t* chunk) const {
+  // Two token ids per 64-bit multiply; one full mix at the end. Collisions
+  // are harmless (find_child compares the tokens), they only cost time.
   uint64_t h = mix(static_cast<uint64_t>(parent) + 0x9e3779b97f4a7c15ULL);
-  for (int32_t i = 0; i < page_size_; ++i) h = mix(h ^ static_cast<uint32_t>(chunk[i]));
-  return h;
+  int32_t i = 0;
+  for (; i + 1 < page_size_; i += 2) {
+    const uint64_t w = static_cast<uint64_t>(static_cast<uint32_t>(chunk[i])) |
+                       (static_cast<uint64_t>(static_cast<uint32_t>(chunk[i + 1])) << 32);
+    h = (h ^ w) * 0x100000001b3ULL;
+    h ^= h >> 29;
+  }
+  if (i < page_size_) h = (h ^ static_cast<uint32_t>(chunk[i])) * 0x100000001b3ULL;
+  return mix(h);
 }
 
 int32_t RadixCache::find_child(int32_t parent, const int32_t* chunk, uint64_t key) const {
