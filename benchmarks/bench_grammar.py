@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dendrite.grammar import (  # noqa: E402
+from dendrite.grammar import (
     Constraint,
     GrammarTokenizer,
     Matcher,
@@ -106,7 +106,14 @@ def closing_bias(gtok: GrammarTokenizer, strength: float) -> torch.Tensor:
     return bias
 
 
-def measure(constraint: Constraint, gtok: GrammarTokenizer, batch: int, steps: int, seed: int):
+def measure(
+    constraint: Constraint,
+    gtok: GrammarTokenizer,
+    batch: int,
+    steps: int,
+    seed: int,
+    parallel: bool,
+):
     """Per-step fill_masks times (ns) and per-token consume+forced times (ns)."""
     gen = torch.Generator().manual_seed(seed)
     bias = closing_bias(gtok, 3.0)
@@ -117,7 +124,7 @@ def measure(constraint: Constraint, gtok: GrammarTokenizer, batch: int, steps: i
     advance_ns: list[int] = []
     for _ in range(steps):
         t0 = time.perf_counter_ns()
-        fill_masks(matchers, bitmask)
+        fill_masks(matchers, bitmask, parallel=parallel)
         fill_ns.append(time.perf_counter_ns() - t0)
         logits = torch.randn(batch, gtok.vocab_size, generator=gen) * 2.0 + bias
         apply_masks(logits, bitmask)
@@ -145,7 +152,9 @@ def pct(xs: list[int], q: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokenizer", help="tokenizer.json of a real model (default: trained BPE)")
     ap.add_argument("--eos", default=EOS, help="EOS token string (with --tokenizer)")
     ap.add_argument("--vocab", type=int, default=32000, help="trained BPE size (no --tokenizer)")
@@ -185,19 +194,24 @@ def main() -> None:
         f"{os.cpu_count()} CPUs\n"
     )
     print(
-        "| constraint | batch | compile ms | mask µs/step median | mask µs/step p99 "
+        "| constraint | batch | fill | compile ms | mask µs/step median | mask µs/step p99 "
         "| mask µs/token median | consume+forced µs/token median |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, c in constraints.items():
         for batch in (int(b) for b in args.batches.split(",")):
-            fill, adv = measure(c, gtok, batch, args.steps, seed=batch)
-            fill = fill[10:]  # drop the first steps (lazy lexer-state build-up)
-            med, p99 = pct(fill, 0.5), pct(fill, 0.99)
-            print(
-                f"| {name} | {batch} | {compile_ms[name]:.1f} | {med:.1f} | {p99:.1f} "
-                f"| {med / batch:.1f} | {statistics.median(adv) / 1000:.1f} |"
-            )
+            # "pool": llguidance's parallel executor; "inline": one matcher
+            # after another on the calling thread. Same seed, same states.
+            for parallel in (False, True) if batch > 1 else (False,):
+                fill, adv = measure(c, gtok, batch, args.steps, seed=batch, parallel=parallel)
+                fill = fill[10:]  # drop the first steps (lazy lexer-state build-up)
+                med, p99 = pct(fill, 0.5), pct(fill, 0.99)
+                mode = "pool" if parallel else "inline"
+                print(
+                    f"| {name} | {batch} | {mode} | {compile_ms[name]:.1f} | {med:.1f} | {p99:.1f} "
+                    f"| {med / batch:.1f} | {statistics.median(adv) / 1000:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

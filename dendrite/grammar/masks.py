@@ -23,13 +23,19 @@ _executor: llguidance.LLExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+def _pool_threads() -> int | None:
+    """DENDRITE_GRAMMAR_THREADS: unset = llguidance's default pool size
+    (80% of the CPUs, at most 32); 0 = no pool, fill on the calling thread."""
+    n = os.environ.get("DENDRITE_GRAMMAR_THREADS")
+    return int(n) if n else None
+
+
 def _get_executor() -> llguidance.LLExecutor:
-    """Process-wide llguidance thread pool (size from DENDRITE_GRAMMAR_THREADS)."""
+    """Process-wide llguidance thread pool."""
     global _executor
     with _executor_lock:
         if _executor is None:
-            n = os.environ.get("DENDRITE_GRAMMAR_THREADS")
-            _executor = llguidance.LLExecutor(int(n) if n else None)
+            _executor = llguidance.LLExecutor(_pool_threads())
         return _executor
 
 
@@ -37,6 +43,8 @@ def fill_masks(
     matchers: Sequence[Matcher],
     bitmask: torch.Tensor,
     rows: Sequence[int] | None = None,
+    *,
+    parallel: bool | None = None,
 ) -> None:
     """Write `matchers[i]`'s allowed tokens into `bitmask[rows[i]]`.
 
@@ -46,8 +54,12 @@ def fill_masks(
             best); rows not named are left untouched (keep them -1 for
             unconstrained sequences).
         rows: target row per matcher; default `range(len(matchers))`.
+        parallel: spread the batch over llguidance's thread pool. Default:
+            yes for more than one matcher, unless DENDRITE_GRAMMAR_THREADS=0.
+            On a machine with few, busy cores the pool's hand-offs can cost
+            more than they save (see benchmarks/bench_grammar.py).
 
-    Releases the GIL while llguidance computes the masks.
+    Releases the GIL while llguidance computes the masks, either way.
     """
     if not matchers:
         return
@@ -69,9 +81,13 @@ def fill_masks(
         if not 0 <= r < batch:
             raise IndexError(f"row {r} out of range for batch {batch}")
     row_bytes = words * 4
-    if len(matchers) == 1:
-        # One matcher: compute inline (still GIL-free), skipping the pool hop.
-        matchers[0].ll.unsafe_compute_mask_ptr(bitmask.data_ptr() + rows[0] * row_bytes, row_bytes)
+    if parallel is None:
+        parallel = len(matchers) > 1 and _pool_threads() != 0
+    if not parallel:
+        # On the calling thread, one matcher at a time (each call GIL-free).
+        base = bitmask.data_ptr()
+        for m, r in zip(matchers, rows):
+            m.ll.unsafe_compute_mask_ptr(base + r * row_bytes, row_bytes)
         return
     _get_executor().unsafe_compute_mask_ptr(
         [(m.ll, r) for m, r in zip(matchers, rows)], bitmask.data_ptr(), row_bytes, batch
@@ -92,11 +108,15 @@ class MaskWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-grammar")
 
     def submit(
-        self, matchers: Sequence[Matcher], bitmask: torch.Tensor, rows: Sequence[int] | None = None
+        self,
+        matchers: Sequence[Matcher],
+        bitmask: torch.Tensor,
+        rows: Sequence[int] | None = None,
+        *,
+        parallel: bool | None = None,
     ) -> Future[None]:
-        return self._pool.submit(
-            fill_masks, list(matchers), bitmask, None if rows is None else list(rows)
-        )
+        rows = None if rows is None else list(rows)
+        return self._pool.submit(fill_masks, list(matchers), bitmask, rows, parallel=parallel)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

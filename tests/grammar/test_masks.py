@@ -130,7 +130,10 @@ def test_mask_worker_overlaps_and_matches_inline(gtok):
     for i, m in enumerate(ms[1:], 1):
         m.consume_many(gtok.ll.tokenize_str("[" + "1," * i))
     inline = gtok.allocate_bitmask(16)
-    fill_masks(ms, inline)
+    fill_masks(ms, inline, parallel=False)
+    pooled = gtok.allocate_bitmask(16)
+    fill_masks(ms, pooled, parallel=True)
+    assert torch.equal(inline, pooled)
     bg = gtok.allocate_bitmask(16)
     with MaskWorker() as worker:
         fut = worker.submit(ms, bg)
