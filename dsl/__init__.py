@@ -7,6 +7,8 @@
         select answer by logprob
         return text_answer
 
+Installed, this package is ``dendrite.dsl``; its modules import each other
+relatively so it also works as the checkout's top-level ``dsl``.
 `load(path)` / `loads(source)` compile a script to the same
 `dendrite.program.Program` objects ``@dendrite.program`` makes; errors are
 `ScriptError`s with ``file:line:col`` and a caret. The grammar is
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsl.errors import ScriptError, ScriptNameError, ScriptRuntimeError, ScriptSyntaxError
+from .errors import ScriptError, ScriptNameError, ScriptRuntimeError, ScriptSyntaxError
+from .strings import split_string
 
 PROGRAMS_DIR = Path(__file__).with_name("programs")
 GRAMMAR = Path(__file__).with_name("dendrite.lark")
@@ -25,14 +28,14 @@ GRAMMAR = Path(__file__).with_name("dendrite.lark")
 
 def parse(source: str, filename: str = "<script>"):
     """The lark parse tree of a script (raises `ScriptSyntaxError`)."""
-    from dsl.parser import parse as _parse
+    from .parser import parse as _parse
 
     return _parse(source, filename)
 
 
 def loads_all(source: str, filename: str = "<script>") -> dict:
     """Compile every program of a script: ``{name: Program}`` in file order."""
-    from dsl.compiler import Compiler
+    from .compiler import Compiler
 
     tree = parse(source, filename)
     return Compiler(source, filename).compile_module(tree)
@@ -74,5 +77,6 @@ __all__ = [
     "loads",
     "loads_all",
     "parse",
+    "split_string",
     "standard_script",
 ]

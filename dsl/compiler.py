@@ -35,15 +35,15 @@ from lark import Token, Tree
 from dendrite.program.options import GEN_OPTIONS, GenOptionError, check_gen_options
 from dendrite.program.program import Param, Program
 from dendrite.program.state import State
-from dsl import builtins as B
-from dsl.errors import (
+from . import builtins as B
+from .errors import (
     ScriptError,
     ScriptNameError,
     ScriptRuntimeError,
     ScriptSyntaxError,
     did_you_mean,
 )
-from dsl.strings import StringError, split_string
+from .strings import StringError, split_string
 
 #: Upper bound on any loop's iteration count (loops are bounded by design).
 MAX_ITERATIONS = 100_000
@@ -641,7 +641,7 @@ class Compiler:
 
     def sub_expr(self, src: str, line: int, column: int, scope: _Scope) -> Expr:
         """Parse and compile an interpolated ``{expr}`` located at line:column."""
-        from dsl.parser import parse_expression
+        from .parser import parse_expression
 
         tree = parse_expression(src, self.filename, self.source, line, column)
         return self.expr(tree, scope)

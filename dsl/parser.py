@@ -20,7 +20,7 @@ from lark.exceptions import (
 )
 from lark.indenter import Indenter
 
-from dsl.errors import ScriptSyntaxError
+from .errors import ScriptSyntaxError
 
 GRAMMAR_PATH = Path(__file__).with_name("dendrite.lark")
 

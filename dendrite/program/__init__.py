@@ -34,11 +34,19 @@ from dendrite.program.state import GenExpr, State, StateGroup, StateReleasedErro
 from dendrite.program.tree import Node, Segment, Tree
 
 
+def dsl_module():
+    """The script-language package: ``dendrite.dsl`` when installed, else the
+    source checkout's top-level ``dsl/`` (always the same one per process)."""
+    try:
+        from dendrite import dsl
+    except ImportError:
+        import dsl
+    return dsl
+
+
 def load_script(path: str, name: str | None = None) -> Program:
     """Compile a ``.dendrite`` file into a `Program` (its first, or ``name``d, program)."""
-    import dsl
-
-    return dsl.load(path, name=name)
+    return dsl_module().load(path, name=name)
 
 
 __all__ = [
@@ -56,6 +64,7 @@ __all__ = [
     "StateReleasedError",
     "Tree",
     "gen",
+    "dsl_module",
     "load_script",
     "program",
     "prune",

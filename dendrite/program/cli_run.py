@@ -40,10 +40,10 @@ def resolve_script(name: str) -> Path:
     p = Path(name)
     if p.exists():
         return p
-    import dsl
+    from dendrite.program import dsl_module
 
     try:
-        return dsl.standard_script(name)
+        return dsl_module().standard_script(name)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such script: {name}") from None
 
@@ -117,7 +117,9 @@ def _jsonable(value: Any) -> Any:
 def run_script_main(argv: Sequence[str]) -> int:
     """Entry point of ``dendrite run``; returns the process exit status."""
     args = _parser().parse_args(list(argv))
-    import dsl
+    from dendrite.program import dsl_module
+
+    dsl = dsl_module()
 
     try:
         path = resolve_script(args.script)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import dsl
-from dsl import ScriptError, ScriptNameError, ScriptSyntaxError
+from dendrite.program import dsl_module
+
+dsl = dsl_module()  # dendrite.dsl when installed, else the checkout's dsl/
+ScriptError, ScriptNameError, ScriptSyntaxError = dsl.ScriptError, dsl.ScriptNameError, dsl.ScriptSyntaxError
 
 
 def err(src: str, filename: str = "t.dendrite") -> ScriptError:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from lark import Tree
 
-import dsl
-from dendrite.program import Program
-from dsl import ScriptRuntimeError
-from dsl.strings import split_string
+from dendrite.program import Program, dsl_module
+
+dsl = dsl_module()  # dendrite.dsl when installed, else the checkout's dsl/
+ScriptRuntimeError = dsl.ScriptRuntimeError
+split_string = dsl.split_string
 
 
 def run(src: str, **args):
