@@ -146,6 +146,32 @@ def measure(
     return fill_ns, advance_ns
 
 
+def time_apply(device: str, batch: int, vocab: int, iters: int = 300) -> tuple[float, float]:
+    """Median and p99 µs of apply_masks on `device`: pinned-bitmask copy + unpack + fill."""
+    words = (vocab + 31) // 32
+    pin = device.startswith("cuda")
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch, words), dtype=torch.int64)
+    bitmask = bitmask.to(torch.int32).pin_memory() if pin else bitmask.to(torch.int32)
+    logits = torch.randn(batch, vocab, device=device)
+    times = []
+    for i in range(iters + 20):
+        if pin:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            apply_masks(logits, bitmask)
+            end.record()
+            end.synchronize()
+            us = start.elapsed_time(end) * 1000
+        else:
+            t0 = time.perf_counter_ns()
+            apply_masks(logits, bitmask)
+            us = (time.perf_counter_ns() - t0) / 1000
+        if i >= 20:
+            times.append(us)
+    times.sort()
+    return times[len(times) // 2], times[min(len(times) - 1, int(0.99 * len(times)))]
+
+
 def pct(xs: list[int], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
@@ -160,7 +186,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000, help="trained BPE size (no --tokenizer)")
     ap.add_argument("--steps", type=int, default=2000, help="timed steps per configuration")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    # One torch thread by default: the engine does little torch work on the
+    # CPU, and idle OpenMP workers spinning after each op starve the mask
+    # pool's threads (a 10x distortion measured on 16 cores).
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--apply-device", help="also time apply_masks there (e.g. cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,6 +242,15 @@ def main() -> None:
                     f"| {med / batch:.1f} | {statistics.median(adv) / 1000:.1f} |",
                     flush=True,
                 )
+
+    if args.apply_device:
+        print(f"\napply_masks on {args.apply_device} (bitmask copy + unpack + masked fill):\n")
+        print("| vocab | batch | µs median | µs p99 |")
+        print("| ---: | ---: | ---: | ---: |")
+        for vocab in (gtok.vocab_size, 152064):
+            for batch in (int(b) for b in args.batches.split(",")):
+                med, p99 = time_apply(args.apply_device, batch, vocab)
+                print(f"| {vocab} | {batch} | {med:.1f} | {p99:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
