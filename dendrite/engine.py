@@ -25,7 +25,6 @@ from typing import Iterable, Sequence as Seq
 import numpy as np
 import torch
 
-from dendrite.attention.base import build_attention_metadata
 from dendrite.kv import BlockPool, KVTree, OutOfPages, RadixCache, Scheduler
 from dendrite.model.runner import ModelRunner
 from dendrite.sampling import SamplingParams, sample
@@ -82,6 +81,9 @@ class Sequence:
         self.handle: GenHandle | None = None
         self.frozen = False  # the node has children: continue on a fresh child
         self.released = False
+        self.matcher = None  # grammar state of the last constrained generation
+        self.swapped = False  # preempted while idle: not prefilled until used again
+        self.waited = 0  # consecutive steps runnable but not scheduled
         self.preemptions = 0
 
     # -- content ---------------------------------------------------------
@@ -92,6 +94,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return self.num_cached + len(self.pending)
+
+    @property
+    def schedulable(self) -> int:
+        """Pending tokens the next steps may prefill. An idle sequence keeps its
+        last token pending: whoever generates next (it, or a forked child)
+        runs that token and gets the next-token logits from it."""
+        if self.handle is not None and not self.handle.done:
+            return len(self.pending)
+        return max(len(self.pending) - 1, 0)
 
     @property
     def tokens(self) -> list[int]:
@@ -144,28 +155,34 @@ class Engine:
     def __init__(self, model_dir: str | Path | None = None, *, device: str | None = None,
                  dtype: torch.dtype | str | None = None, num_pages: int | None = None,
                  page_size: int = 16, attention: str = "auto", max_batch_tokens: int = 2048,
-                 prefix_cache: bool = True, cuda_graphs: bool = True,
-                 kv_memory_fraction: float = 0.5, runner: ModelRunner | None = None) -> None:
+                 prefix_cache: bool = True, max_wait_steps: int = 64,
+                 runner: ModelRunner | None = None) -> None:
         if runner is None:
             if model_dir is None:
                 from dendrite.default_model import default_model_dir
 
                 model_dir = default_model_dir()
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             runner = ModelRunner(model_dir, device=device, dtype=dtype, num_pages=num_pages,
-                                 page_size=page_size, attention=attention,
-                                 cuda_graphs=cuda_graphs,
-                                 kv_memory_fraction=kv_memory_fraction)
+                                 page_size=page_size, attention=attention)
         self.runner = runner
+        self.model_dir = Path(runner.loaded.path)
         self.tokenizer = runner.tokenizer
         self.device = runner.device
         self.page_size = runner.page_size
         self.num_pages = runner.num_pages
-        self.eos_token_ids = set(runner.eos_token_ids)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.pool = BlockPool(self.num_pages, self.page_size)
         self.tree = KVTree(self.pool)
         self.cache = RadixCache(self.pool) if prefix_cache else None
         self.max_batch_tokens = max_batch_tokens
+        # Strict priority could starve a low-priority leaf behind a stream of
+        # better ones; a leaf left out `max_wait_steps` steps in a row jumps
+        # the queue (FIFO among such leaves), which bounds every wait.
+        self.max_wait_steps = max_wait_steps
         self.scheduler = Scheduler(token_budget=max_batch_tokens, chunk_size=max_batch_tokens)
+        self._grammar_tokenizer = None
         self._live: dict[int, Sequence] = {}  # node -> sequence (leaf handles)
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
@@ -183,8 +200,19 @@ class Engine:
 
     def encode(self, prompt: str | Seq[int], add_bos: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.runner.encode(prompt, add_bos=add_bos)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_bos)
         return [int(t) for t in prompt]
+
+    @property
+    def grammar_tokenizer(self):
+        """The llguidance view of the tokenizer, built on first constrained request."""
+        if self._grammar_tokenizer is None:
+            from dendrite.grammar import GrammarTokenizer
+
+            eos = min(self.eos_token_ids) if self.eos_token_ids else None
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend, eos,
+                                                       vocab_size=self.runner.vocab_size)
+        return self._grammar_tokenizer
 
     def _admit(self, ids: list[int]) -> tuple[int, list[int]]:
         # Keep at least one token out of the match: the last prompt token must
@@ -196,7 +224,7 @@ class Engine:
                 try:
                     node = self.tree.new_sequence_from_prefix(pages, n, arr[:n])
                 finally:
-                    self.cache.unpin(int(pages[-1]))
+                    self.cache.unpin(pages)
                 self.stats["prefix_tokens_reused"] += n
                 return node, list(ids[n:])
         return self.tree.new_sequence(), list(ids)
@@ -215,15 +243,18 @@ class Engine:
             raise ValueError(f"fork needs n >= 1, got {n}")
         if seq.handle is not None and not seq.handle.done:
             raise RuntimeError("cannot fork a sequence while it is generating")
-        if seq.pending:
-            self.flush([seq])  # children must share computed KV, not re-prefill it
+        self.flush([seq])  # children share computed KV rather than re-prefill it
         t0 = time.perf_counter()
         kids_nodes = self.tree.fork(seq.node, n)
         self.stats["fork_seconds"] += time.perf_counter() - t0
         self.stats["forks"] += n
         seq.frozen = True
-        kids = [Sequence(self, int(c), [], seq.priority) for c in kids_nodes]
+        # The last token stays pending (see Sequence.schedulable): each child
+        # computes it itself, which gives that child its next-token logits.
+        kids = [Sequence(self, int(c), list(seq.pending), seq.priority) for c in kids_nodes]
         for k in kids:
+            if seq.matcher is not None:
+                k.matcher = seq.matcher.fork()  # each child continues its own grammar
             self._track(k)
         return kids
 
@@ -234,7 +265,7 @@ class Engine:
         old = seq.node
         self._untrack(seq)
         seq.node = int(self.tree.fork(old, 1)[0])
-        self.tree.release(old)  # children keep it alive
+        self.tree.release(old)  # its children keep it alive
         seq.frozen = False
         self._track(seq)
 
@@ -258,8 +289,13 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------
     def submit(self, seq: Sequence, params: SamplingParams | None = None,
-               constraint: object | None = None) -> GenHandle:
-        """Queue a generation on `seq`; it runs in the following `step()` calls."""
+               constraint: object | None = None, continue_grammar: bool = False) -> GenHandle:
+        """Queue a generation on `seq`; it runs in the following `step()` calls.
+
+        `constraint` (a `dendrite.grammar.Constraint`) restricts every token;
+        with `continue_grammar`, the sequence resumes the grammar state it (or
+        the parent it was forked from) stopped in, e.g. after a `max_tokens` cut.
+        """
         seq._check_live()
         params = params or SamplingParams()
         if seq.handle is not None and not seq.handle.done:
@@ -267,12 +303,21 @@ class Engine:
         self._thaw(seq)
         if seq.num_tokens == 0:
             raise ValueError("cannot generate from an empty sequence: give it a prompt")
-        handle = GenHandle(seq=seq, params=params, constraint=constraint)
-        if constraint is not None:
-            handle.matcher = constraint.matcher()
-        handle.stop = StopChecker(self.tokenizer, params.stop or [], params.stop_token_ids or [],
-                                  self.eos_token_ids if not params.ignore_eos else set())
+        matcher = None
+        if continue_grammar:
+            if seq.matcher is None:
+                raise ValueError("continue_grammar: the sequence has no grammar state to resume")
+            matcher = seq.matcher
+        elif constraint is not None:
+            # Compiling validates: a bad grammar fails here, before any page moves.
+            constraint.compile(self.grammar_tokenizer)
+            matcher = constraint.matcher(self.grammar_tokenizer)
+        handle = GenHandle(seq=seq, params=params, constraint=constraint, matcher=matcher)
+        handle.stop = StopChecker(self.tokenizer, params.stop_strings, params.stop_token_ids,
+                                  self.eos_token_ids if not params.ignore_eos else ())
         seq.handle = handle
+        seq.matcher = matcher
+        seq.swapped = False
         if handle.matcher is not None:
             self._force(handle)
         return handle
@@ -295,7 +340,9 @@ class Engine:
     def flush(self, seqs: Iterable[Sequence]) -> None:
         """Step until the given sequences have no pending tokens."""
         seqs = list(seqs)
-        while any(s.pending and not s.released for s in seqs):
+        for s in seqs:
+            s.swapped = False
+        while any(s.schedulable > 0 and not s.released for s in seqs):
             self.step()
 
     # -- the step ---------------------------------------------------------------------
@@ -303,16 +350,14 @@ class Engine:
         """One batched forward over every runnable leaf; returns finished handles."""
         plan = self._schedule()
         if not plan:
-            if any(s.pending for s in self._live.values()):
-                raise RuntimeError("scheduler made no progress with pending work")
             return []
         seqs = [p[0] for p in plan]
         counts = np.asarray([p[1] for p in plan], dtype=np.int32)
-        chunks = [s.pending[:c] for s, c in plan]
         starts = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
         nodes = np.asarray([s.node for s in seqs], dtype=np.int64)
-        flat_tokens = np.concatenate([np.asarray(c, dtype=np.int32) for c in chunks])
-        slots, copies = self.tree.append_batch(nodes, counts, flat_tokens)
+        flat_tokens = np.concatenate([np.asarray(s.pending[:c], dtype=np.int32)
+                                      for s, c in plan])
+        appended = self.tree.append_batch(nodes, counts, flat_tokens)
         for s, c in plan:
             del s.pending[:c]
         sample_rows = [i for i, s in enumerate(seqs)
@@ -325,42 +370,57 @@ class Engine:
         indptr, indices, last_len = self.tree.export_csr(nodes)
         qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=qo_indptr[1:])
-        positions = np.concatenate([np.arange(st, st + c) for st, c in zip(starts, counts)])
-        meta = build_attention_metadata(positions, slots, qo_indptr, indptr, indices, last_len,
-                                        page_size=self.page_size, device=self.device,
-                                        validate=False)
-        if len(copies):
-            self.runner.kv_cache.copy_pages(copies)
-        logit_rows = qo_indptr[1:][sample_rows] - 1
-        logits = self.runner.forward(flat_tokens, meta, logit_rows)
+        positions = np.repeat(starts - qo_indptr[:-1], counts) + np.arange(len(flat_tokens))
+        meta = self.runner.build_metadata(positions, appended.slot_mapping, qo_indptr, indptr,
+                                          indices, last_len, validate=False)
+        logit_rows = (qo_indptr[1:] - 1)[sample_rows]
+        logits = self.runner.run(flat_tokens, meta, logit_rows, copies=appended.copies)
         self.stats["steps"] += 1
         self.stats["forward_tokens"] += int(counts.sum())
         if not sample_handles:
+            if mask_future is not None:
+                mask_future.result()
             return []
         allowed = mask_future.result() if mask_future is not None else None
         return self._sample_and_advance(sample_handles, logits, allowed)
 
+    def _runnable(self) -> list[Sequence]:
+        return [s for s in self._live.values() if s.schedulable > 0 and not s.swapped]
+
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Ask the native scheduler for this step's leaves; preempt if pages run short."""
-        runnable = [s for s in self._live.values() if s.pending]
+        runnable = self._runnable()
         if not runnable:
             return []
+        for s in runnable:
+            if s.waited == self.max_wait_steps:
+                self.scheduler.set_priority(s.node, float("inf"))
         nodes = np.asarray([s.node for s in runnable], dtype=np.int64)
-        pending = np.asarray([len(s.pending) for s in runnable], dtype=np.int32)
+        pending = np.asarray([s.schedulable for s in runnable], dtype=np.int32)
         picked, counts = self.scheduler.schedule(nodes, pending)
         plan = [(self._live[int(n)], int(c)) for n, c in zip(picked, counts)]
-        return self._fit_pages(plan)
+        plan = self._fit_pages(plan)
+        chosen = {id(s) for s, _ in plan}
+        for s in runnable:
+            if id(s) in chosen:
+                if s.waited >= self.max_wait_steps:
+                    self.scheduler.set_priority(s.node, s.priority)
+                s.waited = 0
+            elif not s.released:
+                s.waited += 1
+        return plan
 
     def _fit_pages(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """Trim the plan to the pages available, evicting cache then preempting."""
-        while True:
+        """Trim the plan to the pages available: evict cached prefixes, then preempt
+        the lowest-priority leaves, then defer or shrink work; never fail mid-step."""
+        while plan:
             nodes = np.asarray([s.node for s, _ in plan], dtype=np.int64)
             counts = np.asarray([c for _, c in plan], dtype=np.int32)
             need = self.tree.pages_needed(nodes, counts)
             short = need - self.pool.free
             if short <= 0:
                 return plan
-            if self.cache is not None and self.cache.evict(short) >= short:
+            if self.cache is not None and self.cache.evict(short) > 0:
                 continue
             victim = self._pick_victim(plan)
             if victim is not None:
@@ -368,25 +428,27 @@ class Engine:
                 plan = [(s, c) for s, c in plan if s is not victim]
                 continue
             if len(plan) > 1:
-                plan = plan[:-1]  # lowest priority waits for the next step
+                plan = plan[:-1]  # the plan is in priority order: the last one waits
                 continue
             seq, c = plan[0]
             if c > 1:
                 plan = [(seq, c // 2)]  # a smaller prefill chunk may still fit
                 continue
             raise LeafTooLarge(
-                f"sequence {seq.node} needs {need} more KV pages but the pool has "
-                f"{self.pool.free} free of {self.num_pages}; raise num_pages or shorten it")
+                f"a sequence of {seq.num_tokens} tokens needs {need} more KV page(s) but "
+                f"{self.pool.free} of {self.num_pages} are free and nothing else can be "
+                f"preempted; raise num_pages or shorten the sequence")
+        return plan
 
     def _pick_victim(self, plan: list[tuple[Sequence, int]]) -> Sequence | None:
-        """The lowest-priority leaf that frees pages if preempted (not the top of the plan)."""
-        keep = plan[0][0] if plan else None
+        """The lowest-priority leaf whose release frees pages, never the plan's first."""
+        keep = plan[0][0]
         cands = [s for s in self._live.values()
-                 if s is not keep and not s.frozen and s.num_cached > 0]
+                 if s is not keep and not s.frozen and s.num_cached > 0
+                 and s.priority <= keep.priority]
         if not cands:
             return None
-        nodes = np.asarray([s.node for s in cands], dtype=np.int64)
-        order = self.scheduler.preempt_order(nodes)
+        order = self.scheduler.preempt_order(np.asarray([s.node for s in cands], np.int64))
         for i in order:
             s = cands[int(i)]
             if self.tree.pages_freed_by_release(s.node) > 0:
@@ -394,12 +456,14 @@ class Engine:
         return None
 
     def _preempt(self, seq: Sequence) -> None:
-        """Give up the leaf's pages; it is recomputed from its tokens later."""
+        """Give up the leaf's pages; it is recomputed from its tokens when it runs again."""
         tokens = self.tree.tokens(seq.node).tolist()
         self._untrack(seq)
         self.tree.release(seq.node)
         seq.node, seq.pending = self._admit(tokens + seq.pending)
         seq.preemptions += 1
+        # An idle branch stays swapped out until someone uses it again.
+        seq.swapped = seq.handle is None or seq.handle.done
         self._track(seq)
         self.stats["preemptions"] += 1
 
@@ -410,10 +474,9 @@ class Engine:
         from dendrite.grammar import fill_masks
 
         matchers = [handles[i].matcher for i in rows]
-        vocab = self.runner.vocab_size
+        words = self.grammar_tokenizer.mask_words
 
         def work() -> torch.Tensor:
-            words = (vocab + 31) // 32
             bitmask = torch.full((len(handles), words), -1, dtype=torch.int32)
             fill_masks(matchers, bitmask, rows)
             return bitmask
@@ -425,9 +488,9 @@ class Engine:
         positions = [h.seq.num_tokens for h in handles]
         history = [h.seq.tokens for h in handles] if any(
             h.params.repetition_penalty != 1.0 for h in handles) else None
-        out = sample(logits, [h.params for h in handles], positions, allowed=allowed,
-                     history=history)
-        tokens = out.tokens.tolist()
+        out = sample(logits, [h.params for h in handles], positions, prev_tokens=history,
+                     allowed=allowed).cpu()
+        tokens = out.token_ids.tolist()
         lps = out.logprobs.tolist()
         finished = []
         for h, tok, lp in zip(handles, tokens, lps):
@@ -491,7 +554,7 @@ class Engine:
     def memory_stats(self) -> dict:
         return {"pages_used": self.pool.used, "pages_free": self.pool.free,
                 "pages_total": self.num_pages, "high_watermark": self.pool.high_watermark,
-                "bytes_per_page": self.runner.kv_cache.bytes_per_page_actual}
+                "bytes_per_page": self.runner.kv_cache.nbytes // self.num_pages}
 
     def close(self) -> None:
         for seq in list(self._live.values()):
