@@ -1,0 +1,93 @@
+"""Constrained generation through the engine: masks in the sampler, forced tokens
+as prefill, forks continue their own grammar, bad specs fail before allocation."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from dendrite.grammar import Constraint, GrammarError
+from dendrite.sampling import SamplingParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["math", "engines", "trees"]},
+                 "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_batch_all_complete_outputs_validate(make_engine):
+    e = make_engine()
+    c = Constraint(json_schema=SCHEMA)
+    seqs = [e.new_sequence("Person as JSON: ") for _ in range(24)]
+    hs = [e.submit(s, SamplingParams(temperature=1.0, seed=i, max_tokens=96), constraint=c)
+          for i, s in enumerate(seqs)]
+    e.run(hs)
+    complete = [h.result for h in hs if h.result.complete]
+    assert len(complete) >= 12
+    for r in complete:
+        jsonschema.validate(json.loads(r.text), SCHEMA)
+    for h in hs:
+        if not h.result.complete:
+            assert h.result.finish_reason == "length"
+
+
+def test_forced_tokens_run_as_prefill_not_sampling(make_engine):
+    e = make_engine()
+    c = Constraint(regex=r"The answer is (yes|no)\.")
+    h = e.submit(e.new_sequence("Q: is it? A: "), SamplingParams(temperature=0.7, seed=1,
+                                                                 max_tokens=32), constraint=c)
+    e.run([h])
+    assert h.result.complete and re.fullmatch(r"The answer is (yes|no)\.", h.result.text)
+    # the forced prefix "The answer is " was appended with logprob 0 (not sampled)
+    assert h.result.logprobs[0] == 0.0
+
+
+def test_choices_and_fork_continue_grammar(make_engine):
+    e = make_engine()
+    r = e.generate(e.new_sequence("Pick: "), SamplingParams(temperature=1.0, seed=3,
+                                                            max_tokens=16))[0]
+    c = Constraint(choices=["red", "green", "blue"])
+    s = e.new_sequence("Colour: ")
+    h = e.submit(s, SamplingParams(temperature=1.0, seed=3, max_tokens=16), constraint=c)
+    e.run([h])
+    assert h.result.text in ("red", "green", "blue")
+    # cut a JSON array early, fork, and let every branch finish its own copy of the grammar
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+              "minItems": 4, "maxItems": 4}
+    s = e.new_sequence("Digits: ")
+    h = e.submit(s, SamplingParams(temperature=1.0, seed=5, max_tokens=3),
+                 constraint=Constraint(json_schema=schema,
+                                       json_options={"whitespace_flexible": False}))
+    e.run([h])
+    assert not h.result.complete
+    head = h.result.text
+    kids = s.fork(4)
+    hs = [e.submit(k, SamplingParams(temperature=1.0, seed=20 + i, max_tokens=40),
+                   continue_grammar=True) for i, k in enumerate(kids)]
+    e.run(hs)
+    for k, kh in zip(kids, hs):
+        assert kh.result.complete
+        full = head + kh.result.text
+        jsonschema.validate(json.loads(full), schema)
+    assert r.token_ids  # unconstrained request in the same engine still fine
+
+
+def test_invalid_grammar_rejected_before_allocation(make_engine):
+    e = make_engine()
+    s = e.new_sequence("x: ")
+    used = e.pool.used
+    with pytest.raises(GrammarError):
+        e.submit(s, SamplingParams(max_tokens=4),
+                 constraint=Constraint(json_schema={"type": "object", "properties": {
+                     "a": {"type": "integer", "minimum": 5, "maximum": 1}}}))
+    assert e.pool.used == used
+    with pytest.raises(GrammarError):
+        Constraint(regex="(unclosed")
