@@ -181,7 +181,8 @@ class OneSeq:
 
 
 def _decode_loops(graphs, runner, prompt: torch.Tensor, n: int) -> dict:
-    """Time a graph runner: per-token sync, pipelined, replay only."""
+    """Time a graph runner: per-token sync (with and without plan reuse),
+    pipelined, replay only; plus the host cost of the pieces of a step."""
     res = {}
 
     def start() -> tuple[OneSeq, torch.Tensor]:
@@ -189,33 +190,77 @@ def _decode_loops(graphs, runner, prompt: torch.Tensor, n: int) -> dict:
         logits = runner.run(prompt, seq.meta(len(prompt)))
         return seq, logits.argmax(-1)
 
-    for mode in ("sync", "pipelined"):
+    for mode in ("sync", "sync_replan", "pipelined"):
+        graphs.set_skip_redundant_plans(mode != "sync_replan")
         seq, tok = start()
+        plans0 = graphs.planner_calls
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
             _, tok = graphs.run(tok, seq.meta(1))
-            if mode == "sync":
+            if mode != "pipelined":
                 tok = torch.tensor([int(tok.item())])  # the engine reads each token
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         res[f"decode_{mode}_tok_s"] = n / dt
         res[f"decode_{mode}_ms"] = 1e3 * dt / n
+        res[f"decode_{mode}_planner_calls"] = graphs.planner_calls - plans0
+    graphs.set_skip_redundant_plans(True)
 
+    # Host cost (GPU idle): building the metadata, and graphs.run() up to the launch.
     seq, tok = start()
-    graphs.run(tok, seq.meta(1))
-    graph = graphs._graphs[1].graph
+    t0 = time.perf_counter()
+    metas = [seq.meta(1) for _ in range(64)]
+    res["host_meta_us"] = 1e6 * (time.perf_counter() - t0) / 64
+    host = []
+    for m in metas:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _, tok = graphs.run(tok, m)
+        host.append(time.perf_counter() - t0)
+    res["host_run_us"] = 1e6 * statistics.median(host)
+
     for _ in range(5):
-        graph.replay()
+        graphs.replay(1)
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(n):
-        graph.replay()
+        graphs.replay(1)
     b.record()
     b.synchronize()
     res["replay_ms"] = a.elapsed_time(b) / n
     res["replay_tok_s"] = 1e3 / res["replay_ms"]
+    res.update(_profile_replay(graphs))
     return res
+
+
+def _profile_replay(graphs, steps: int = 10) -> dict:
+    """Kernel-level breakdown of graph replays (logged; summary returned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graphs.replay(1)
+            torch.cuda.synchronize()
+        rows = []
+        for e in prof.key_averages():
+            t = getattr(e, "self_device_time_total", None)
+            if t is None:
+                t = getattr(e, "self_cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / steps, e.count / steps, e.key))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        log(f"profile: {sum(r[1] for r in rows):.0f} kernels/step, {total:.0f} us kernel time/step")
+        for us, cnt, name in rows[:30]:
+            log(f"  {us:8.1f} us/step {cnt:6.1f}x  {name[:110]}")
+        return {"profile_kernels_per_step": sum(r[1] for r in rows),
+                "profile_kernel_us_per_step": total,
+                "profile_top": [[round(us, 1), cnt, name[:110]] for us, cnt, name in rows[:30]]}
+    except Exception as e:  # noqa: BLE001 - profiling is a bonus
+        log(f"profile failed: {e!r}")
+        return {"profile_error": repr(e)}
 
 
 def _check_against_eager(graphs, runner, prompt: torch.Tensor, steps: int = 8) -> dict:
@@ -328,11 +373,10 @@ def _batched(runner, args) -> dict:
             [b * (shared + 1) for b in range(bs + 1)], indices, [PAGE_SIZE] * bs,
             page_size=PAGE_SIZE, device="cuda", validate=False)
         graphs.run(torch.zeros(bs, dtype=torch.int64, device="cuda"), meta)
-        graph = graphs._graphs[bs].graph
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(50):
-            graph.replay()
+            graphs.replay(bs)
         b.record()
         b.synchronize()
         ms = a.elapsed_time(b) / 50
@@ -341,7 +385,7 @@ def _batched(runner, args) -> dict:
     return out
 
 
-def stage_dendrite_compile(args, res: dict) -> None:
+def stage_dendrite_compile(args, res: dict, mode: bool | str = True) -> None:
     from dendrite.model.cuda_graph import CudaGraphDecodeRunner
 
     runner = load_runner()
@@ -350,7 +394,7 @@ def stage_dendrite_compile(args, res: dict) -> None:
     seq = OneSeq(runner)
     runner.run(runner.run(prompt, seq.meta(DECODE_PROMPT)).argmax(-1), seq.meta(1))  # JIT
     graphs = CudaGraphDecodeRunner(runner.model, runner.kv_cache, runner.backend,
-                                   max_batch_size=1, buckets=(1,), compile=True)
+                                   max_batch_size=1, buckets=(1,), compile=mode)
     t0 = time.perf_counter()
     graphs.capture()
     res["compile_capture_s"] = time.perf_counter() - t0
@@ -442,6 +486,7 @@ def stage_report(args) -> str:
 
     d, c, hf, hs, b = (load("dendrite"), load("dendrite-compile"), load("hf"),
                        load("hf-static"), load("build"))
+    at = load("dendrite-autotune")
     roof = d.get("roofline_tok_s")
 
     def fmt(x, spec=".1f"):
@@ -474,15 +519,27 @@ def stage_report(args) -> str:
                 c.get("compiled_decode_pipelined_tok_s"),
                 note=f"top-1 vs eager {fmt(c.get('compiled_check_top1_agree'), '.2f')}"),
             row("Dendrite", "CUDA graph + torch.compile, per-token sync",
-                c.get("compiled_decode_sync_tok_s")),
+                c.get("compiled_decode_sync_tok_s"), note="engine-like step"),
+            row("Dendrite", "CUDA graph + torch.compile, per-token sync, re-plan every step",
+                c.get("compiled_decode_sync_replan_tok_s")),
             row("Dendrite", "CUDA graph + torch.compile, replay only (GPU time)",
                 c.get("compiled_replay_tok_s")),
+        ]
+    if at.get("compiled_replay_tok_s"):
+        lines += [
+            row("Dendrite", "CUDA graph + torch.compile max-autotune, pipelined",
+                at.get("compiled_decode_pipelined_tok_s"),
+                note=f"compile+capture {fmt(at.get('compile_capture_s'))} s"),
+            row("Dendrite", "CUDA graph + torch.compile max-autotune, replay only",
+                at.get("compiled_replay_tok_s")),
         ]
     if d:
         lines += [
             row("Dendrite", "CUDA graph, pipelined", d.get("graph_decode_pipelined_tok_s"),
                 note=f"top-1 vs eager {fmt(d.get('graph_check_top1_agree'), '.2f')}"),
             row("Dendrite", "CUDA graph, per-token sync", d.get("graph_decode_sync_tok_s")),
+            row("Dendrite", "CUDA graph, per-token sync, re-plan every step",
+                d.get("graph_decode_sync_replan_tok_s")),
             row("Dendrite", "CUDA graph, replay only (GPU time)", d.get("graph_replay_tok_s")),
             row("Dendrite", "eager (FlashInfer, no graph)", d.get("eager_decode_tok_s"),
                 d.get("prefill_tok_s"), "prefill: FlashInfer paged prefill"),
@@ -494,12 +551,23 @@ def stage_report(args) -> str:
         lines.append(row("HF transformers", "generate, static cache (auto-compiled)",
                          hs.get("decode_tok_s"), note=f"warm-up {fmt(hs.get('warmup_s'))} s"))
     lines.append(row("Roofline", "weights / copy bandwidth", roof))
+    for name, x, pre in (("CUDA graph", d, "graph_"), ("CUDA graph + torch.compile", c,
+                                                            "compiled_")):
+        if x.get(pre + "host_run_us") is not None:
+            lines += ["", f"{name}: {fmt(x.get(pre + 'profile_kernels_per_step'), '.0f')} kernels "
+                      f"and {fmt(x.get(pre + 'profile_kernel_us_per_step'), '.0f')} us of kernel "
+                      f"time per token; host per step: metadata "
+                      f"{fmt(x.get(pre + 'host_meta_us'), '.0f')} us, graphs.run() "
+                      f"{fmt(x.get(pre + 'host_run_us'), '.0f')} us; planner calls in "
+                      f"{args.decode_tokens} steps: {x.get(pre + 'decode_sync_planner_calls')} "
+                      f"(re-plan mode {x.get(pre + 'decode_sync_replan_planner_calls')})."]
     if d.get("graph_batched"):
         lines += ["", "Batched decode, CUDA graph replay only, rows sharing a 240-token "
                   "prefix (256-token contexts): " + ", ".join(
             f"B={k}: {v['tok_s']:.0f} tok/s ({v['step_ms']:.2f} ms/step)"
             for k, v in d["graph_batched"].items())]
-    stages = (("dendrite", d), ("dendrite-compile", c), ("hf", hf), ("hf-static", hs))
+    stages = (("dendrite", d), ("dendrite-compile", c), ("hf", hf), ("hf-static", hs),
+              ("dendrite-autotune", at))
     missing = [s for s, x in stages if not x]
     if missing:
         lines += ["", f"Stages that did not run: {', '.join(missing)}."]
@@ -515,8 +583,8 @@ def stage_report(args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["build", "warmup", "dendrite", "dendrite-compile", "hf",
-                                      "hf-static", "report"])
+    ap.add_argument("stage", choices=["build", "warmup", "dendrite", "dendrite-compile",
+                                      "dendrite-autotune", "hf", "hf-static", "report"])
     ap.add_argument("--kind", choices=["decode", "prefill"], default="decode",
                     help="warmup: which FlashInfer kernels to JIT-build")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
@@ -535,6 +603,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     fn = {"build": stage_build, "dendrite": stage_dendrite, "warmup": stage_warmup,
           "dendrite-compile": stage_dendrite_compile, "hf": stage_hf,
+          "dendrite-autotune": lambda a, r: stage_dendrite_compile(
+              a, r, mode="max-autotune-no-cudagraphs"),
           "hf-static": lambda a, r: stage_hf(a, r, static=True)}[args.stage]
     # `timeout` sends SIGTERM: leave through `finally` so what was measured is saved.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))

@@ -88,6 +88,7 @@ stage tests 60 240 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
   --junitxml="$OUT/pytest.xml" -o junit_family=xunit1
 stage dendrite-compile 60 180 $B dendrite-compile
 stage hf-static 60 180 $B hf-static
+stage dendrite-autotune 120 240 $B dendrite-autotune
 
 $B report >"$WORK/report.log" 2>&1
 cp "$WORK/bench.md" "$OUT/bench.md" 2>/dev/null

@@ -60,23 +60,22 @@ _OPS: dict[str, Any] = {}
 def _ops() -> dict[str, Any]:
     """Two custom ops, opaque to torch.compile, registered once.
 
-    `dendrite::kv_write(kv, layer, slots, k, v)` mutates the whole pool `kv`
-    in place and `dendrite::graph_decode_attention(q, kv, layer, wrapper_id)`
-    reads it. Both take the pool itself, not per-layer views: a view of a
-    graph input that is written through makes the compiler materialize (copy)
-    the whole layer cache every step, while a mutated graph input is updated
-    in place, and the data dependency through `kv` keeps write before read.
+    `dendrite::kv_write(kv, rows, values)` scatters K and V rows into the
+    whole pool `kv` (viewed as [L * 2 * num_pages * page_size, Hkv, D]) in one
+    kernel, mutating it in place; `dendrite::graph_decode_attention(q, kv,
+    layer, wrapper_id)` reads it. Both take the pool itself, not per-layer
+    views: a graph input written through a view makes the compiler
+    materialize (copy) the whole layer cache every step, while a graph input
+    mutated by an op is updated in place, and the data dependency through
+    `kv` keeps the write before the read.
     """
     if not _OPS:
         @torch.library.custom_op("dendrite::kv_write", mutates_args=("kv",))
-        def kv_write(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor) -> None:
-            hkv, d = kv.shape[-2], kv.shape[-1]
-            kv[layer, 0].view(-1, hkv, d)[slots] = k
-            kv[layer, 1].view(-1, hkv, d)[slots] = v
+        def kv_write(kv: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+            kv.view(-1, kv.shape[-2], kv.shape[-1]).index_put_((rows,), values)
 
         @kv_write.register_fake
-        def _(kv, layer, slots, k, v):
+        def _(kv, rows, values):
             return None
 
         @torch.library.custom_op("dendrite::graph_decode_attention", mutates_args=())
@@ -93,11 +92,17 @@ def _ops() -> dict[str, Any]:
 
 
 class _OpaqueKV:
-    """KVCache look-alike for compiled capture: `write` goes through the custom op."""
+    """KVCache look-alike for compiled capture: `write` goes through the custom op.
+
+    K and V of a step become one scatter: rows `(2 * layer + {0, 1}) *
+    slots_per_layer + slot` of the flattened pool, values `cat(k, v)` (the
+    compiler fuses the concatenation into the kernels producing k and v).
+    """
 
     def __init__(self, kv_cache: KVCache) -> None:
         self.kv = kv_cache.kv
         self.num_kv_heads, self.head_dim = kv_cache.num_kv_heads, kv_cache.head_dim
+        self._slots = kv_cache.num_pages * kv_cache.page_size
         self._write = _ops()["kv_write"]
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +110,9 @@ class _OpaqueKV:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        self._write(self.kv, layer, slot_mapping, k, v)
+        base = 2 * layer * self._slots
+        rows = torch.cat([slot_mapping + base, slot_mapping + (base + self._slots)])
+        self._write(self.kv, rows, torch.cat([k, v]))
 
 
 def bucket_for(batch_size: int, buckets: Sequence[int]) -> int | None:
@@ -167,13 +174,19 @@ class CudaGraphDecodeRunner:
             over the batch, shared pages counted per sequence); default
             enough for every row to span `max_seq_len` tokens.
         max_seq_len: default `min(model max positions, pool size)`.
-        compile: fuse the forward with `torch.compile` before capturing.
+        compile: fuse the forward with `torch.compile` before capturing;
+            a string is taken as the compile mode (e.g.
+            "max-autotune-no-cudagraphs"; never a CUDA-graph mode: the
+            runner captures the graphs itself).
+        skip_redundant_plans: reuse FlashInfer's decode schedule while no
+            row's page count changed (see `GraphDecodeWrapper`).
     """
 
     def __init__(self, model: Any, kv_cache: KVCache, backend: FlashInferBackend, *,
                  max_batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  pad_page: int | None = None, max_pages: int | None = None,
-                 max_seq_len: int | None = None, compile: bool = False) -> None:
+                 max_seq_len: int | None = None, compile: bool | str = False,
+                 skip_redundant_plans: bool = True) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
@@ -196,8 +209,11 @@ class CudaGraphDecodeRunner:
                                        device=self.device)
         self.qo_indptr = torch.arange(max_batch_size + 1, dtype=torch.int32, device=self.device)
         self.kv_lens = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
-        self.compile = compile
-        self._fwd = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self.compile = bool(compile)
+        self.skip_redundant_plans = skip_redundant_plans
+        mode = compile if isinstance(compile, str) else None
+        self._fwd = torch.compile(self._forward, dynamic=False, mode=mode) if compile \
+            else self._forward
         self._model_kv = _OpaqueKV(kv_cache) if compile else kv_cache
         self._graphs: dict[int, _Bucket] = {}
         self._pool: Any = None
@@ -230,7 +246,7 @@ class CudaGraphDecodeRunner:
         return logits, torch.argmax(logits, dim=-1)
 
     def _capture(self, bs: int) -> _Bucket:
-        gw = GraphDecodeWrapper(self.backend, bs, self.max_pages)
+        gw = GraphDecodeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
         # Every row: one pad page holding one token, writing into the pad slot.
         self.slot_mapping[:bs].fill_(self.pad_slot)
         pad = torch.full((bs,), self.pad_page, dtype=torch.int32, device=self.device)
@@ -290,8 +306,10 @@ class CudaGraphDecodeRunner:
         self.input_ids[:b].copy_(input_ids, non_blocking=True)
         self.positions[:b].copy_(meta.positions, non_blocking=True)
         self.slot_mapping[:b].copy_(meta.slot_mapping, non_blocking=True)
-        host = meta.host
-        kv_indptr, kv_last = host.kv_indptr, host.kv_last_page_len
+        if meta.host is not None:
+            kv_indptr, kv_last = meta.host.kv_indptr, meta.host.kv_last_page_len
+        else:  # no host mirrors: read them back (a sync)
+            kv_indptr, kv_last = meta.kv_indptr.cpu(), meta.kv_last_page_len.cpu()
         npad = bs - b
         if npad:
             # Padding rows: one pad page each holding one token.
@@ -311,3 +329,17 @@ class CudaGraphDecodeRunner:
     @property
     def captured_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(self._graphs))
+
+    @property
+    def planner_calls(self) -> int:
+        """FlashInfer planner calls so far, all buckets (skipped plans excluded)."""
+        return sum(b.gw.plans for b in self._graphs.values())
+
+    def set_skip_redundant_plans(self, on: bool) -> None:
+        self.skip_redundant_plans = on
+        for b in self._graphs.values():
+            b.gw.skip_redundant_plans = on
+
+    def replay(self, batch_size: int) -> None:
+        """Replay a captured bucket as last prepared by `run()` (for GPU-time benchmarks)."""
+        self._graphs[batch_size].graph.replay()

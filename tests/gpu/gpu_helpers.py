@@ -73,11 +73,33 @@ def hf_greedy(model_dir, prompts: list[list[int]], n_new: int, dtype: torch.dtyp
     out = []
     with torch.no_grad():
         for ids in prompts:
-            r = hf.generate(torch.tensor([ids], device=device), generation_config=gc,
+            x = torch.tensor([ids], device=device)
+            # An explicit all-ones mask: otherwise generate() masks prompt
+            # tokens equal to pad_token_id (the tiny tokenizer's BOS is id 0).
+            r = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
                             output_logits=True, return_dict_in_generate=True)
             out.append((r.sequences[0, len(ids):].tolist(), torch.cat(r.logits).float()))
     del hf
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def hf_teacher_forced(model_dir, prompts: list[list[int]], continuations: list[list[int]],
+                      dtype: torch.dtype, device: str = "cuda") -> list[torch.Tensor]:
+    """transformers' float32 logits predicting each continuation token (one forward each)."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, continuations):
+            x = torch.tensor([p + c[:-1]], device=device)
+            lg = hf(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float()
+            out.append(lg[len(p) - 1:])
+    del hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
