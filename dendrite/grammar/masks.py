@@ -131,7 +131,26 @@ class MaskWorker:
         self.close()
 
 
-_shifts: dict[torch.device, torch.Tensor] = {}
+_bit_values: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    """int32 [32] of 1 << k (k = 31 is the sign bit), cached per device."""
+    t = _bit_values.get(device)
+    if t is None:
+        # Build in int64 and wrap to int32 so 1 << 31 becomes the sign bit.
+        vals = torch.tensor([1 << k for k in range(32)], dtype=torch.int64)
+        t = _bit_values[device] = (vals - (vals >> 31 << 32)).to(torch.int32).to(device)
+    return t
+
+
+def _disallowed(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [B, n]: True where the packed mask's bit is 0 (n <= 32 * W).
+
+    Two elementwise kernels (and, compare): this runs on the device every
+    decode step, so fewer launches matter more than anything else here.
+    """
+    return ((mask.unsqueeze(-1) & _bits(mask.device)) == 0).flatten(-2)[..., :n]
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -140,17 +159,14 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     Ids past the mask's width (`32 * W`) come out False: a model vocab padded
     beyond the tokenizer's never emits padding ids.
     """
-    dev = bitmask.device
-    shifts = _shifts.get(dev)
-    if shifts is None:
-        shifts = _shifts[dev] = torch.arange(32, dtype=torch.int32, device=dev)
-    # Arithmetic right shift of negative words is fine: we keep bit 0 only.
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
-    width = bits.shape[-1]
+    width = 32 * bitmask.shape[-1]
+    allowed = ~_disallowed(bitmask, min(vocab_size, width))
     if vocab_size <= width:
-        return bits[..., :vocab_size]
-    pad = torch.zeros(*bits.shape[:-1], vocab_size - width, dtype=torch.bool, device=dev)
-    return torch.cat([bits, pad], dim=-1)
+        return allowed
+    pad = torch.zeros(
+        *allowed.shape[:-1], vocab_size - width, dtype=torch.bool, device=allowed.device
+    )
+    return torch.cat([allowed, pad], dim=-1)
 
 
 def apply_masks(
@@ -165,15 +181,23 @@ def apply_masks(
         bitmask: `int32 [M, W]`, on any device (moved non-blocking).
         rows: which logits row each bitmask row masks (`M` entries); default
             all rows in order (M == N).
+
+    Ids at or past `32 * W` (padding beyond the tokenizer) are always -inf.
     """
     mask = bitmask.to(logits.device, non_blocking=True)
-    allowed = unpack_bitmask(mask, logits.shape[-1])
-    neg_inf = float("-inf")
     if rows is None:
         if mask.shape[0] != logits.shape[0]:
             raise ValueError(f"bitmask has {mask.shape[0]} rows, logits {logits.shape[0]}")
-        logits.masked_fill_(~allowed, neg_inf)
+        target = logits
     else:
         idx = torch.as_tensor(rows, dtype=torch.long, device=logits.device)
-        logits[idx] = logits[idx].masked_fill(~allowed, neg_inf)
+        target = logits[idx]
+    vocab, width = target.shape[-1], 32 * mask.shape[-1]
+    n = min(vocab, width)
+    neg_inf = float("-inf")
+    target[..., :n].masked_fill_(_disallowed(mask, n), neg_inf)
+    if vocab > width:
+        target[..., width:] = neg_inf
+    if rows is not None:
+        logits[idx] = target
     return logits
