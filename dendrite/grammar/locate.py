@@ -84,13 +84,13 @@ def locate_schema_error(
     error_of: Callable[[Any], str],
     *,
     budget: int = 256,
-) -> str | None:
-    """JSON pointer to where `message` comes from in `schema`, or None.
+) -> str:
+    """JSON pointer to where `message` comes from in `schema` ("" = the root).
 
     `error_of(schema)` returns llguidance's error for a schema ("" if valid).
     """
     if not isinstance(schema, dict):
-        return None
+        return ""  # a boolean schema: the root is all there is
     path: Path = ()
     calls = 0
     descended = True
