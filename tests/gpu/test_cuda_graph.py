@@ -125,3 +125,19 @@ def test_compiled_graph_matches_eager(setup):
            relerr_mean=float(np.mean(errs)), top1_agreement=float(np.mean(agree)))
     # Fused kernels keep fp32 where eager rounds to bf16: bf16-sized differences only.
     assert max(errs) < 3e-2 and np.mean(errs) < 1.5e-2
+
+
+def test_scatter_rows_matches_index_put():
+    from dendrite.model.cuda_graph import greedy_tokens, scatter_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dst = torch.randn(4096, 512, device="cuda", generator=g).to(torch.bfloat16)
+    exp = dst.clone()
+    rows = torch.randperm(4096, device="cuda", generator=g)[:37]
+    src = torch.randn(37, 512, device="cuda", generator=g).to(torch.bfloat16)
+    scatter_rows(dst, rows, src)
+    exp[rows] = src
+    assert torch.equal(dst, exp)
+    logits = torch.randn(7, 128256, device="cuda", generator=g)
+    logits[3] = 0.0  # all tied: the lowest index wins, as with argmax
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
