@@ -16,6 +16,7 @@ draw depends only on the sequence's seed, position and logits.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class Engine:
                  prefix_cache: bool = True, max_wait_steps: int = 64,
                  runner: ModelRunner | None = None) -> None:
         if runner is None:
+            if model_dir is None:
+                model_dir = os.environ.get("DENDRITE_MODEL")
             if model_dir is None:
                 from dendrite.default_model import default_model_dir
 
