@@ -73,11 +73,19 @@ __all__ = [
 ]
 
 
+_decorator = program
+
+
 class _CallableModule(_types.ModuleType):
-    """Lets ``@dendrite.program`` work even when ``dendrite.program`` is this module."""
+    """This package is itself the decorator: ``@dendrite.program`` works whether
+    ``dendrite.program`` names the package or was imported from it."""
 
     def __call__(self, fn=None, *, name=None):
-        return program(fn, name=name)
+        return _decorator(fn, name=name)
 
 
 _sys.modules[__name__].__class__ = _CallableModule
+# ``from dendrite.program import program`` and ``import dendrite.program as dp``
+# must both give this (callable) package, so ``dp.State``, ``dp.select`` etc.
+# work either way: the name ``program`` is the package itself.
+program = _sys.modules[__name__]

@@ -119,7 +119,7 @@ class _ForkOp(_Op):
         self.children = children
 
     def start(self, state, rt):
-        if getattr(state._seq, "pending", None):
+        if _needs_prefill(state._seq):
             # Let the next batched step prefill the parent instead of forcing
             # a flush (one engine step per parent) inside engine.fork.
             rt._awaiting_prefill.add(state.node.id)
@@ -134,6 +134,21 @@ class _ForkOp(_Op):
             child._finish_reason = state._finish_reason
         state.node.segments.append(Segment("fork", children=[c.node.id for c in self.children]))
         return True
+
+
+def _needs_prefill(seq: Any) -> bool:
+    """Does the engine still have prompt tokens of ``seq`` to run before a fork?
+
+    The engine keeps an idle sequence's last token pending (children compute
+    it themselves); only the tokens it would schedule count. A preempted idle
+    sequence is not scheduled until used, so its fork flushes it directly.
+    """
+    if getattr(seq, "swapped", False):
+        return False
+    n = getattr(seq, "schedulable", None)
+    if n is None:
+        n = len(getattr(seq, "pending", None) or ())
+    return n > 0
 
 
 class _SetOp(_Op):
