@@ -212,8 +212,8 @@ class Engine:
         if self._grammar_tokenizer is None:
             from dendrite.grammar import GrammarTokenizer
 
-            eos = min(self.eos_token_ids) if self.eos_token_ids else None
-            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend, eos,
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.backend,
+                                                       sorted(self.eos_token_ids),
                                                        vocab_size=self.runner.vocab_size)
         return self._grammar_tokenizer
 
