@@ -58,7 +58,9 @@ fi
 LEFT=$((BUDGET - SECONDS))
 say "benchmark: ${LEFT}s left"
 export TREE_BENCH_COMMAND="bash benchmarks/tree_gpu_run.sh (python3 benchmarks/bench_tree_gpu.py --out \$OUT)"
-(cd $RUNDIR && timeout -k 10 $((LEFT - 5)) python3 "$B" --out "$OUT" --budget-s $((LEFT - 45))) 2>&1 | tee -a "$LOG"
+# TREE_BENCH_ARGS: extra benchmark arguments, e.g. "--skip tot,decode,kv,mcts".
+(cd $RUNDIR && timeout -k 10 $((LEFT - 5)) python3 "$B" --out "$OUT" --budget-s $((LEFT - 45)) \
+   ${TREE_BENCH_ARGS:-}) 2>&1 | tee -a "$LOG"
 say "benchmark rc=${PIPESTATUS[0]}"
 for k in fa3 fa2 decode; do echo "-- warmup $k:"; tail -n 3 /tmp/tree-warmup-$k.log; done >>"$LOG" 2>&1
 

@@ -105,7 +105,10 @@ def test_rule_shape():
                     assert use_cascade(b, s * 2, u)
     assert not use_cascade(1, 1 << 20, 16)  # one leaf: nothing to share
     assert not use_cascade(64, 0, 16)
-    assert use_cascade(16, 4096, 256)  # the headline tree-search case
+    # Measured on the H100 (eager engine): flat wins over a 4K prefix at 4..64 leaves.
+    for b in (4, 16, 64):
+        assert not use_cascade(b, 4096, 256)
+    assert use_cascade(64, 16384, 256)  # far past the measured points: cascade
     rule = CascadeRule(min_batch=2, min_shared=16, min_saved_tokens=0, min_shared_ratio=0)
     assert rule(2, 16, 10_000) and not rule(1, 16, 0)
     assert "min_batch=2" in repr(rule)
