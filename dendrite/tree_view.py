@@ -6,9 +6,10 @@
 
 Each node shows its own text (prompt pieces plain, generations highlighted
 with their capture name), its score, generated tokens, time, and search
-annotations (visits, value, prior). Pruned branches are greyed; the selected
-path is outlined; judge and rollout nodes are dashed. Nodes fold with the
-browser's native ``<details>``; two buttons open or fold everything.
+annotations (visits, value, prior). Pruned branches are greyed; a selected
+node is outlined and the path to it marked; judge and rollout nodes are
+dashed. Nodes fold with the browser's native ``<details>``; two buttons open
+or fold everything.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ ul.tree ul > li::before { content:""; position:absolute; left:-13px; top:14px; w
 .text .prompt { color: #4b5563; }
 .caps { font-size: 12px; color: var(--muted); margin-top: 2px; }
 li.selected > .node { border: 2px solid var(--sel); }
+li.onpath > .node { border-left: 4px solid var(--sel); }
 li.pruned > .node { background:#f2f3f5; color: var(--pruned); border-color:#dfe1e5; }
 li.pruned > .node .text .gen { background:#e9eaed; border-bottom-color:#cfd2d6; }
 li.pruned > .node .label, li.pruned > .node .badge { color: var(--pruned); }
@@ -84,10 +86,13 @@ def _as_dict(tree: Any) -> dict:
     return tree.to_dict()
 
 
-def _node_html(n: dict, nodes: dict[int, dict], depth: int, open_depth: int) -> str:
+def _node_html(n: dict, nodes: dict[int, dict], depth: int, open_depth: int,
+               on_path: set[int] = frozenset()) -> str:
     classes = []
     if n.get("selected"):
         classes.append("selected")
+    elif n["id"] in on_path:
+        classes.append("onpath")
     if n.get("pruned"):
         classes.append("pruned")
     info = n.get("info") or {}
@@ -139,7 +144,8 @@ def _node_html(n: dict, nodes: dict[int, dict], depth: int, open_depth: int) -> 
     kids = [nodes[c] for c in n.get("children", []) if c in nodes]
     kids_html = ""
     if kids:
-        kids_html = "<ul>" + "".join(_node_html(k, nodes, depth + 1, open_depth) for k in kids) + "</ul>"
+        kids_html = "<ul>" + "".join(
+            _node_html(k, nodes, depth + 1, open_depth, on_path) for k in kids) + "</ul>"
     return f'<li class="{" ".join(classes)}">{body}{kids_html}</li>'
 
 
@@ -170,7 +176,16 @@ def render_html(tree: Any, title: str = "Dendrite search tree", result: Any = No
         '<span><i style="background:#f2f3f5"></i>pruned</span>'
         '<span><i style="border-style:dashed"></i>judge / rollout</span></div>'
     )
-    roots = "".join(_node_html(nodes[r], nodes, 0, open_depth) for r in data["roots"] if r in nodes)
+    on_path: set[int] = set()  # ancestors of selected nodes
+    for n in nodes.values():
+        if n.get("selected"):
+            p = n.get("parent")
+            while p is not None and p not in on_path:
+                on_path.add(p)
+                p = nodes[p].get("parent")
+    roots = "".join(
+        _node_html(nodes[r], nodes, 0, open_depth, on_path) for r in data["roots"] if r in nodes
+    )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_esc(title)}</title><style>{_CSS}</style><script>{_JS}</script></head><body>"

@@ -48,9 +48,28 @@ def test_html_is_self_contained_and_well_formed(engine, tmp_path):
     assert "http://" not in html and "https://" not in html and "<link" not in html
     assert "Q: &lt;b&gt;&amp;&lt;/b&gt;" in html and "T &lt;1&gt;" in html and "R &amp; D" in html
     assert html.count('<li class="pruned') == 2
+    assert html.count('<li class="selected') == 0  # prune marks no winner
+    assert html.count('<li class="onpath') == 0
     assert "score " in html and " tok<" in html
     out = write_html(r.tree, tmp_path / "t.html")
     assert out.read_text(encoding="utf-8") == render_html(r.tree)
+
+
+def test_selected_path_is_marked(engine):
+    @dp.program
+    def pick(s):
+        s += "Q"
+        kids = s.fork(2)
+        kids.gen("t", max_tokens=1, ignore_eos=True)
+        grand = [g for k in kids for g in k.fork(2)]
+        for g in grand:
+            g.gen("u", max_tokens=1, ignore_eos=True)
+        return dp.select(grand)
+
+    r = pick.run(engine, seed=0)
+    html = render_html(r.tree)
+    assert html.count('<li class="selected') == 1
+    assert html.count('<li class="onpath') == 2  # its parent and the root
 
 
 def test_render_accepts_plain_dicts(engine):
