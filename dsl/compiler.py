@@ -518,7 +518,9 @@ class Compiler:
                 f" (known: {', '.join(sorted(S.ALGORITHMS))})",
                 algo_tok,
             )
-        allowed = [p.name for p in algo.params if p.name not in ("step", "by", "label", "prompt")]
+        # callables (step, by, goal...) come from the block and the by clause
+        hidden = ("step", "by", "label", "prompt", "done", "goal", "terminal")
+        allowed = [p.name for p in algo.params if p.name not in hidden]
         opts = self.options(opts_node, scope, allowed, f"option of search {algo_tok}")
         for k, (e, tok) in opts.items():
             if e.per_state:

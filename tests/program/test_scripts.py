@@ -105,6 +105,34 @@ def test_search_statement_uses_the_library(dsl, engine):
     assert len([n for n in r.tree if n.label == "th"]) == 2 + 2
 
 
+@pytest.mark.parametrize(
+    "head, label_count",
+    [
+        ("best_of(n=3)", 3),
+        ("beam(width=2, depth=2, length_penalty=0.5)", 2 + 4),
+        ("dfs(width=2, depth=2, max_expansions=2)", 2 + 2),
+        ('mcts(iterations=2, width=2, depth=2, c=2.0, policy="puct")', 2 + 2),
+    ],
+)
+def test_search_statement_algorithms(dsl, engine, head, label_count):
+    prog = dsl.loads(
+        f"""program t():
+    "Q\\n"
+    search {head} as node:
+        gen s(max_tokens=2, ignore_eos=true)
+    return len(text)
+""",
+    )
+    r = prog.run(engine, seed=0)
+    assert r.value > 2
+    assert len([n for n in r.tree if n.label == "node"]) == label_count
+
+
+def test_search_options_exclude_callables(dsl):
+    with pytest.raises(dsl.ScriptNameError, match="unknown option of search dfs 'goal'"):
+        dsl.loads("program t():\n    search dfs(goal=1) as n:\n        gen x\n")
+
+
 def test_script_runtime_error_is_located(dsl, engine):
     prog = dsl.loads('program t():\n    "x"\n    gen a(max_tokens=2)\n    return int(a) + 1\n', "e.dendrite")
     with pytest.raises(dsl.ScriptRuntimeError) as ei:
