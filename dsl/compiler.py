@@ -579,12 +579,15 @@ class Compiler:
                 if k not in allowed:
                     raise self.error(ScriptNameError, f"unknown judge option '{k}'{did_you_mean(k, allowed)}", tok)
             t = args[0]
-            if t.per_state:
-                raise self.error(ScriptSyntaxError, "the judge template must not depend on a branch (use {name} in it)", (t.line, t.column))
-            template_node = node.children[1].children[0]
-            raw = self._raw_template(template_node)
+            if not (isinstance(t.node, Tree) and t.node.data == "string"):
+                raise self.error(ScriptSyntaxError, "judge() template must be a string literal", (t.line, t.column))
+            tev = self._guard(t)  # interpolated per state, names checked here
             kev = {k: self._guard(e) for k, (e, _) in kwargs.items()}
-            return lambda run: SC.judge(raw, **{k: ev(run, None) for k, ev in kev.items()})
+
+            def judge_factory(run: _Run):
+                return SC.judge(lambda s: tev(run, s), **{k: ev(run, None) for k, ev in kev.items()})
+
+            return judge_factory
         e = self.expr(node, scope)
         ev = self._guard(e)
 
@@ -596,25 +599,6 @@ class Compiler:
             return by
 
         return factory
-
-    def _raw_template(self, node: Any) -> str:
-        """A judge template: a string literal whose {names} are formatted per state."""
-        if not (isinstance(node, Tree) and node.data == "string"):
-            raise self.error(ScriptSyntaxError, "judge() template must be a string literal", node)
-        tok = node.children[0]
-        try:
-            pieces = split_string(str(tok), tok.line, tok.column)
-        except StringError as ex:
-            raise self.error(ScriptSyntaxError, str(ex), (ex.line, ex.column)) from None
-        out = []
-        for p in pieces:
-            if p.expr is None:
-                out.append(p.text.replace("{", "{{").replace("}", "}}"))
-            else:
-                if not p.expr.isidentifier():
-                    raise self.error(ScriptSyntaxError, "judge() templates interpolate plain names only", (p.line, p.column))
-                out.append("{" + p.expr + "}")
-        return "".join(out)
 
     def string(self, node: Tree, scope: _Scope) -> Expr:
         tok = node.children[0]

@@ -89,11 +89,12 @@ class Judge(Scorer):
     (``context="fresh"``); ``template`` is formatted with the state's
     captures plus ``text`` and appended; a short constrained generation is
     parsed into a number. All judges of one `score_all` run batched.
+    ``template`` may also be a callable ``State -> str``.
     """
 
     def __init__(
         self,
-        template: str,
+        template: "str | Callable[[State], str]",
         *,
         regex: str | None = r"(10|[0-9])",
         max_tokens: int = 4,
@@ -111,9 +112,11 @@ class Judge(Scorer):
         self.parse = parse
         self.context = context
         self.label = label
-        self.name = f"judge({template[:24]!r})"
+        self.name = f"judge({template[:24]!r})" if isinstance(template, str) else "judge"
 
     def _prompt(self, s: State) -> str:
+        if callable(self.template):
+            return str(self.template(s))
         values = dict(s._captures)
         values.setdefault("text", s._text)
         return self.template.format_map(values)
@@ -146,7 +149,7 @@ class Judge(Scorer):
         return self.score_all([state])[0]
 
 
-def judge(template: str, **options: Any) -> Judge:
+def judge(template: "str | Callable[[State], str]", **options: Any) -> Judge:
     """A model-judged scorer: ``judge("Rate the answer 0-10: ")``; see `Judge`."""
     return Judge(template, **options)
 

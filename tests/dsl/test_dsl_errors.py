@@ -63,6 +63,8 @@ def test_unknown_gen_option_layout():
             'program t(q):\n    gen x\n    prune keep 2 by judge("rate", temp=0)\n',
             3, 35, "unknown judge option 'temp'",
         ),
+        # names inside a judge template are checked like any interpolation
+        ('program t(q):\n    gen x\n    prune keep 2 by judge("rate {y}")\n', 3, 34, "undefined name 'y'"),
     ],
 )
 def test_name_errors(src, line, col, message):

@@ -106,3 +106,18 @@ def test_judge_scores_by_a_batched_model_generation(make_engine):
     assert steps4 == r1.value[1]  # 4 judges cost the same steps as 1
     judges = [n for n in r4.tree if n.label == "judge"]
     assert len(judges) == 4 and all(n.released for n in judges)
+
+
+def test_judge_with_a_fresh_context_and_a_template_callable(engine):
+    @dp.program
+    def prog(s):
+        kids = _sample(s, 2, tokens=2)
+        j = score.judge(lambda k: f"Text: {k['x']}\nScore 0-9: ", regex=r"[0-9]",
+                        max_tokens=1, context="fresh")
+        return dp.select(kids, by=j)
+
+    r = prog.run(engine, seed=0)
+    judges = [n for n in r.tree if n.label == "judge"]
+    assert len(judges) == 2 and all(n.parent is None for n in judges)
+    assert judges[0].own_text.startswith("Text: ")
+    assert 0 <= r.value.score <= 9
