@@ -238,7 +238,13 @@ class Compiler:
 
         def run_gen(run: _Run) -> None:
             for s in run.frontier:
-                s.gen(name, **{k: ev(run, s) for k, ev in evs.items()})
+                kwargs = {k: ev(run, s) for k, ev in evs.items()}
+                try:
+                    s.gen(name, **kwargs)
+                except GenOptionError as ex:  # a per-state option value was bad
+                    raise self.error(ScriptRuntimeError, str(ex), opts[ex.option][1]) from ex
+                except (TypeError, ValueError) as ex:  # e.g. an invalid per-state regex
+                    raise self.error(ScriptRuntimeError, str(ex).splitlines()[0], name_tok) from ex
 
         return run_gen
 

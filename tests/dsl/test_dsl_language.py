@@ -213,3 +213,11 @@ def test_standard_script_lookup_errors():
 def test_programs_dir_ships_only_scripts():
     names = sorted(p.name for p in Path(dsl.PROGRAMS_DIR).iterdir())
     assert names == ["beam.dendrite", "mcts.dendrite", "self_consistency.dendrite", "tot.dendrite"]
+
+
+def test_bad_per_state_gen_option_is_located_at_run_time():
+    prog = dsl.loads("program t(n):\n    gen x(max_tokens=n)\n", "g.dendrite")
+    with pytest.raises(ScriptRuntimeError) as ei:
+        prog.run(None, n="many")
+    assert (ei.value.line, ei.value.column) == (2, 11)
+    assert "max_tokens must be a positive int" in ei.value.message
