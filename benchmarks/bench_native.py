@@ -36,7 +36,7 @@ def median_us(fn, repeats: int, inner: int) -> float:
     return statistics.median(samples)
 
 
-def context_tree(num_tokens: int, extra_pages: int = 4096):
+def context_tree(num_tokens: int, extra_pages: int = 16384):
     pool = BlockPool(num_tokens // PAGE + extra_pages, page_size=PAGE)
     tree = KVTree(pool)
     root = tree.new_sequence()
