@@ -157,7 +157,7 @@ class Engine:
                  dtype: torch.dtype | str | None = None, num_pages: int | None = None,
                  page_size: int = 16, attention: str = "auto", max_batch_tokens: int = 2048,
                  prefix_cache: bool = True, max_wait_steps: int = 64,
-                 runner: ModelRunner | None = None) -> None:
+                 cuda_graphs: bool = True, runner: ModelRunner | None = None) -> None:
         if runner is None:
             if model_dir is None:
                 model_dir = os.environ.get("DENDRITE_MODEL")
@@ -176,7 +176,10 @@ class Engine:
         self.page_size = runner.page_size
         self.num_pages = runner.num_pages
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
-        self.pool = BlockPool(self.num_pages, self.page_size)
+        self.graphs = self._make_graph_runner() if cuda_graphs else None
+        # The graph runner pads rows into the pool's last page: keep it out of the pool.
+        usable = self.num_pages - 1 if self.graphs is not None else self.num_pages
+        self.pool = BlockPool(usable, self.page_size)
         self.tree = KVTree(self.pool)
         self.cache = RadixCache(self.pool) if prefix_cache else None
         self.max_batch_tokens = max_batch_tokens
@@ -190,6 +193,19 @@ class Engine:
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
                       "prefix_tokens_reused": 0, "fork_seconds": 0.0}
+
+    def _make_graph_runner(self):
+        """Decode steps replay captured CUDA graphs (CUDA + FlashInfer only)."""
+        from dendrite.attention.flashinfer_backend import FlashInferBackend
+
+        if self.device.type != "cuda" or not isinstance(self.runner.backend, FlashInferBackend):
+            return None
+        from dendrite.model.cuda_graph import CudaGraphDecodeRunner
+
+        graphs = CudaGraphDecodeRunner(self.runner.model, self.runner.kv_cache,
+                                       self.runner.backend, max_batch_size=64)
+        graphs.capture()
+        return graphs
 
     # -- sequences -------------------------------------------------------------
     def new_sequence(self, prompt: str | Seq[int] | None = None, *, priority: float = 0.0,
@@ -377,7 +393,13 @@ class Engine:
         meta = self.runner.build_metadata(positions, appended.slot_mapping, qo_indptr, indptr,
                                           indices, last_len, validate=False)
         logit_rows = (qo_indptr[1:] - 1)[sample_rows]
-        logits = self.runner.run(flat_tokens, meta, logit_rows, copies=appended.copies)
+        if (self.graphs is not None and len(sample_rows) == len(seqs)
+                and self.graphs.can_run(meta)):
+            if len(appended.copies):
+                self.runner.kv_cache.copy_pages(appended.copies)
+            logits, _ = self.graphs.run(flat_tokens, meta)  # valid until the next replay
+        else:
+            logits = self.runner.run(flat_tokens, meta, logit_rows, copies=appended.copies)
         self.stats["steps"] += 1
         self.stats["forward_tokens"] += int(counts.sum())
         if not sample_handles:
