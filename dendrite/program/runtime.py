@@ -74,6 +74,7 @@ class Runtime:
         self._pending: dict[int, State] = {}  # node id -> state with queued ops
         self._inflight: dict[int, tuple[Any, State, _GenOp, float]] = {}
         self._awaiting_prefill: set[int] = set()  # states whose fork waits for a step
+        self._stalls = 0  # consecutive engine steps that ran nothing
         self._states: list[State] = []
         self._constraints: dict[Any, Any] = {}
         self._local = threading.local()
@@ -164,12 +165,26 @@ class Runtime:
         self._advance_all()
         if not self._inflight and not self._awaiting_prefill:
             return False
+        stats = getattr(self.engine, "stats", None)
+        before = stats.get("steps") if isinstance(stats, dict) else None
         finished = self.engine.step()
         self.steps += 1
         done_ids = {id(h) for h in finished}
+        completed = 0
         for key, (h, _, _, _) in list(self._inflight.items()):
             if key in done_ids or getattr(h, "done", False):
                 self._complete(key)
+                completed += 1
+        if before is not None and stats.get("steps") == before and not completed:
+            self._stalls += 1
+            if self._stalls >= 3:
+                stuck = ", ".join(f"#{st.id}" for _, st, _, _ in self._inflight.values())
+                raise RuntimeError(
+                    f"the engine ran nothing for states {stuck}: their generations can "
+                    "never be scheduled (no pending token to compute logits from)"
+                )
+        else:
+            self._stalls = 0
         self._advance_all()
         if self.progress is not None:
             self.progress(self)
@@ -178,12 +193,33 @@ class Runtime:
     def _complete(self, key: int) -> None:
         handle, state, op, t0 = self._inflight.pop(key)
         result = handle.result
-        context = self.engine.tokenizer.decode(list(result.token_ids), skip_special_tokens=False)
+        ids = list(result.token_ids)
+        if result.finish_reason == "eos":
+            ids += self._keep_eos(state)
+        context = self.engine.tokenizer.decode(ids, skip_special_tokens=False)
         op.finish(state, result, time.perf_counter() - t0, context)
         state._inflight = None
         state._queue.popleft()
         self.gen_tokens += len(result.token_ids)
         self.finished_gens += 1
+
+    def _keep_eos(self, state: State) -> list[int]:
+        """After an EOS the engine may hold no pending token for ``state``: then
+        nothing could compute next-token logits for a later gen or fork of this
+        branch. Put the EOS into the context (as the model saw it) so the
+        branch can go on; returns the ids appended."""
+        seq = state._seq
+        if getattr(seq, "pending", None) != [] or getattr(seq, "released", False):
+            return []
+        tok = self.engine.tokenizer
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is None:
+            ids = list(getattr(tok, "eos_token_ids", ()) or getattr(self.engine, "eos_token_ids", ()))
+            if not ids:
+                return []
+            eos = ids[0]
+        seq.append_tokens([int(eos)])
+        return [int(eos)]
 
     @property
     def num_inflight(self) -> int:

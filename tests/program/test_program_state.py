@@ -182,3 +182,22 @@ def test_program_decorator_forms():
 
     deco = getattr(dendrite, "program")
     assert callable(deco)
+
+
+def test_a_branch_goes_on_after_eos(engine):
+    @dp.program
+    def prog(s):
+        s += "Once"
+        kids = s.fork(32)
+        kids.gen("a", max_tokens=48, temperature=1.0)
+        ended = [k for k in kids if k.finish_reason == "eos"]
+        for k in ended:
+            k.gen("b", max_tokens=2, ignore_eos=True)  # continue the same branch
+            k.fork(2).gen("c", max_tokens=2, ignore_eos=True)  # and fork it
+        return ended
+
+    ended = prog.run(engine, seed=0).value
+    assert ended, "some of 32 random branches should end with EOS"
+    for k in ended:
+        assert isinstance(k["b"], str) and len(k.node.children) == 2
+        assert "<|eos|>" in k.text  # the model saw the EOS before the continuation
