@@ -1039,6 +1039,52 @@ def sec_cascade(b: Bench, r: dict) -> None:
 
 
 # -- main -------------------------------------------------------------------------------------
+
+def sec_grammar(b: Bench, r: dict) -> None:
+    """Issue 5: 16 branches decoding with vs without a grammar, same seeds and steps.
+
+    The constraint (a JSON schema over strings) leaves many tokens allowed at
+    every step, so both runs take the same number of steps; the difference is
+    the mask work (filled on the CPU during the forward) and its application.
+    """
+    from dendrite.grammar import Constraint
+    from dendrite.sampling import SamplingParams
+
+    a = b.args
+    e = b.engine
+    n, ntok = 16, a.grammar_tokens
+    c = Constraint(json_schema={"type": "array", "items": {"type": "string"}},
+                   json_options={"whitespace_flexible": False})
+    root = e.new_sequence(rand_ids(b, a.tot_prompt, 7))
+    e.flush([root])
+
+    def run(constrained: bool) -> float:
+        kids = root.fork(n)
+        hs = [e.submit(k, SamplingParams(temperature=1.0, max_tokens=ntok, ignore_eos=True,
+                                         seed=i), constraint=c if constrained else None)
+              for i, k in enumerate(kids)]
+        sync(a)
+        t0 = time.perf_counter()
+        e.run(hs)
+        sync(a)
+        dt = time.perf_counter() - t0
+        toks = sum(len(h.result.token_ids) for h in hs)
+        for k in kids:
+            k.release()
+        return toks / dt
+
+    run(False), run(True)  # warm-up (grammar compile, graph buckets)
+    free = [run(False) for _ in range(3)]
+    cons = [run(True) for _ in range(3)]
+    r["unconstrained_tok_s"] = round(statistics.median(free), 1)
+    r["constrained_tok_s"] = round(statistics.median(cons), 1)
+    r["overhead_pct"] = round(100 * (1 - r["constrained_tok_s"] / r["unconstrained_tok_s"]), 2)
+    r["mask_vocab"] = e.grammar_tokenizer.vocab_size
+    log(f"grammar 16 branches: {r['unconstrained_tok_s']} tok/s free, "
+        f"{r['constrained_tok_s']} tok/s constrained, overhead {r['overhead_pct']}%")
+    root.release()
+
+
 def env_info(b: Bench) -> None:
     a = b.args
     env = b.res.setdefault("env", {})
@@ -1084,6 +1130,7 @@ def parse() -> argparse.Namespace:
     a.mcts_forks, a.mcts_parallel, a.mcts_width, a.mcts_depth = (500, 25, 4, 12) if big else \
         (60, 10, 4, 6)
     a.mcts_tokens, a.mcts_prompt = (8, 512) if big else (4, 64)
+    a.grammar_tokens = 64 if big else 8
     a.grid_batches, a.grid_shared, a.grid_unique = [1, 4, 16, 64], [1024, 4096, 16384], [32, 512]
     a.grid_reps, a.grid_plan_reps = 10, 5
     a.num_pages = (131072 + 16384) // PAGE if big else 2048
@@ -1128,7 +1175,8 @@ def main() -> None:
             b.save()
             sys.exit(1)
         plan = [("tot", 40, sec_tot), ("decode", 20, sec_decode), ("kv", 10, sec_kv),
-                ("mcts", 20, sec_mcts), ("cascade", 20, sec_cascade), ("fork", 30, sec_fork)]
+                ("mcts", 20, sec_mcts), ("grammar", 20, sec_grammar), ("cascade", 20, sec_cascade),
+                ("fork", 30, sec_fork)]
         for name, est, fn in plan:
             if name in a.skip:
                 continue

@@ -534,6 +534,7 @@ class Engine:
         if reason == "eos":
             h.token_ids.pop()
             h.logprobs.pop()
+            self._keep_last_token_pending(seq)
             self._finish(h, "eos", complete=self._grammar_ok(h))
             return True
         seq.pending.append(tok)
@@ -551,6 +552,16 @@ class Engine:
             if h.done:
                 return True
         return False
+
+    def _keep_last_token_pending(self, seq: Sequence) -> None:
+        """EOS is not kept in the context, so the branch's last token must go back
+        to pending: whoever continues the branch recomputes it for fresh logits."""
+        if seq.pending:
+            return
+        n = seq.num_cached
+        last = int(self.tree.tokens(seq.node)[-1])
+        self.tree.truncate(seq.node, n - 1)  # own segment: the leaf computed it itself
+        seq.pending.append(last)
 
     def _force(self, h: GenHandle) -> None:
         """Append the tokens the grammar forces, without sampling: they prefill next step."""

@@ -136,3 +136,23 @@ def test_release_mid_generation_leaks_nothing(make_engine):
     assert hs[1].done and hs[1].result.finish_reason == "abort"
     e.run([h for i, h in enumerate(hs) if i != 1])
     check_invariants(e.pool, [e.tree], [e.cache])
+
+
+def test_branch_continues_after_eos(make_engine):
+    e = make_engine()
+    probe = e.generate(e.new_sequence(PROMPTS[1]),
+                       SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0]
+    tok = probe.token_ids[0]
+    # Make the greedy next token an EOS id: the request ends with "eos" at once.
+    e.eos_token_ids.add(tok)
+    try:
+        s = e.new_sequence(PROMPTS[1])
+        r = e.generate(s, SamplingParams(temperature=0, max_tokens=4))[0]
+    finally:
+        e.eos_token_ids.discard(tok)
+    assert r.finish_reason == "eos" and r.token_ids == []
+    assert s.pending, "the branch keeps a pending token after EOS"
+    kids = s.fork(2)  # the branch can be forked and continued
+    rs = e.generate(kids, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert rs[0].token_ids == rs[1].token_ids and rs[0].token_ids[0] == tok
+    check_invariants(e.pool, [e.tree], [e.cache])
