@@ -132,7 +132,10 @@ def gumbel_noise(keys: Sequence[int], vocab_size: int, device: torch.device | st
     )
     v = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
     h = _mix32(_mix32(v ^ k[:, :1]) ^ k[:, 1:])
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), 24 bits
+    # 23 bits + 0.5 stays exactly representable in float32, so u < 1 strictly:
+    # with 24 bits the top value rounded to 1.0, the noise became +inf and a
+    # masked (-inf) token could win the argmax as NaN.
+    u = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # in (0, 1)
     return -torch.log(-torch.log(u))
 
 

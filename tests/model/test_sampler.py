@@ -243,3 +243,26 @@ def test_params_normalise_stop():
     assert SamplingParams(stop="\n").stop_strings == ("\n",)
     assert SamplingParams(stop=["a", "b"]).stop_strings == ("a", "b")
     assert SamplingParams().stop_strings == ()
+
+
+def test_gumbel_noise_is_finite_for_every_hash_value():
+    """Every possible uniform draw maps to finite noise (u never rounds to 0 or 1)."""
+    from dendrite.sampling import gumbel_noise
+
+    noise = gumbel_noise(list(range(64)), 128256, "cpu")
+    assert torch.isfinite(noise).all()
+    top = ((torch.tensor([(1 << 23) - 1], dtype=torch.float32) + 0.5) * (1.0 / (1 << 23)))
+    assert top.item() < 1.0
+
+
+def test_masked_tokens_never_sampled_with_large_vocab():
+    from dendrite.sampling import SamplingParams, sample
+
+    vocab = 128256
+    logits = torch.randn(32, vocab)
+    allowed = torch.zeros(32, (vocab + 31) // 32, dtype=torch.int32)
+    allowed[:, :16] = -1  # only the first 512 ids
+    for step in range(20):
+        out = sample(logits, [SamplingParams(temperature=1.0, seed=s) for s in range(32)],
+                     [step] * 32, allowed=allowed)
+        assert (out.token_ids < 512).all()
