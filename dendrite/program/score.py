@@ -8,6 +8,8 @@ Higher is better.
 
 from __future__ import annotations
 
+import abc
+
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -17,13 +19,14 @@ from dendrite.program.state import State
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-class Scorer:
+class Scorer(abc.ABC):
     """A named ``State -> float``; `score_all` scores many states at once."""
 
     name = "scorer"
 
-    def __call__(self, state: State) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, state: State) -> float:
+        """The state's score (higher is better)."""
 
     def score_all(self, states: Sequence[State]) -> list[float]:
         """Scores of ``states`` in order (waits for all of them first)."""

@@ -9,6 +9,8 @@ that state's queue is empty, which advances every other state too.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
@@ -52,13 +54,14 @@ def gen(name: str, **options: Any) -> GenExpr:
 # ---------------------------------------------------------------- ops
 
 
-class _Op:
+class _Op(abc.ABC):
     """One queued operation. ``start`` returns True when it finished at once."""
 
     needs_seq = False  # must the state's engine sequence exist to start it?
 
-    def start(self, state: "State", rt: "Runtime") -> bool:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self, state: "State", rt: "Runtime") -> bool:
+        """Begin the operation on ``state``."""
 
 
 class _TextOp(_Op):
