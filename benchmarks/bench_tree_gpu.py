@@ -1115,12 +1115,16 @@ def parse() -> argparse.Namespace:
                     help="wall budget from start; sections that would not fit are skipped")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--fork-lens", default=None, help="comma-separated context lengths for fork")
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="engine token budget per step (prefill chunk size)")
     a = ap.parse_args()
     a.skip = {s for s in a.skip.split(",") if s}
     if a.model_dir is None:
         a.model_dir = Path("/tmp/dendrite-tree-bench-" + ("tiny" if a.tiny else "llama-1b"))
     big = not a.tiny
-    a.fork_lens = [1024, 4096, 32768, 131072] if big else [64, 256, 1024, 2048]
+    fork_lens = [1024, 4096, 32768, 131072] if big else [64, 256, 1024, 2048]
+    a.fork_lens = [int(x) for x in a.fork_lens.split(",")] if a.fork_lens else fork_lens
     a.hf_real_prefill_max = 32768 if big else 1024
     a.fork_reps = 200 if big else 50
     a.tot_prompt, a.tot_tokens = (512, 32) if big else (64, 8)
@@ -1136,7 +1140,8 @@ def parse() -> argparse.Namespace:
     a.grid_batches, a.grid_shared, a.grid_unique = [1, 4, 16, 64], [1024, 4096, 16384], [32, 512]
     a.grid_reps, a.grid_plan_reps = 10, 5
     a.num_pages = (131072 + 16384) // PAGE if big else 2048
-    a.max_batch_tokens = 4096 if big else 512  # 8192-token steps faulted once (docstring)
+    if a.max_batch_tokens is None:
+        a.max_batch_tokens = 4096 if big else 512  # 8192-token steps faulted once (docstring)
     return a
 
 

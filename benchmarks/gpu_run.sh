@@ -7,9 +7,9 @@
 #
 # Stages, each its own process under `timeout` (a stage that hangs costs only
 # itself) and all inside one wall-clock budget (GPU_RUN_BUDGET seconds):
-# FlashInfer JIT warm-up (background), model build, the Dendrite benchmark,
-# HF transformers, the GPU tests, then the optional torch.compile and HF
-# static-cache variants. The table comes last. Files under $OUT (at most a
+# FlashInfer JIT warm-up (background), model build, the Dendrite benchmark
+# and its torch.compile variant, HF transformers, the GPU tests, then the HF
+# static-cache and max-autotune variants. The table comes last. Files under $OUT (at most a
 # handful, since the device tool brings back 8): run.log (every stage's log),
 # bench.md (the table), bench.json (all stage results), gpu_tests.jsonl,
 # pytest.xml.
@@ -83,10 +83,10 @@ stage build 60 150 $B build
 stage dendrite 90 300 $B dendrite
 for p in $WP $WD; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
 cat "$WORK"/warmup-*.log >>"$LOG"
+stage dendrite-compile 60 180 $B dendrite-compile
 stage hf 40 150 $B hf
 stage tests 60 240 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
   --junitxml="$OUT/pytest.xml" -o junit_family=xunit1
-stage dendrite-compile 60 180 $B dendrite-compile
 stage hf-static 60 180 $B hf-static
 stage dendrite-autotune 120 240 $B dendrite-autotune
 

@@ -500,9 +500,13 @@ class Engine:
 
         matchers = [handles[i].matcher for i in rows]
         words = self.grammar_tokenizer.mask_words
+        # Pinned, so the sampler's copy to the GPU is asynchronous: a pageable
+        # copy would block the host until the forward finished and leave the
+        # sampler's kernels to launch behind it, one by one.
+        pin = self.runner.device.type == "cuda"
 
         def work() -> torch.Tensor:
-            bitmask = torch.full((len(handles), words), -1, dtype=torch.int32)
+            bitmask = torch.full((len(handles), words), -1, dtype=torch.int32, pin_memory=pin)
             fill_masks(matchers, bitmask, rows)
             return bitmask
 

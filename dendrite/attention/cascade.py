@@ -271,7 +271,9 @@ class CascadeBackend:
             try:
                 if self._wrapper is None:
                     self._wrapper = self._make_wrapper(backend)
+                f.fence.before(self._wrapper)  # its pinned schedule buffer (see PlanFence)
                 self._wrapper.plan(*args, **kwargs)
+                f.fence.after(self._wrapper)
                 return True
             except Exception as e:  # noqa: BLE001 - a JIT build can fail: try fa2, then give up on cascade
                 log.warning("cascade plan with FlashInfer backend %r failed: %s", backend, e)

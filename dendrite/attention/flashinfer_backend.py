@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["FlashInferBackend", "GraphDecodeWrapper", "flashinfer_available",
+__all__ = ["FlashInferBackend", "GraphDecodeWrapper", "PlanFence", "flashinfer_available",
            "import_flashinfer", "DEFAULT_WORKSPACE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,34 @@ def _host_field(meta: Any, name: str) -> torch.Tensor:
     host = getattr(meta, "host", None)
     t = getattr(host, name, None) if host is not None else None
     return _host_i32(t if t is not None else getattr(meta, name))
+
+
+class PlanFence:
+    """Keeps a FlashInfer wrapper from being re-planned while its last plan is in flight.
+
+    `plan()` writes the step's schedule into the wrapper's pinned host buffer
+    and queues an asynchronous copy of it to the device. Re-planning rewrites
+    that pinned buffer, so if the GPU has not reached the previous copy yet
+    (the host runs ahead through steps that need no result, such as the
+    chunks of a long prefill), the earlier step would read the later step's
+    schedule with its own page tables: an illegal memory access. `before()`
+    waits until the GPU has passed the previous plan's copy, which keeps the
+    host at most one step ahead of the device.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, torch.cuda.Event] = {}
+
+    def before(self, wrapper: Any) -> None:
+        event = self._events.get(id(wrapper))
+        if event is not None:
+            event.synchronize()
+
+    def after(self, wrapper: Any) -> None:
+        event = self._events.get(id(wrapper))
+        if event is None:
+            event = self._events[id(wrapper)] = torch.cuda.Event()
+        event.record()
 
 
 class _WindowGroup:
@@ -161,6 +189,7 @@ class FlashInferBackend:
                 self._groups.setdefault(int(w), _WindowGroup(int(w), [])).layers.append(layer)
         self._layer_wrapper: dict[int, Any] = {}
         self._default_wrapper: Any = None
+        self.fence = PlanFence()
 
     # -- wrappers -------------------------------------------------------------
     def _prefill_wrapper(self, g: _WindowGroup) -> Any:
@@ -210,10 +239,12 @@ class FlashInferBackend:
         `kv_indptr` / `kv_last_page_len` should be CPU tensors (no sync);
         `kv_indices` may live on the device (FlashInfer copies it device-side).
         """
+        self.fence.before(wrapper)
         wrapper.plan(_host_i32(kv_indptr), kv_indices, _host_i32(kv_last_page_len),
                      self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                      window_left=window_left, q_data_type=self.dtype,
                      kv_data_type=self.dtype, sm_scale=self.sm_scale)
+        self.fence.after(wrapper)
 
     def _plan_prefill(self, g: _WindowGroup, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
                       kv_indices: torch.Tensor, kv_last: torch.Tensor, window_left: int) -> Any:
@@ -223,7 +254,9 @@ class FlashInferBackend:
                       kv_data_type=self.dtype, sm_scale=self.sm_scale)
         w = self._prefill_wrapper(g)
         try:
+            self.fence.before(w)
             w.plan(*args, **kwargs)
+            self.fence.after(w)
         except Exception as e:  # the JIT build of the Hopper (fa3) kernels can fail
             if self._prefill_backend != "auto":
                 raise
@@ -233,6 +266,7 @@ class FlashInferBackend:
                 grp.prefill = None
             w = self._prefill_wrapper(g)
             w.plan(*args, **kwargs)
+            self.fence.after(w)
         return w
 
     # -- running --------------------------------------------------------------

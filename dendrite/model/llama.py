@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dendrite.attention.base import AttentionBackend, AttentionMetadata
+from dendrite.kernels import gemv, linear, supported
 from dendrite.model.config import ModelConfig
 from dendrite.model.kv_cache import KVCache
 
@@ -59,6 +60,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose single-row calls on CUDA take the GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -77,10 +85,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias
         )
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
@@ -95,8 +103,20 @@ class Attention(nn.Module):
         kv: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
+        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin, meta, kv, backend))
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """Projected q|k|v [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (pre o_proj)."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split(
             [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1
         )
         q, k, v = (
@@ -110,15 +130,15 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         kv.write(self.layer, meta.slot_mapping, k, v)
         o = backend.forward(self.layer, q, *kv.layer(self.layer))
-        return self.o_proj(o.reshape(t, self.hq * self.d))
+        return o.reshape(t, self.hq * self.d)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -142,8 +162,20 @@ class DecoderLayer(nn.Module):
         kv: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn, mlp = self.self_attn, self.mlp
+        if supported(h, attn.qkv_proj.weight):
+            # Single-stream decode: four GEMV kernels that also do the norms,
+            # the residual adds and SiLU*up (same rounding, fewer launches).
+            ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                       norm_weight=ln1.weight, eps=ln1.eps)
+            o = attn.attend(qkv, cos, sin, meta, kv, backend)
+            h = gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+            gate_up = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                           norm_weight=ln2.weight, eps=ln2.eps)
+            return gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, glu=True, residual=h)
+        h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
+        return h + mlp(self.post_attention_layernorm(h))
 
 
 class _Body(nn.Module):
@@ -173,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def reset_buffers(self) -> None:
@@ -206,7 +238,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> float32 [N, vocab]; matmul in the model dtype like transformers."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight).float()
 
     # -- checkpoint loading ---------------------------------------------------
     def hf_parameter_names(self) -> set[str]:

@@ -114,6 +114,19 @@ def test_rule_shape():
     assert "min_batch=2" in repr(rule)
 
 
+class _RecordingFence:
+    """Stands in for PlanFence (CUDA events) and records the wrappers it guards."""
+
+    def __init__(self):
+        self.calls = []
+
+    def before(self, wrapper):
+        self.calls.append(("before", id(wrapper)))
+
+    def after(self, wrapper):
+        self.calls.append(("after", id(wrapper)))
+
+
 class _FakeFlat:
     """Just enough of FlashInferBackend for the CPU-side decisions."""
 
@@ -123,6 +136,7 @@ class _FakeFlat:
         self.workspace = torch.zeros(1)
         self.fi = None
         self.planned = []
+        self.fence = _RecordingFence()
 
     def plan(self, meta):
         self.planned.append(meta)
@@ -265,6 +279,8 @@ def test_cascade_levels_match_reference_attention_cpu(backend):
     cb.plan(meta)
     assert cb.last_step_was_cascade and cb.stats["last_shared_pages"] == shared
     assert cb.stats["host_reads"] == 0 and flat.planned == []
+    # The cascade wrapper's plan is fenced like the flat ones (pinned schedule buffer).
+    assert flat.fence.calls == [("before", id(cb._wrapper)), ("after", id(cb._wrapper))]
     levels = cb._wrapper._batch_prefill_wrappers
     assert levels[0].qo == [0, b] and levels[0].kvp == [0, shared] and levels[0].last == [ps]
     assert levels[1].kvp == (indptr - shared * np.arange(b + 1)).tolist()

@@ -1,0 +1,284 @@
+"""Kernel-level measurements behind the single-stream decode step (GPU only).
+
+    python3 benchmarks/bench_kernels_gpu.py [--out DIR] [--sections bw,skinny,attn,prefill]
+
+Sections, each printing a table (and all of them saved to kernels.json):
+
+* bw      device copy bandwidth (read + write) and read bandwidth (a sum);
+* skinny  the weight matmuls of one decode token of a Llama-3.2-1B-shaped
+          model (hidden 2048, 16 layers, 32/8 heads x 64, MLP 8192, vocab
+          128256): cuBLAS (`F.linear`) against Dendrite's Triton GEMV
+          (dendrite/kernels/gemv.py), per shape over a sweep of tiles, then the whole token's
+          sequence of 65 matmuls; weights are rotated through enough copies
+          that L2 never holds them (as in a real step);
+* attn    FlashInfer paged decode in CUDA-graph mode for B=1 at 256/1K/4K
+          tokens and B=16 over a shared 4K prefix: CUDA-core kernel (split
+          KV + merge, what the engine captures) vs tensor-core kernel with and
+          without split KV;
+* prefill FlashInfer paged prefill of long single sequences, fa3 and fa2, each
+          case in its own process under CUDA_LAUNCH_BLOCKING=1, to locate the
+          illegal memory access seen with 8192-token chunks.
+
+Times are CUDA-graph replays (no launch overhead), medians over repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN, LAYERS, HQ, HKV, HEAD_DIM, INTER, VOCAB = 2048, 16, 32, 8, 64, 8192, 128256
+PAGE = 16
+SHAPES = {  # name -> (N, K) of nn.Linear weights, one layer (lm_head once)
+    "qkv": ((HQ + 2 * HKV) * HEAD_DIM, HIDDEN),
+    "o": (HIDDEN, HQ * HEAD_DIM),
+    "gate_up": (2 * INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+    "lm_head": (VOCAB, HIDDEN),
+}
+L2_FLUSH_BYTES = 256 << 20
+
+
+def graph_time(fn, inner: int = 10, reps: int = 30) -> float:
+    """Median seconds per `fn()` call, from CUDA-graph replays of `inner` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3 / inner)
+    return statistics.median(ts)
+
+
+def sec_bw(res: dict) -> None:
+    n = 2 << 30
+    x = torch.empty(n, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = graph_time(lambda: y.copy_(x), inner=3, reps=10)
+    xb = x.view(torch.bfloat16)
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    tr = graph_time(lambda: torch.sum(xb, dim=0, dtype=torch.float32, out=out), inner=3, reps=10)
+    res["bw"] = {"copy_TBps": 2 * n / t / 1e12, "read_TBps": n / tr / 1e12}
+    print(f"copy {res['bw']['copy_TBps']:.2f} TB/s (read+write), read {res['bw']['read_TBps']:.2f} TB/s")
+    del x, y
+
+
+def _weights(n: int, k: int, copies: int) -> list[torch.Tensor]:
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+
+
+def _rotating(op, ws: list[torch.Tensor], x: torch.Tensor):
+    i = [0]
+
+    def fn():
+        op(x, ws[i[0] % len(ws)])
+        i[0] += 1
+    return fn
+
+
+def sec_skinny(res: dict) -> None:
+    from dendrite.kernels.gemv import _launch, tile_for
+
+    def ours(x, w, tile=None):
+        return _launch(x, w, None, None, 0.0, False, None, tile)
+
+    out = res.setdefault("skinny", {})
+    print("\n| shape (N x K) | MB | cuBLAS us | GB/s | GEMV (default tile) us | GB/s | "
+          "best tile (BN, warps) | us | GB/s |")
+    print("|---|--:|--:|--:|--:|--:|---|--:|--:|")
+    for name, (n, k) in SHAPES.items():
+        nbytes = 2 * n * k
+        copies = max(2, -(-L2_FLUSH_BYTES // nbytes))
+        ws = _weights(n, k, copies)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), ws[0].float())
+        err = float((ours(x, ws[0]).float() - ref).abs().max() / ref.abs().max())
+        ic = graph_time(_rotating(lambda x, w: F.linear(x, w), ws, x), inner=copies)
+        td = graph_time(_rotating(ours, ws, x), inner=copies)
+        default = tile_for(n, k)
+        best = (td, default[0], default[2])
+        for bn in (1, 2, 4, 8):
+            for warps in (4, 8):
+                tile = (bn, default[1], warps)
+                try:
+                    t = graph_time(_rotating(lambda x, w, tile=tile: ours(x, w, tile), ws, x),
+                                   inner=copies, reps=15)
+                except Exception as e:  # noqa: BLE001 (a tile that does not compile)
+                    print(f"  tile {tile}: {type(e).__name__}")
+                    continue
+                if t < best[0]:
+                    best = (t, bn, warps)
+        gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+        out[name] = {"n": n, "k": k, "cublas_us": ic * 1e6, "gemv_us": td * 1e6,
+                     "best_us": best[0] * 1e6, "best_bn": best[1], "best_warps": best[2],
+                     "relerr": err, "default_tile": default}
+        print(f"| {name} {n}x{k} | {nbytes / 1e6:.1f} | {ic * 1e6:.1f} | {gbs(ic):.0f} | "
+              f"{td * 1e6:.1f} | {gbs(td):.0f} | ({best[1]}, {best[2]}) | {best[0] * 1e6:.1f} | "
+              f"{gbs(best[0]):.0f} |")
+        del ws
+        torch.cuda.empty_cache()
+    # One decode token's matmuls in model order, every layer its own weights.
+    layers = [{nm: _weights(*SHAPES[nm], 1)[0] for nm in ("qkv", "o", "gate_up", "down")}
+              for _ in range(LAYERS)]
+    head = _weights(*SHAPES["lm_head"], 1)[0]
+    total_bytes = sum(w.numel() * 2 for lw in layers for w in lw.values()) + head.numel() * 2
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    xi = torch.randn(1, INTER, device="cuda", dtype=torch.bfloat16)
+
+    def token(op):
+        def fn():
+            for lw in layers:
+                op(x, lw["qkv"])
+                op(x, lw["o"])
+                op(x, lw["gate_up"])
+                op(xi, lw["down"])
+            op(x, head)
+        return fn
+    tc = graph_time(token(lambda x, w: F.linear(x, w)), inner=2, reps=20)
+    ts = graph_time(token(ours), inner=2, reps=20)
+    out["token"] = {"bytes": total_bytes, "cublas_ms": tc * 1e3, "gemv_ms": ts * 1e3}
+    print(f"\nwhole token ({total_bytes / 1e9:.3f} GB of weights): cuBLAS {tc * 1e3:.3f} ms "
+          f"({total_bytes / tc / 1e12:.2f} TB/s), GEMV {ts * 1e3:.3f} ms "
+          f"({total_bytes / ts / 1e12:.2f} TB/s)")
+
+
+def sec_attn(res: dict) -> None:
+    import flashinfer
+
+    out = res.setdefault("attn", {})
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    print("\n| batch | kv len | shared | CUDA-core graph us | tensor-core split us | "
+          "tensor-core no-split us |")
+    print("|--:|--:|---|--:|--:|--:|")
+    for b, kv_len, shared in ((1, 256, False), (1, 1024, False), (1, 4096, False),
+                              (16, 4096, True), (16, 256, False)):
+        pages_per = -(-kv_len // PAGE)
+        total_pages = pages_per if shared else b * pages_per
+        kvs = [(torch.randn(total_pages + 1, PAGE, HKV, HEAD_DIM, device="cuda",
+                            dtype=torch.bfloat16),
+                torch.randn(total_pages + 1, PAGE, HKV, HEAD_DIM, device="cuda",
+                            dtype=torch.bfloat16)) for _ in range(LAYERS)]
+        if shared:
+            indices = torch.arange(pages_per, dtype=torch.int32).repeat(b)
+        else:
+            indices = torch.arange(b * pages_per, dtype=torch.int32)
+        indptr = torch.arange(b + 1, dtype=torch.int32) * pages_per
+        last = torch.full((b,), kv_len - (pages_per - 1) * PAGE, dtype=torch.int32)
+        q = torch.randn(b, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        row = {}
+        for label, tc, nosplit in (("cuda_core", False, False), ("tc_split", True, False),
+                                   ("tc_nosplit", True, True)):
+            try:
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    ws, "NHD", use_cuda_graph=True, use_tensor_cores=tc,
+                    paged_kv_indptr_buffer=indptr.cuda(),
+                    paged_kv_indices_buffer=indices.cuda(),
+                    paged_kv_last_page_len_buffer=last.cuda())
+                kw = {"disable_split_kv": True} if nosplit else {}
+                w.plan(indptr, indices.cuda(), last, HQ, HKV, HEAD_DIM, PAGE,
+                       q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, **kw)
+                li = [0]
+
+                def fn(w=w, li=li):
+                    w.run(q, kvs[li[0] % LAYERS])
+                    li[0] += 1
+                row[label] = graph_time(fn, inner=LAYERS) * 1e6
+            except Exception as e:  # noqa: BLE001
+                row[label] = None
+                print(f"  {label} B={b} kv={kv_len}: {type(e).__name__}: {str(e)[:200]}")
+        out[f"b{b}_kv{kv_len}{'_shared' if shared else ''}"] = row
+        f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"| {b} | {kv_len} | {shared} | {f(row.get('cuda_core'))} | "
+              f"{f(row.get('tc_split'))} | {f(row.get('tc_nosplit'))} |")
+        del kvs
+        torch.cuda.empty_cache()
+
+
+def prefill_case(backend: str, qo: int, kv: int, pool_pages: int) -> None:
+    """One paged prefill of a single sequence (the last `qo` of `kv` tokens are new)."""
+    import flashinfer
+
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
+    pages = -(-kv // PAGE)
+    k_cache = torch.randn(pool_pages, PAGE, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    indices = torch.randperm(pool_pages, dtype=torch.int32)[:pages].cuda()
+    w.plan(torch.tensor([0, qo], dtype=torch.int32), torch.tensor([0, pages], dtype=torch.int32),
+           indices, torch.tensor([kv - (pages - 1) * PAGE], dtype=torch.int32), HQ, HKV,
+           HEAD_DIM, PAGE, causal=True, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    q = torch.randn(qo, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    o = w.run(q, (k_cache, v_cache))
+    torch.cuda.synchronize()
+    print(f"OK backend={backend} qo={qo} kv={kv} out_finite={bool(torch.isfinite(o).all())}")
+
+
+def sec_prefill(res: dict) -> None:
+    out = res.setdefault("prefill", {})
+    pool = (131072 + 16384) // PAGE
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    for backend in ("fa3", "fa2"):
+        for qo, kv in ((4096, 4096), (8192, 8192), (4096, 32768), (8192, 32768), (2048, 131072)):
+            key = f"{backend}_q{qo}_kv{kv}"
+            try:
+                p = subprocess.run([sys.executable, __file__, "--prefill-case",
+                                    f"{backend}:{qo}:{kv}:{pool}"], env=env, capture_output=True,
+                                   text=True, timeout=240)
+                text = (p.stdout + p.stderr).strip().splitlines()
+                ok = p.returncode == 0 and any(t.startswith("OK") for t in text)
+                msg = next((t for t in text if t.startswith("OK")), None) or \
+                    " | ".join(t for t in text if "rror" in t)[-400:]
+            except subprocess.TimeoutExpired:
+                ok, msg = False, "timeout"
+            out[key] = {"ok": ok, "msg": msg}
+            print(f"prefill {key}: {'ok' if ok else 'FAILED'} {msg}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--sections", default="bw,skinny,attn,prefill")
+    ap.add_argument("--prefill-case", default=None)
+    a = ap.parse_args()
+    if a.prefill_case:
+        b, qo, kv, pool = a.prefill_case.split(":")
+        prefill_case(b, int(qo), int(kv), int(pool))
+        return
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    fns = {"bw": sec_bw, "skinny": sec_skinny, "attn": sec_attn, "prefill": sec_prefill}
+    for s in a.sections.split(","):
+        try:
+            fns[s](res)
+        except Exception as e:  # noqa: BLE001 (report and go on with the next section)
+            import traceback
+            traceback.print_exc()
+            res[s + "_error"] = f"{type(e).__name__}: {e}"[:500]
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
