@@ -140,6 +140,40 @@ def sec_skinny(res: dict) -> None:
               f"{gbs(best[0]):.0f} |")
         del ws
         torch.cuda.empty_cache()
+    # The fused variants: RMSNorm prologue (qkv, gate_up), SiLU*up prologue (down).
+    print("\n| fused variant | default tile | us | best tile (BN, warps) | us |")
+    print("|---|---|--:|---|--:|")
+    for name, mode in (("qkv", "norm"), ("gate_up", "norm"), ("down", "glu")):
+        n, k = SHAPES[name]
+        copies = max(2, -(-L2_FLUSH_BYTES // (2 * n * k)))
+        ws = _weights(n, k, copies)
+        xin = torch.randn(1, 2 * k if mode == "glu" else k, device="cuda", dtype=torch.bfloat16)
+        nw = torch.ones(k, device="cuda", dtype=torch.bfloat16) if mode == "norm" else None
+
+        def fused(x, w, tile=None, nw=nw, mode=mode):
+            return _launch(x, w, None, nw, 1e-5, mode == "glu", None, tile)
+        default = tile_for(n, k, mode == "norm")
+        td = graph_time(_rotating(fused, ws, xin), inner=copies)
+        best = (td, default[0], default[2])
+        for bn in (1, 2, 4, 8, 16):
+            for warps in (4, 8):
+                tile = (bn, default[1], warps)
+                try:
+                    t = graph_time(_rotating(lambda x, w, tile=tile: fused(x, w, tile), ws, xin),
+                                   inner=copies, reps=15)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  tile {tile}: {type(e).__name__}")
+                    continue
+                if t < best[0]:
+                    best = (t, bn, warps)
+        out[f"{name}_{mode}"] = {"default_tile": default, "default_us": td * 1e6,
+                                 "best_us": best[0] * 1e6, "best_bn": best[1],
+                                 "best_warps": best[2]}
+        print(f"| {name} +{mode} | {default} | {td * 1e6:.1f} | ({best[1]}, {best[2]}) | "
+              f"{best[0] * 1e6:.1f} |")
+        del ws
+        torch.cuda.empty_cache()
+
     # One decode token's matmuls in model order, every layer its own weights.
     layers = [{nm: _weights(*SHAPES[nm], 1)[0] for nm in ("qkv", "o", "gate_up", "down")}
               for _ in range(LAYERS)]

@@ -35,6 +35,9 @@ __all__ = ["gemv", "supported", "tile_for"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
+#: Bytes of W per program when the kernel also normalizes x (see tile_for).
+NORM_TILE_BYTES = 16 * 1024
+
 
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -57,7 +60,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
             and triton_available())
 
 
-def tile_for(n: int, k: int) -> tuple[int, int, int]:
+def tile_for(n: int, k: int, norm: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for W of shape [n, k]; depends on the shape only.
 
     About 8 KB of W per program and 8 warps for matrices over 16 MB: the best
@@ -66,8 +69,11 @@ def tile_for(n: int, k: int) -> tuple[int, int, int]:
     chunks of at most 2048 columns (a power of two for `tl.arange`).
     """
     block_k = min(1 << max(k - 1, 1).bit_length(), 2048)
+    # With the RMSNorm prologue every program also reduces the whole row of
+    # x: more rows per program amortize that.
+    target = NORM_TILE_BYTES if norm else 8 * 1024
     block_n = 1
-    while block_n < 16 and (2 * block_n) * 2 * k <= 8 * 1024:
+    while block_n < 16 and (2 * block_n) * 2 * k <= target:
         block_n *= 2
     return block_n, block_k, (8 if n * k * 2 > 16 << 20 else 4)
 
@@ -90,6 +96,12 @@ def _kernel():
         dt = y_ptr.dtype.element_ty
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        # The first chunk of W is requested before anything else, so its trip
+        # from HBM overlaps the RMSNorm statistics below.
+        offs_k = tl.arange(0, BLOCK_K)
+        w_first = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
+                          mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0,
+                          eviction_policy="evict_first")
         if NORM:  # RMSNorm statistics of x (from L2: every program reads the same row)
             sq = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in tl.static_range(0, K, BLOCK_K):
@@ -101,9 +113,12 @@ def _kernel():
         for k0 in tl.static_range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            if k0 == 0:
+                w = w_first
+            else:
+                w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
             if GLU:  # x = [gate | up]: SiLU(gate) * up, each rounded like the torch ops
                 g = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 u = tl.load(x_ptr + K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -137,7 +152,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tile or tile_for(n, k)
+    block_n, block_k, warps = tile or tile_for(n, k, norm_weight is not None)
     kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight,
