@@ -152,10 +152,10 @@ def sec_skinny(res: dict) -> None:
 
         def fused(x, w, tile=None, nw=nw, mode=mode):
             return _launch(x, w, None, nw, 1e-5, mode == "glu", None, tile)
-        default = tile_for(n, k, mode == "norm")
+        default = tile_for(n, k, mode == "norm", mode == "glu")
         td = graph_time(_rotating(fused, ws, xin), inner=copies)
         best = (td, default[0], default[2])
-        for bn in (1, 2, 4, 8, 16):
+        for bn in (1, 2, 4, 8, 16, 32):
             for warps in (4, 8):
                 tile = (bn, default[1], warps)
                 try:

@@ -191,6 +191,7 @@ class Engine:
         self._grammar_tokenizer = None
         self._live: dict[int, Sequence] = {}  # node -> sequence (leaf handles)
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
+        self._mask_prefetch: tuple[list[GenHandle], Future] | None = None
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
                       "prefix_tokens_reused": 0, "fork_seconds": 0.0}
 
@@ -262,6 +263,7 @@ class Engine:
             raise ValueError(f"fork needs n >= 1, got {n}")
         if seq.handle is not None and not seq.handle.done:
             raise RuntimeError("cannot fork a sequence while it is generating")
+        self._settle_masks()
         self.flush([seq])  # children share computed KV rather than re-prefill it
         t0 = time.perf_counter()
         kids_nodes = self.tree.fork(seq.node, n)
@@ -319,6 +321,7 @@ class Engine:
         params = params or SamplingParams()
         if seq.handle is not None and not seq.handle.done:
             raise RuntimeError("sequence already has a generation in flight")
+        self._settle_masks()
         self._thaw(seq)
         if seq.num_tokens == 0:
             raise ValueError("cannot generate from an empty sequence: give it a prompt")
@@ -492,13 +495,10 @@ class Engine:
         self._track(seq)
         self.stats["preemptions"] += 1
 
-    def _start_masks(self, handles: list[GenHandle]) -> Future | None:
-        rows = [i for i, h in enumerate(handles) if h.matcher is not None]
-        if not rows:
-            return None
+    def _fill_job(self, matchers: list) -> Future:
+        """Masks of `matchers` (rows in order) filled on the worker thread."""
         from dendrite.grammar import fill_masks
 
-        matchers = [handles[i].matcher for i in rows]
         words = self.grammar_tokenizer.mask_words
         # Pinned, so the sampler's copy to the GPU is asynchronous: a pageable
         # copy would block the host until the forward finished and leave the
@@ -506,11 +506,55 @@ class Engine:
         pin = self.runner.device.type == "cuda"
 
         def work() -> torch.Tensor:
-            bitmask = torch.full((len(handles), words), -1, dtype=torch.int32, pin_memory=pin)
-            fill_masks(matchers, bitmask, rows)
+            bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=pin)
+            fill_masks(matchers, bitmask)
             return bitmask
 
         return self._mask_pool.submit(work)
+
+    def _prefetch_masks(self, handles: list[GenHandle]) -> None:
+        """Start the next step's masks now that this step's tokens are consumed.
+
+        The worker then has the rest of this step and the next step's
+        scheduling and forward launch to fill them in, instead of only the
+        forward launch. A prefetched row stays valid until its matcher
+        consumes again, which only happens after the mask has been used.
+        """
+        live = [h for h in handles if h.matcher is not None and not h.done]
+        self._mask_prefetch = (live, self._fill_job([h.matcher for h in live])) if live else None
+
+    def _start_masks(self, handles: list[GenHandle]) -> Future | None:
+        """Future of the packed allowed-token masks for `handles` (-1 rows: free)."""
+        rows = [i for i, h in enumerate(handles) if h.matcher is not None]
+        if not rows:
+            return None
+        prefetched, self._mask_prefetch = self._mask_prefetch, None
+        if prefetched is not None and len(rows) == len(handles) and \
+                [id(h) for h in prefetched[0]] == [id(h) for h in handles]:
+            return prefetched[1]  # the steady state: same branches, same order
+        have = {id(h): j for j, h in enumerate(prefetched[0])} if prefetched else {}
+        hit = [i for i in rows if id(handles[i]) in have]
+        missing = [i for i in rows if id(handles[i]) not in have]
+        missing_job = self._fill_job([handles[i].matcher for i in missing]) if missing else None
+        words = self.grammar_tokenizer.mask_words
+        pin = self.runner.device.type == "cuda"
+
+        def assemble() -> torch.Tensor:
+            # Runs after the jobs above on the same single worker thread.
+            out = torch.full((len(handles), words), -1, dtype=torch.int32, pin_memory=pin)
+            if hit:
+                src = prefetched[1].result()
+                out[hit] = src[[have[id(handles[i])] for i in hit]]
+            if missing_job is not None:
+                out[missing] = missing_job.result()
+            return out
+
+        return self._mask_pool.submit(assemble)
+
+    def _settle_masks(self) -> None:
+        """Wait for a prefetch in flight: its matchers may be touched next."""
+        if self._mask_prefetch is not None:
+            self._mask_prefetch[1].result()
 
     def _sample_and_advance(self, handles: list[GenHandle], logits: torch.Tensor,
                             allowed: torch.Tensor | None) -> list[GenHandle]:
@@ -525,6 +569,8 @@ class Engine:
         for h, tok, lp in zip(handles, tokens, lps):
             if self._accept(h, tok, lp):
                 finished.append(h)
+        if allowed is not None:
+            self._prefetch_masks(handles)
         return finished
 
     def _accept(self, h: GenHandle, tok: int, lp: float) -> bool:
@@ -599,4 +645,5 @@ class Engine:
     def close(self) -> None:
         for seq in list(self._live.values()):
             self.release(seq)
-        self._mask_pool.shutdown(wait=False)
+        self._mask_prefetch = None
+        self._mask_pool.shutdown(wait=True)

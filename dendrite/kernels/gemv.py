@@ -35,8 +35,6 @@ __all__ = ["gemv", "supported", "tile_for"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
-#: Bytes of W per program when the kernel also normalizes x (see tile_for).
-NORM_TILE_BYTES = 16 * 1024
 
 
 @lru_cache(maxsize=1)
@@ -60,22 +58,28 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
             and triton_available())
 
 
-def tile_for(n: int, k: int, norm: bool = False) -> tuple[int, int, int]:
+def tile_for(n: int, k: int, norm: bool = False, glu: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for W of shape [n, k]; depends on the shape only.
 
-    About 8 KB of W per program and 8 warps for matrices over 16 MB: the best
-    of a sweep over 1-16 rows x 2-8 warps for the five weight shapes of a
-    Llama-3.2-1B on an H100 (benchmarks/bench_kernels_gpu.py). K is taken in
-    chunks of at most 2048 columns (a power of two for `tl.arange`).
+    From a sweep over 1-16 rows x 4/8 warps of the Llama-3.2-1B weight shapes
+    on an H100 (benchmarks/bench_kernels_gpu.py, docs/benchmarks.md): about
+    8 KB of W per program, 8 warps for matrices over 16 MB or with the RMSNorm
+    prologue. The SiLU*up prologue recomputes SiLU over the whole row in every
+    program, so it wants many rows per program (16 rows, 8 warps, was 15%
+    faster than 1 row on the 2048 x 8192 down projection), while keeping at
+    least 128 programs. K is taken in chunks of at most 2048 columns (a power
+    of two for `tl.arange`).
     """
     block_k = min(1 << max(k - 1, 1).bit_length(), 2048)
-    # With the RMSNorm prologue every program also reduces the whole row of
-    # x: more rows per program amortize that.
-    target = NORM_TILE_BYTES if norm else 8 * 1024
+    if glu:
+        block_n = 1
+        while block_n < 16 and n // (2 * block_n) >= 128:
+            block_n *= 2
+        return block_n, block_k, 8
     block_n = 1
-    while block_n < 16 and (2 * block_n) * 2 * k <= target:
+    while block_n < 16 and (2 * block_n) * 2 * k <= 8 * 1024:
         block_n *= 2
-    return block_n, block_k, (8 if n * k * 2 > 16 << 20 else 4)
+    return block_n, block_k, (8 if norm or n * k * 2 > 16 << 20 else 4)
 
 
 _KERNEL = None
@@ -152,7 +156,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tile or tile_for(n, k, norm_weight is not None)
+    block_n, block_k, warps = tile or tile_for(n, k, norm_weight is not None, glu)
     kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight,

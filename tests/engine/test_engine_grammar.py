@@ -91,3 +91,33 @@ def test_invalid_grammar_rejected_before_allocation(make_engine):
     assert e.pool.used == used
     with pytest.raises(GrammarError):
         Constraint(regex="(unclosed")
+
+
+def test_branches_joining_mid_generation_keep_masks_exact(make_engine):
+    """Masks of the next step are filled ahead (prefetch); branches that join or
+    leave the batch must not shift anyone's mask: a seeded constrained branch
+    gives the same tokens alone as with other branches joining mid-way."""
+    words = Constraint(regex=r"[a-z ]{30}")
+    digits = Constraint(regex=r"[0-9]{3}(-[0-9]{3}){4}")
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=40)
+
+    e = make_engine()
+    alone = e.submit(e.new_sequence("Say: "), params, constraint=words)
+    e.run([alone])
+
+    e = make_engine()
+    a = e.submit(e.new_sequence("Say: "), params, constraint=words)
+    for _ in range(3):
+        e.step()
+    b = e.submit(e.new_sequence("Number: "), SamplingParams(temperature=1.0, seed=2,
+                                                            max_tokens=40), constraint=digits)
+    free = e.submit(e.new_sequence("Free: "), SamplingParams(temperature=1.0, seed=4,
+                                                              max_tokens=12))
+    e.step()
+    c = e.submit(e.new_sequence("More: "), SamplingParams(temperature=1.0, seed=5,
+                                                           max_tokens=40), constraint=words)
+    e.run([a, b, c, free])
+    assert a.result.token_ids == alone.result.token_ids
+    assert re.fullmatch(r"[a-z ]{30}", a.result.text) and a.result.complete
+    assert re.fullmatch(r"[a-z ]{30}", c.result.text) and c.result.complete
+    assert re.fullmatch(r"[0-9]{3}(-[0-9]{3}){4}", b.result.text) and b.result.complete
