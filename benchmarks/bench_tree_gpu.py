@@ -32,12 +32,11 @@ only JIT-builds FlashInfer kernels (no dendrite import; run in the background).
 `--tiny --device cpu` runs every section on a tiny model as a smoke test
 (FlashInfer-only parts are skipped).
 
-Known issue (H100, FlashInfer 0.6.18, 2026-11-22): with max_batch_tokens=8192
-the first 8192-token prefill step of a 32K prompt raised "CUDA error: an
-illegal memory access" (4095-token steps were clean) and lost the CUDA
-context; not root-caused. Hence 4096-token prefill steps here, the long
-contexts last (after the cascade grid), results saved before any device call
-that could raise, and every section after a lost context skipped.
+A chunked prefill of a 32K prompt once raised "illegal memory access" here: the
+engine re-planned FlashInfer before the GPU had copied the previous plan
+(fixed by PlanFence, see docs/benchmarks.md). Results are still saved before
+any device call that could raise, and every section after a lost CUDA context
+is skipped.
 """
 
 from __future__ import annotations
@@ -1141,7 +1140,7 @@ def parse() -> argparse.Namespace:
     a.grid_reps, a.grid_plan_reps = 10, 5
     a.num_pages = (131072 + 16384) // PAGE if big else 2048
     if a.max_batch_tokens is None:
-        a.max_batch_tokens = 4096 if big else 512  # 8192-token steps faulted once (docstring)
+        a.max_batch_tokens = 8192 if big else 512
     return a
 
 

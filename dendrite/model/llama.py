@@ -5,6 +5,9 @@ cos/sin computed in float32 then cast, residual adds in the model dtype) so
 fp32 logits agree to ~1e-6 and bf16 rounds the same way. Two fusions change
 nothing numerically per output but halve the matmul launches: q/k/v are one
 `qkv_proj` and gate/up one `gate_up_proj`; `load_hf_weight` maps HF names.
+A one-token step on CUDA (single-stream decode) runs each layer as four
+GEMV kernels (dendrite/kernels/gemv.py) that also do the RMSNorms, SiLU*up
+and residual adds, rounding as the unfused ops do.
 
 The forward pass takes a flat batch of T new tokens from B sequences (no
 padding): it writes each layer's new K/V at `meta.slot_mapping` and asks the
