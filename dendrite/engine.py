@@ -495,18 +495,19 @@ class Engine:
         self._track(seq)
         self.stats["preemptions"] += 1
 
+    def _empty_masks(self, rows: int) -> torch.Tensor:
+        """All-allowed packed masks. Pinned on CUDA, so the sampler's copy to the
+        GPU is asynchronous: a pageable copy would block the host until the
+        forward finished and leave the sampler's kernels to launch behind it."""
+        return torch.full((rows, self.grammar_tokenizer.mask_words), -1, dtype=torch.int32,
+                          pin_memory=self.runner.device.type == "cuda")
+
     def _fill_job(self, matchers: list) -> Future:
         """Masks of `matchers` (rows in order) filled on the worker thread."""
         from dendrite.grammar import fill_masks
 
-        words = self.grammar_tokenizer.mask_words
-        # Pinned, so the sampler's copy to the GPU is asynchronous: a pageable
-        # copy would block the host until the forward finished and leave the
-        # sampler's kernels to launch behind it, one by one.
-        pin = self.runner.device.type == "cuda"
-
         def work() -> torch.Tensor:
-            bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=pin)
+            bitmask = self._empty_masks(len(matchers))
             fill_masks(matchers, bitmask)
             return bitmask
 
@@ -536,12 +537,10 @@ class Engine:
         hit = [i for i in rows if id(handles[i]) in have]
         missing = [i for i in rows if id(handles[i]) not in have]
         missing_job = self._fill_job([handles[i].matcher for i in missing]) if missing else None
-        words = self.grammar_tokenizer.mask_words
-        pin = self.runner.device.type == "cuda"
 
         def assemble() -> torch.Tensor:
             # Runs after the jobs above on the same single worker thread.
-            out = torch.full((len(handles), words), -1, dtype=torch.int32, pin_memory=pin)
+            out = self._empty_masks(len(handles))
             if hit:
                 src = prefetched[1].result()
                 out[hit] = src[[have[id(handles[i])] for i in hit]]

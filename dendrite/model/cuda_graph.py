@@ -27,9 +27,9 @@ whole pool (see `_ops`). It costs a compile per bucket and is opt-in.
 
 Outputs (`logits` [B, V] float32 and greedy `tokens` [B] int64) are views of
 static buffers: the next `run()` overwrites them, so consume or copy first.
-No host sync happens in `run()` except a guard that keeps FlashInfer's pinned
-planning buffer from being rewritten while the previous step's copy out of it
-is still queued (it waits for the step before the previous one at most).
+No host sync happens in `run()` except the backend's `PlanFence` when a
+bucket's wrapper is re-planned: it keeps FlashInfer's pinned planning buffer
+from being rewritten while the previous plan's copy out of it is still queued.
 """
 
 from __future__ import annotations
@@ -278,9 +278,6 @@ class CudaGraphDecodeRunner:
         self._model_kv = _OpaqueKV(kv_cache) if compile else kv_cache
         self._graphs: dict[int, _Bucket] = {}
         self._pool: Any = None
-        # Guards FlashInfer's pinned planning buffer (see module docstring).
-        self._planned = torch.cuda.Event()
-        self._planned.record()
         windows = [w for w in (backend.sliding_windows or []) if w is not None]
         self._min_window = min(windows) if windows else None
 
@@ -362,8 +359,6 @@ class CudaGraphDecodeRunner:
             bucket = self._graphs[bs] = self._capture(bs)
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
-        # Wait (rarely blocking) until the previous plan's pinned->device copy ran.
-        self._planned.synchronize()
         self.input_ids[:b].copy_(input_ids, non_blocking=True)
         self.positions[:b].copy_(meta.positions, non_blocking=True)
         self.slot_mapping[:b].copy_(meta.slot_mapping, non_blocking=True)
@@ -383,7 +378,6 @@ class CudaGraphDecodeRunner:
             bucket.gw.indices[nnz:nnz + npad].fill_(self.pad_page)
         else:
             bucket.gw.plan(kv_indptr, meta.kv_indices, kv_last)
-        self._planned.record()
         bucket.graph.replay()
         return bucket.logits[:b], bucket.tokens[:b]
 
