@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +158,8 @@ class Engine:
                  dtype: torch.dtype | str | None = None, num_pages: int | None = None,
                  page_size: int = 16, attention: str = "auto", max_batch_tokens: int = 2048,
                  prefix_cache: bool = True, max_wait_steps: int = 64,
-                 cuda_graphs: bool = True, runner: ModelRunner | None = None) -> None:
+                 cuda_graphs: bool = True, cascade: str = "auto",
+                 runner: ModelRunner | None = None) -> None:
         if runner is None:
             if model_dir is None:
                 model_dir = os.environ.get("DENDRITE_MODEL")
@@ -176,7 +178,9 @@ class Engine:
         self.page_size = runner.page_size
         self.num_pages = runner.num_pages
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
-        self.graphs = self._make_graph_runner() if cuda_graphs else None
+        # Decode steps whose leaves share a long prefix replay a cascade graph
+        # ("auto": when GRAPH_CASCADE_RULE says it is faster; "always"; "never").
+        self.graphs = self._make_graph_runner(cascade) if cuda_graphs else None
         # The graph runner pads rows into the pool's last page: keep it out of the pool.
         usable = self.num_pages - 1 if self.graphs is not None else self.num_pages
         self.pool = BlockPool(usable, self.page_size)
@@ -192,10 +196,11 @@ class Engine:
         self._live: dict[int, Sequence] = {}  # node -> sequence (leaf handles)
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
         self._mask_prefetch: tuple[list[GenHandle], Future] | None = None
+        self._inline_masks = self.device.type == "cuda"
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
                       "prefix_tokens_reused": 0, "fork_seconds": 0.0}
 
-    def _make_graph_runner(self):
+    def _make_graph_runner(self, cascade: str):
         """Decode steps replay captured CUDA graphs (CUDA + FlashInfer only)."""
         from dendrite.attention.flashinfer_backend import FlashInferBackend
 
@@ -204,7 +209,8 @@ class Engine:
         from dendrite.model.cuda_graph import CudaGraphDecodeRunner
 
         graphs = CudaGraphDecodeRunner(self.runner.model, self.runner.kv_cache,
-                                       self.runner.backend, max_batch_size=64)
+                                       self.runner.backend, max_batch_size=64,
+                                       cascade=cascade)
         graphs.capture()
         return graphs
 
@@ -377,8 +383,8 @@ class Engine:
         counts = np.asarray([p[1] for p in plan], dtype=np.int32)
         starts = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
         nodes = np.asarray([s.node for s in seqs], dtype=np.int64)
-        flat_tokens = np.concatenate([np.asarray(s.pending[:c], dtype=np.int32)
-                                      for s, c in plan])
+        flat_tokens = np.fromiter(chain.from_iterable(s.pending[:c] for s, c in plan),
+                                  dtype=np.int32, count=int(counts.sum()))
         appended = self.tree.append_batch(nodes, counts, flat_tokens)
         for s, c in plan:
             del s.pending[:c]
@@ -386,8 +392,10 @@ class Engine:
                        if not s.pending and s.handle is not None and not s.handle.done]
         sample_handles = [seqs[i].handle for i in sample_rows]
 
-        # Grammar masks are filled on a worker thread while the forward runs.
-        mask_future = self._start_masks(sample_handles)
+        # Grammar masks are computed while the forward runs: on CUDA, on this
+        # thread right after the (asynchronous) launch; on the CPU, where the
+        # forward holds this thread, on a worker thread.
+        mask_future = None if self._inline_masks else self._start_masks(sample_handles)
 
         indptr, indices, last_len = self.tree.export_csr(nodes)
         qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
@@ -400,7 +408,8 @@ class Engine:
                 and self.graphs.can_run(meta)):
             if len(appended.copies):
                 self.runner.kv_cache.copy_pages(appended.copies)
-            logits, _ = self.graphs.run(flat_tokens, meta)  # valid until the next replay
+            # (valid until the next replay)
+            logits, _ = self.graphs.run(flat_tokens, meta, host_indices=indices)
         else:
             logits = self.runner.run(flat_tokens, meta, logit_rows, copies=appended.copies)
         self.stats["steps"] += 1
@@ -409,8 +418,13 @@ class Engine:
             if mask_future is not None:
                 mask_future.result()
             return []
-        allowed = mask_future.result() if mask_future is not None else None
-        return self._sample_and_advance(sample_handles, logits, allowed)
+        if self._inline_masks:
+            allowed = self._masks_now(sample_handles)
+        else:
+            allowed = mask_future.result() if mask_future is not None else None
+        # A sampled row's new token goes right after its cached ones.
+        positions = (starts + counts)[sample_rows].tolist()
+        return self._sample_and_advance(sample_handles, logits, allowed, positions)
 
     def _runnable(self) -> list[Sequence]:
         return [s for s in self._live.values() if s.schedulable > 0 and not s.swapped]
@@ -513,6 +527,22 @@ class Engine:
 
         return self._mask_pool.submit(work)
 
+    def _masks_now(self, handles: list[GenHandle]) -> torch.Tensor | None:
+        """Packed allowed-token masks of `handles`, computed on this thread.
+
+        Used on CUDA once the forward is queued: the GPU is busy for the whole
+        computation, and no hand-off to a worker thread (which would wait for
+        the GIL while this thread prepares the step) is paid.
+        """
+        rows = [i for i, h in enumerate(handles) if h.matcher is not None]
+        if not rows:
+            return None
+        from dendrite.grammar import fill_masks
+
+        bitmask = self._empty_masks(len(handles))
+        fill_masks([handles[i].matcher for i in rows], bitmask, rows)
+        return bitmask
+
     def _prefetch_masks(self, handles: list[GenHandle]) -> None:
         """Start the next step's masks now that this step's tokens are consumed.
 
@@ -556,8 +586,8 @@ class Engine:
             self._mask_prefetch[1].result()
 
     def _sample_and_advance(self, handles: list[GenHandle], logits: torch.Tensor,
-                            allowed: torch.Tensor | None) -> list[GenHandle]:
-        positions = [h.seq.num_tokens for h in handles]
+                            allowed: torch.Tensor | None,
+                            positions: list[int]) -> list[GenHandle]:
         history = [h.seq.tokens for h in handles] if any(
             h.params.repetition_penalty != 1.0 for h in handles) else None
         out = sample(logits, [h.params for h in handles], positions, prev_tokens=history,
@@ -568,7 +598,7 @@ class Engine:
         for h, tok, lp in zip(handles, tokens, lps):
             if self._accept(h, tok, lp):
                 finished.append(h)
-        if allowed is not None:
+        if allowed is not None and not self._inline_masks:
             self._prefetch_masks(handles)
         return finished
 

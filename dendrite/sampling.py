@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dendrite.transfer import to_device
+
 __all__ = [
     "Sampler",
     "SamplerOutput",
@@ -87,10 +89,13 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # float32 [B, n]
 
     def cpu(self) -> SamplerOutput:
-        mv = lambda t: None if t is None else t.cpu()
-        return SamplerOutput(
-            mv(self.token_ids), mv(self.logprobs), mv(self.top_token_ids), mv(self.top_logprobs)
-        )
+        """Host copies; from CUDA all copies are queued first and waited for once."""
+        fields = (self.token_ids, self.logprobs, self.top_token_ids, self.top_logprobs)
+        if not self.token_ids.is_cuda:
+            return SamplerOutput(*(None if t is None else t.cpu() for t in fields))
+        out = [None if t is None else t.to("cpu", non_blocking=True) for t in fields]
+        torch.cuda.current_stream(self.token_ids.device).synchronize()
+        return SamplerOutput(*out)
 
 
 # -- counter-based noise --------------------------------------------------------
@@ -252,6 +257,8 @@ class Sampler:
         b, vocab = logits.shape
         if len(params) != b:
             raise ValueError(f"{len(params)} SamplingParams for {b} rows")
+        if self._fusable(logits, params, prev_tokens, allowed):
+            return self._fused(logits, params, positions, allowed)
         logits = logits.float()
         logprobs_all = torch.log_softmax(logits, dim=-1)
         x = logits
@@ -265,10 +272,8 @@ class Sampler:
         tokens = x.argmax(dim=-1)
         sampled = [r for r, p in enumerate(params) if not p.greedy]
         if sampled:
-            pos = positions.tolist() if hasattr(positions, "tolist") else list(positions)
             sp = [params[r] for r in sampled]
-            seeds = [p.seed if p.seed is not None else self._rng.getrandbits(64) for p in sp]
-            keys = row_keys(seeds, [pos[r] for r in sampled])
+            keys = self._keys(params, positions, sampled)
             rows = torch.tensor(sampled, device=x.device)
             temps = torch.tensor([p.temperature for p in sp], device=x.device)[:, None]
             xs = _filter(x[rows] / temps, sp)
@@ -280,6 +285,47 @@ class Sampler:
         if n > 0:
             top_lps, top_ids = logprobs_all.topk(min(n, vocab), dim=-1)
         return SamplerOutput(tokens, chosen, top_ids, top_lps)
+
+
+    def _keys(self, params: Sequence[SamplingParams],
+              positions: Sequence[int] | np.ndarray | torch.Tensor,
+              rows: list[int]) -> list[int]:
+        """Noise keys of the sampled `rows`; unseeded rows draw a fresh seed, in row order."""
+        pos = positions.tolist() if hasattr(positions, "tolist") else list(positions)
+        seeds = [params[r].seed if params[r].seed is not None else self._rng.getrandbits(64)
+                 for r in rows]
+        return row_keys(seeds, [pos[r] for r in rows])
+
+    @staticmethod
+    def _fusable(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 prev_tokens: object, allowed: torch.Tensor | None) -> bool:
+        """The one-pass CUDA kernel covers masks, temperature and seeded noise;
+        penalties, top-k/p, min-p and top-n logprobs stay on the torch path."""
+        if not logits.is_cuda or (allowed is not None and allowed.dtype != torch.int32):
+            return False
+        vocab = logits.shape[1]
+        if any(p.repetition_penalty != 1.0 or 0 < p.top_k < vocab or p.top_p < 1.0
+               or p.min_p > 0.0 or p.logprobs > 0 for p in params):
+            return False
+        from dendrite.kernels.sample import fused_sampling_available
+
+        return fused_sampling_available()
+
+    def _fused(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+               positions: Sequence[int] | np.ndarray | torch.Tensor,
+               allowed: torch.Tensor | None) -> SamplerOutput:
+        from dendrite.kernels.sample import fused_sample, pack_row_params
+
+        sampled = [r for r, p in enumerate(params) if not p.greedy]
+        keys = [0] * len(params)
+        for r, k in zip(sampled, self._keys(params, positions, sampled)):
+            keys[r] = k
+        temps = [p.temperature for p in params]
+        dev = logits.device
+        row_params = to_device(pack_row_params(keys, temps), dev)
+        mask = allowed.to(dev, non_blocking=True) if allowed is not None else None
+        tokens, logprobs = fused_sample(logits.float(), row_params, mask)
+        return SamplerOutput(tokens, logprobs)
 
 
 _default_sampler = Sampler()

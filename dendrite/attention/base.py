@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from dendrite.transfer import to_device
+
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
@@ -159,9 +161,9 @@ def build_attention_metadata(
     """Build `AttentionMetadata` on `device` from the native core's CSR arrays.
 
     `kv_lens` defaults to what the page tables imply
-    (`(pages - 1) * page_size + last_page_len`). All index arrays are packed
-    into one host buffer and moved with a single host-to-device copy (pinned
-    on CUDA, so it is asynchronous); host mirrors stay in `meta.host`.
+    (`(pages - 1) * page_size + last_page_len`). The index arrays are packed
+    into two host buffers (int64, int32), each moved with one asynchronous
+    copy through pinned memory; host mirrors stay in `meta.host`.
     """
     pos = _as_np("positions", positions, np.int64)
     slots = _as_np("slot_mapping", slot_mapping, np.int64)
@@ -178,17 +180,10 @@ def build_attention_metadata(
     is_decode = bool(len(qo) > 1 and (np.diff(qo) == 1).all())
 
     dev = torch.device(device)
-    # One packed int64 buffer -> one transfer; int32 fields are cast on the device.
-    parts = [pos, slots, qo, kvp, kvi, last, lens]
-    sizes = [len(p) for p in parts]
-    packed = torch.from_numpy(np.concatenate([p.astype(np.int64, copy=False) for p in parts]))
-    if dev.type == "cuda":
-        packed = packed.pin_memory().to(dev, non_blocking=True)
-    elif dev != packed.device:
-        packed = packed.to(dev)
-    f = list(torch.split(packed, sizes))
-    for i in range(2, 7):
-        f[i] = f[i].to(torch.int32)
+    # Two packed buffers (int64 and int32 fields) -> two asynchronous transfers.
+    wide, narrow = [pos, slots], [qo, kvp, kvi, last, lens]
+    f = list(torch.split(to_device(np.concatenate(wide), dev), [len(p) for p in wide]))
+    f += torch.split(to_device(np.concatenate(narrow), dev), [len(p) for p in narrow])
 
     host = HostMetadata(
         qo_indptr=torch.from_numpy(qo),

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dendrite.transfer import to_device
+
 __all__ = [
     "CascadeBackend",
     "CascadeRule",
@@ -259,8 +261,7 @@ class CascadeBackend:
         qo = [torch.tensor([0, b], dtype=i32), torch.arange(b + 1, dtype=i32)]
         kv_indptr = [torch.tensor([0, shared], dtype=i32), torch.from_numpy(unique_indptr)]
         kv_idx = [meta.kv_indices[indptr[0]:indptr[0] + shared],  # a device view, no copy
-                  torch.from_numpy(unique_indices).pin_memory().to(dev, non_blocking=True)
-                  if dev.type == "cuda" else torch.from_numpy(unique_indices)]
+                  to_device(unique_indices, dev)]
         lasts = [torch.tensor([self.page_size], dtype=i32), last.to(i32)]
         f = self.flat
         args = (qo, kv_indptr, kv_idx, lasts, f.num_heads, f.num_kv_heads, f.head_dim,

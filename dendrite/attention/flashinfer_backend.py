@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["FlashInferBackend", "GraphDecodeWrapper", "PlanFence", "flashinfer_available",
+__all__ = ["FlashInferBackend", "GraphCascadeWrapper", "GraphDecodeWrapper", "PlanFence", "flashinfer_available",
            "import_flashinfer", "DEFAULT_WORKSPACE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -331,5 +331,71 @@ class GraphDecodeWrapper:
         self._planned_indptr = key
         self.plans += 1
 
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            return_lse: bool = False) -> Any:
+        return self.wrapper.run(q.contiguous(), (k_cache, v_cache), return_lse=return_lse)
+
+
+class GraphCascadeWrapper:
+    """Two-level cascade attention for one fixed batch size, in CUDA-graph mode.
+
+    Level 0 is the pages every row shares, as ONE entry that all B queries
+    attend together (FlashInfer's paged prefill kernel, non-causal): the
+    shared prefix is read once per step instead of once per row. Level 1 is
+    each row's own pages (a `GraphDecodeWrapper`). The two partial softmaxes
+    are merged with `merge_state_in_place`. All three kernels read fixed
+    buffers, so the step can be captured once and replayed; `plan()` runs
+    outside the graph.
+
+    FlashInfer's prefill planner in CUDA-graph mode always splits the KV and
+    pads the grid to a size fixed by the batch, so one capture serves every
+    shared length. Its schedule depends on the shared page count only, so a
+    plan with an unchanged count just refreshes the page ids.
+    """
+
+    def __init__(self, backend: FlashInferBackend, batch_size: int, max_pages: int,
+                 skip_redundant_plans: bool = True) -> None:
+        dev = backend.device
+        i32 = torch.int32
+        self.backend = backend
+        self.batch_size = batch_size
+        self.skip_redundant_plans = skip_redundant_plans
+        self.qo_indptr = torch.tensor([0, batch_size], dtype=i32, device=dev)
+        self.shared_indptr = torch.tensor([0, 1], dtype=i32, device=dev)
+        self.shared_indices = torch.zeros(max_pages, dtype=i32, device=dev)
+        self.shared_last = torch.full((1,), backend.page_size, dtype=i32, device=dev)
+        self.shared = backend.fi.BatchPrefillWithPagedKVCacheWrapper(
+            backend.workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr,
+            paged_kv_indptr_buf=self.shared_indptr, paged_kv_indices_buf=self.shared_indices,
+            paged_kv_last_page_len_buf=self.shared_last, backend="fa2")
+        self.unique = GraphDecodeWrapper(backend, batch_size, max_pages, skip_redundant_plans)
+        self._shared_pages: int | None = None
+        self.plans = 0  # FlashInfer planner calls of the shared level
+
+    def plan(self, shared_indices: torch.Tensor, unique_indptr: torch.Tensor,
+             unique_indices: torch.Tensor, last_page_len: torch.Tensor) -> None:
+        """`shared_indices` [S] full pages common to all rows (device or host);
+        the rest is each row's own page table (CPU indptr / last_page_len)."""
+        n = int(shared_indices.shape[0])
+        if self.skip_redundant_plans and n == self._shared_pages:
+            self.shared_indices[:n].copy_(shared_indices, non_blocking=True)
+        else:
+            b = self.backend
+            i32 = torch.int32
+            b.fence.before(self.shared)
+            self.shared.plan(torch.tensor([0, self.batch_size], dtype=i32),
+                             torch.tensor([0, n], dtype=i32), shared_indices,
+                             torch.tensor([b.page_size], dtype=i32), b.num_heads,
+                             b.num_kv_heads, b.head_dim, b.page_size, causal=False,
+                             sm_scale=b.sm_scale, q_data_type=b.dtype, kv_data_type=b.dtype)
+            b.fence.after(self.shared)
+            self._shared_pages = n
+            self.plans += 1
+        self.unique.plan(unique_indptr, unique_indices, last_page_len)
+
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return self.wrapper.run(q.contiguous(), (k_cache, v_cache))
+        q = q.contiguous()
+        out, lse = self.shared.run(q, (k_cache, v_cache), return_lse=True)
+        own, own_lse = self.unique.run(q, k_cache, v_cache, return_lse=True)
+        self.backend.fi.merge_state_in_place(out, lse, own, own_lse)
+        return out

@@ -42,15 +42,30 @@ import numpy as np
 import torch
 
 from dendrite.attention.base import AttentionMetadata
-from dendrite.attention.flashinfer_backend import FlashInferBackend, GraphDecodeWrapper
+from dendrite.attention.cascade import CascadeRule, shared_prefix_pages, split_levels
+from dendrite.attention.flashinfer_backend import (
+    FlashInferBackend,
+    GraphCascadeWrapper,
+    GraphDecodeWrapper,
+)
 from dendrite.model.kv_cache import KVCache
 
-__all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "bucket_for", "greedy_tokens",
-           "scatter_rows"]
+__all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "GRAPH_CASCADE_RULE", "bucket_for",
+           "greedy_tokens", "scatter_rows"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+#: When a replayed decode step runs as cascade (see `GraphCascadeWrapper`).
+#: From the attention-only grid replayed from CUDA graphs (H100, Llama-3.2-1B
+#: attention shape, docs/benchmarks.md, "GPU only" column): cascade won at
+#: 4 rows x 16K shared (1.4-1.5x), 16 x 4K (1.7-2.2x), 64 x 1K (1.4-1.6x) and
+#: every larger point, and lost at 4 x 4K (0.7x), 16 x 1K (0.8-1.0x) and
+#: below: it pays off once about 32K redundant prefix-token reads per layer
+#: are saved ((rows - 1) x shared), which separates every measured point.
+GRAPH_CASCADE_RULE = CascadeRule(min_batch=4, min_shared=1024, min_saved_tokens=32768,
+                                 min_shared_ratio=1.0)
 
 
 #: GraphDecodeWrapper by id, for the custom ops the compiler sees (ops take no objects).
@@ -210,10 +225,22 @@ class _GraphAttention:
         return self.gw.run(q, k_cache, v_cache)
 
 
+class _GraphCascadeAttention(_GraphAttention):
+    """The backend the model sees while a bucket's cascade graph is captured."""
+
+    def __init__(self, cw: GraphCascadeWrapper) -> None:
+        self.cw = cw
+        self.kv = None
+
+    def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        return self.cw.run(q, k_cache, v_cache)
+
+
 @dataclass
 class _Bucket:
     size: int
-    gw: GraphDecodeWrapper
+    gw: GraphDecodeWrapper | GraphCascadeWrapper
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # float32 [size, V]
     tokens: torch.Tensor  # int64 [size]
@@ -241,13 +268,19 @@ class CudaGraphDecodeRunner:
             runner captures the graphs itself).
         skip_redundant_plans: reuse FlashInfer's decode schedule while no
             row's page count changed (see `GraphDecodeWrapper`).
+        cascade: "auto" (a step whose rows share a long page prefix replays
+            a cascade graph when `cascade_rule` says so), "always" (whenever
+            rows share a page), "never". Not with `compile`.
+        cascade_rule: `(rows, shared_tokens, own_tokens) -> bool`, default
+            `GRAPH_CASCADE_RULE`.
     """
 
     def __init__(self, model: Any, kv_cache: KVCache, backend: FlashInferBackend, *,
                  max_batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  pad_page: int | None = None, max_pages: int | None = None,
                  max_seq_len: int | None = None, compile: bool | str = False,
-                 skip_redundant_plans: bool = True) -> None:
+                 skip_redundant_plans: bool = True, cascade: str = "auto",
+                 cascade_rule: Any = None) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
@@ -277,7 +310,13 @@ class CudaGraphDecodeRunner:
             else self._forward
         self._model_kv = _OpaqueKV(kv_cache) if compile else kv_cache
         self._graphs: dict[int, _Bucket] = {}
+        self._cascade_graphs: dict[int, _Bucket] = {}  # captured on first use
         self._pool: Any = None
+        if cascade not in ("auto", "always", "never"):
+            raise ValueError(f"cascade must be auto, always or never, not {cascade!r}")
+        self.cascade = cascade
+        self.cascade_rule = cascade_rule or GRAPH_CASCADE_RULE
+        self.stats = {"cascade_steps": 0, "flat_steps": 0}
         windows = [w for w in (backend.sliding_windows or []) if w is not None]
         self._min_window = min(windows) if windows else None
 
@@ -303,15 +342,20 @@ class CudaGraphDecodeRunner:
         logits = self.model.compute_logits(hidden)
         return logits, greedy_tokens(logits)
 
-    def _capture(self, bs: int) -> _Bucket:
-        gw = GraphDecodeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
+    def _capture(self, bs: int, cascade: bool = False) -> _Bucket:
         # Every row: one pad page holding one token, writing into the pad slot.
         self.slot_mapping[:bs].fill_(self.pad_slot)
         pad = torch.full((bs,), self.pad_page, dtype=torch.int32, device=self.device)
-        gw.plan(torch.arange(bs + 1, dtype=torch.int32), pad,
-                torch.ones(bs, dtype=torch.int32))
-        meta, attn = self._static_meta(bs, gw), _GraphAttention(
-            gw, self.kv.kv if self.compile else None)
+        rows, ones = torch.arange(bs + 1, dtype=torch.int32), torch.ones(bs, dtype=torch.int32)
+        if cascade:  # the shared level: the pad page, as one full page
+            gw = GraphCascadeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
+            gw.plan(pad[:1], rows, pad, ones)
+            meta, attn = self._static_meta(bs, gw.unique), _GraphCascadeAttention(gw)
+        else:
+            gw = GraphDecodeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
+            gw.plan(rows, pad, ones)
+            meta, attn = self._static_meta(bs, gw), _GraphAttention(
+                gw, self.kv.kv if self.compile else None)
         # Warm up on a side stream (cuBLAS handles/workspaces, lazy inits), as
         # torch.cuda.graph's documentation asks.
         side = torch.cuda.Stream(self.device)
@@ -343,10 +387,13 @@ class CudaGraphDecodeRunner:
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor | np.ndarray | Sequence[int],
-            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+            meta: AttentionMetadata,
+            host_indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the bucket for `meta`'s B decode rows.
 
         `input_ids` [B] (device tensor, or host ids) in `meta`'s row order.
+        `host_indices`: `meta.kv_indices` on the host, if the caller has them;
+        needed to consider cascade (rows sharing a page prefix).
         Returns (`logits` float32 [B, V], greedy `tokens` int64 [B]), both views
         of static buffers valid until the next `run()`.
         """
@@ -354,22 +401,32 @@ class CudaGraphDecodeRunner:
         bs = bucket_for(b, self.buckets)
         if bs is None or not meta.is_decode:
             raise ValueError(f"not a replayable decode step (B={b}, decode={meta.is_decode})")
-        bucket = self._graphs.get(bs)
-        if bucket is None:
-            bucket = self._graphs[bs] = self._capture(bs)
+        if meta.host is not None:
+            kv_indptr, kv_last = meta.host.kv_indptr, meta.host.kv_last_page_len
+        else:  # no host mirrors: read them back (a sync)
+            kv_indptr, kv_last = meta.kv_indptr.cpu(), meta.kv_last_page_len.cpu()
+        shared = self._shared_pages(meta, kv_indptr, host_indices)
+        graphs = self._cascade_graphs if shared else self._graphs
+        bucket = graphs.get(bs)
+        if bucket is None:  # (capturing overwrites the static inputs: before copying them)
+            bucket = graphs[bs] = self._capture(bs, cascade=bool(shared))
         if not isinstance(input_ids, torch.Tensor):
             input_ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
         self.input_ids[:b].copy_(input_ids, non_blocking=True)
         self.positions[:b].copy_(meta.positions, non_blocking=True)
         self.slot_mapping[:b].copy_(meta.slot_mapping, non_blocking=True)
-        if meta.host is not None:
-            kv_indptr, kv_last = meta.host.kv_indptr, meta.host.kv_last_page_len
-        else:  # no host mirrors: read them back (a sync)
-            kv_indptr, kv_last = meta.kv_indptr.cpu(), meta.kv_last_page_len.cpu()
         npad = bs - b
         if npad:
-            # Padding rows: one pad page each holding one token.
             self.slot_mapping[b:bs].fill_(self.pad_slot)
+        if shared:
+            self._plan_cascade(bucket.gw, meta, kv_indptr.numpy(), host_indices, kv_last,
+                               shared, npad)
+            self.stats["cascade_steps"] += 1
+            bucket.graph.replay()
+            return bucket.logits[:b], bucket.tokens[:b]
+        self.stats["flat_steps"] += 1
+        if npad:
+            # Padding rows: one pad page each holding one token.
             nnz = int(kv_indptr[-1])
             kv_indptr = torch.cat([kv_indptr, nnz + torch.arange(1, npad + 1, dtype=torch.int32)])
             kv_last = torch.cat([kv_last, torch.ones(npad, dtype=torch.int32)])
@@ -380,6 +437,36 @@ class CudaGraphDecodeRunner:
             bucket.gw.plan(kv_indptr, meta.kv_indices, kv_last)
         bucket.graph.replay()
         return bucket.logits[:b], bucket.tokens[:b]
+
+    def _shared_pages(self, meta: AttentionMetadata, kv_indptr: torch.Tensor,
+                      host_indices: np.ndarray | None) -> int:
+        """Pages to run as the cascade's shared level this step (0: flat)."""
+        b = meta.num_seqs
+        if (self.cascade == "never" or self.compile or host_indices is None or b < 2
+                or self._min_window is not None):
+            return 0
+        indptr = kv_indptr.numpy()
+        shared = shared_prefix_pages(indptr, host_indices)
+        if shared == 0 or self.cascade == "always":
+            return shared
+        shared_tokens = shared * self.page_size
+        kv_lens = meta.host.kv_lens if meta.host is not None else meta.kv_lens.cpu()
+        own_tokens = float(kv_lens.double().mean()) - shared_tokens
+        return shared if self.cascade_rule(b, shared_tokens, own_tokens) else 0
+
+    def _plan_cascade(self, cw: GraphCascadeWrapper, meta: AttentionMetadata,
+                      kv_indptr: np.ndarray, host_indices: np.ndarray,
+                      kv_last: torch.Tensor, shared: int, npad: int) -> None:
+        _, own_indptr, own_indices = split_levels(kv_indptr, host_indices, shared)
+        if npad:  # padding rows: one pad page each holding one token
+            own_indptr = np.concatenate(
+                [own_indptr, own_indptr[-1] + np.arange(1, npad + 1, dtype=np.int32)])
+            own_indices = np.concatenate(
+                [own_indices, np.full(npad, self.pad_page, dtype=np.int32)])
+            kv_last = torch.cat([kv_last, torch.ones(npad, dtype=torch.int32)])
+        # Row 0's first pages are the shared ones: a device view, no host copy.
+        cw.plan(meta.kv_indices[:shared], torch.from_numpy(own_indptr),
+                torch.from_numpy(own_indices), kv_last)
 
     @property
     def captured_buckets(self) -> tuple[int, ...]:
@@ -394,6 +481,8 @@ class CudaGraphDecodeRunner:
         self.skip_redundant_plans = on
         for b in self._graphs.values():
             b.gw.skip_redundant_plans = on
+        for b in self._cascade_graphs.values():
+            b.gw.skip_redundant_plans = b.gw.unique.skip_redundant_plans = on
 
     def replay(self, batch_size: int) -> None:
         """Replay a captured bucket as last prepared by `run()` (for GPU-time benchmarks)."""

@@ -7,7 +7,9 @@ nothing numerically per output but halve the matmul launches: q/k/v are one
 `qkv_proj` and gate/up one `gate_up_proj`; `load_hf_weight` maps HF names.
 A one-token step on CUDA (single-stream decode) runs each layer as four
 GEMV kernels (dendrite/kernels/gemv.py) that also do the RMSNorms, SiLU*up
-and residual adds, rounding as the unfused ops do.
+and residual adds, rounding as the unfused ops do. Several rows on CUDA
+take one kernel each for RMSNorm (+ the residual add before it), SiLU*up,
+and RoPE with the K/V cache write (dendrite/kernels/rows.py), same rounding.
 
 The forward pass takes a flat batch of T new tokens from B sequences (no
 padding): it writes each layer's new K/V at `meta.slot_mapping` and asks the
@@ -27,6 +29,13 @@ from torch import nn
 
 from dendrite.attention.base import AttentionBackend, AttentionMetadata
 from dendrite.kernels import gemv, linear, supported
+from dendrite.kernels.rows import (
+    add_rms_norm,
+    rope_write,
+    rope_write_supported,
+    rows_supported,
+    silu_mul,
+)
 from dendrite.model.config import ModelConfig
 from dendrite.model.kv_cache import KVCache
 
@@ -127,6 +136,13 @@ class Attention(nn.Module):
             k.view(t, self.hkv, self.d),
             v.view(t, self.hkv, self.d),
         )
+        if not self.qk_norm and isinstance(kv, KVCache) and rows_supported(qkv) \
+                and rope_write_supported(self.d):
+            # One kernel for RoPE on q and k and both cache writes (same rounding).
+            k_cache, v_cache = kv.layer(self.layer)
+            q = rope_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache,
+                           self.hq, self.hkv, self.d)
+            return backend.forward(self.layer, q, k_cache, v_cache).reshape(t, self.hq * self.d)
         if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -179,6 +195,29 @@ class DecoderLayer(nn.Module):
             return gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, glu=True, residual=h)
         h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
         return h + mlp(self.post_attention_layernorm(h))
+
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for many rows on CUDA with the fused row kernels.
+
+        The residual add that ends a sublayer is done by the next RMSNorm's
+        kernel, so the layer takes and returns the pair (output of its last
+        sublayer, residual stream before it); `residual` is None for the first
+        layer. Rounding is `forward`'s (dendrite/kernels/rows.py).
+        """
+        ln1, ln2, mlp = self.input_layernorm, self.post_attention_layernorm, self.mlp
+        normed, residual = add_rms_norm(x, residual, ln1.weight, ln1.eps)
+        a = self.self_attn(normed, cos, sin, meta, kv, backend)
+        normed, residual = add_rms_norm(a, residual, ln2.weight, ln2.eps)
+        return mlp.down_proj(silu_mul(mlp.gate_up_proj(normed))), residual
 
 
 class _Body(nn.Module):
@@ -235,9 +274,18 @@ class LlamaForCausalLM(nn.Module):
         freqs = meta.positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
+        norm = self.model.norm
+        first = self.model.layers[0].self_attn.qkv_proj.weight if self.model.layers else None
+        if rows_supported(h) and (first is None or not supported(h, first)):
+            residual = None
+            for layer in self.model.layers:
+                h, residual = layer.forward_rows(h, residual, cos, sin, meta, kv, backend)
+            return add_rms_norm(h, residual, norm.weight, norm.eps)[0]
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta, kv, backend)
-        return self.model.norm(h)
+        if rows_supported(h):
+            return add_rms_norm(h, None, norm.weight, norm.eps)[0]
+        return norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> float32 [N, vocab]; matmul in the model dtype like transformers."""

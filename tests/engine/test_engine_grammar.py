@@ -121,3 +121,21 @@ def test_branches_joining_mid_generation_keep_masks_exact(make_engine):
     assert re.fullmatch(r"[a-z ]{30}", a.result.text) and a.result.complete
     assert re.fullmatch(r"[a-z ]{30}", c.result.text) and c.result.complete
     assert re.fullmatch(r"[0-9]{3}(-[0-9]{3}){4}", b.result.text) and b.result.complete
+
+
+def test_inline_masks_equal_worker_masks(make_engine):
+    """CUDA engines compute masks on the stepping thread after the launch, CPU
+    engines on a worker thread with prefetch: both give the same tokens."""
+    c = Constraint(json_schema=SCHEMA)
+
+    def run(inline: bool) -> list[list[int]]:
+        e = make_engine()
+        e._inline_masks = inline
+        root = e.new_sequence("Person as JSON: ")
+        kids = root.fork(4)
+        hs = [e.submit(k, SamplingParams(temperature=1.0, seed=i, max_tokens=48), constraint=c)
+              for i, k in enumerate(kids)]
+        e.run(hs)
+        return [h.result.token_ids for h in hs]
+
+    assert run(True) == run(False)

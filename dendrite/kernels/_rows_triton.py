@@ -1,0 +1,81 @@
+"""Triton kernels of `dendrite.kernels.rows` (imported only where Triton is).
+
+Every kernel rounds to the model dtype where the torch ops it replaces do
+(see rows.py, and `round_to` for why not with `.to()`), in float32 between.
+"""
+
+import triton
+import triton.language as tl
+
+from dendrite.kernels._precise import precise_div, precise_exp, precise_rsqrt, round_to
+
+
+@triton.jit
+def add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dt = out_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    h = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:  # the residual add of the previous sublayer, rounded as torch's add
+        h = round_to(h + tl.load(res_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32),
+                     dt)
+        tl.store(res_out_ptr + row * N + offs, h.to(dt), mask=ok)
+    rstd = precise_rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    y = round_to(h * rstd, dt)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + offs, (w * y).to(dt), mask=ok)
+
+
+@triton.jit
+def silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < inter
+    dt = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * inter + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * inter + inter + offs, mask=ok, other=0.0).to(tl.float32)
+    s = round_to(precise_div(g, 1.0 + precise_exp(-g)), dt)
+    tl.store(out_ptr + row * inter + offs, (s * u).to(dt), mask=ok)
+
+
+@triton.jit
+def _rope_store(src_ptr, dst_ptr, c1, s1, c2, s2, heads,
+                HALF: tl.constexpr, HBLOCK: tl.constexpr):
+    """dst = src * cos + rotate_half(src) * sin for [heads, 2 HALF] rows, each
+    product rounded to the dtype before the sum, as the torch expression."""
+    dt = dst_ptr.dtype.element_ty
+    h = tl.arange(0, HBLOCK)[:, None]
+    j = tl.arange(0, HALF)[None, :]
+    ok = h < heads
+    row = h * (2 * HALF)
+    x1 = tl.load(src_ptr + row + j, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + row + HALF + j, mask=ok, other=0.0).to(tl.float32)
+    # rotate_half(x) = [-x2, x1]
+    lo = round_to(x1 * c1, dt) + round_to(-x2 * s1, dt)
+    hi = round_to(x2 * c2, dt) + round_to(x1 * s2, dt)
+    tl.store(dst_ptr + row + j, lo.to(dt), mask=ok)
+    tl.store(dst_ptr + row + HALF + j, hi.to(dt), mask=ok)
+
+
+@triton.jit
+def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                      HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                      HQ_BLOCK: tl.constexpr, HKV_BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    D: tl.constexpr = 2 * HALF
+    j = tl.arange(0, HALF)[None, :]
+    c1 = tl.load(cos_ptr + t * D + j).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * D + HALF + j).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * D + j).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * D + HALF + j).to(tl.float32)
+    src = qkv_ptr + t * ((HQ + 2 * HKV) * D)
+    _rope_store(src, q_ptr + t * (HQ * D), c1, s1, c2, s2, HQ, HALF, HQ_BLOCK)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    _rope_store(src + HQ * D, k_cache_ptr + slot * (HKV * D), c1, s1, c2, s2, HKV, HALF,
+                HKV_BLOCK)
+    h = tl.arange(0, HKV_BLOCK)[:, None]
+    d = tl.arange(0, D)[None, :]
+    v = tl.load(src + (HQ + HKV) * D + h * D + d, mask=h < HKV, other=0.0)
+    tl.store(v_cache_ptr + slot * (HKV * D) + h * D + d, v, mask=h < HKV)

@@ -1,0 +1,112 @@
+"""Row-wise fused ops of a decoder layer on CUDA: RMSNorm (with the residual add
+before it), SiLU(gate) * up, and RoPE with the K/V cache write.
+
+In eager torch each of these is a handful of elementwise kernels: RMSNorm is
+seven, RoPE on q and k with the two cache writes about twelve. Inside a CUDA
+graph a kernel costs ~2 us however little it does, so a multi-row decode step
+of a 16-layer model spent about a millisecond on them (H100, 16 branches,
+docs/benchmarks.md). Here each is one kernel.
+
+Every kernel rounds to the model dtype exactly where the torch ops do
+(transformers' order: RMSNorm normalizes in float32, rounds, then scales by
+the weight in the model dtype; each RoPE product is rounded before the sum;
+SiLU is rounded before the product with up), with CUDA's `expf`/`rsqrtf`
+and IEEE division (dendrite/kernels/_precise.py). So the results equal the
+torch ops bit for bit, except the RMSNorm sum of squares, whose float32
+summation order differs.
+
+`rows_supported(x)` says when they apply: CUDA, fp16/bf16, Triton present,
+not under torch.compile (which fuses the torch ops itself), and
+DENDRITE_FUSED_ROWS is not "0".
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+__all__ = ["add_rms_norm", "rope_write", "rows_supported", "silu_mul"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@lru_cache(maxsize=1)
+def _enabled() -> bool:
+    if os.environ.get("DENDRITE_FUSED_ROWS", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def rows_supported(x: torch.Tensor) -> bool:
+    """True when the fused row kernels can take `x` (see the module docstring)."""
+    return (x.is_cuda and x.dtype in _DTYPES and not torch.compiler.is_compiling()
+            and _enabled())
+
+
+def _k():
+    from dendrite.kernels import _rows_triton  # noqa: PLC0415
+
+    return _rows_triton
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`h = x + residual` (or `x`), then `(RMSNorm(h) * weight, h)`; rows of [T, N]."""
+    x = x.contiguous()
+    t, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    if t:
+        block = _pow2(n)
+        _k().add_rms_norm_kernel[(t,)](
+            x, residual.contiguous() if residual is not None else x, weight, out, res_out,
+            n, eps, HAS_RES=residual is not None, BLOCK=block,
+            num_warps=8 if block >= 4096 else 4)
+    return out, res_out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for `gate_up = [gate | up]` of shape [T, 2 I]."""
+    gate_up = gate_up.contiguous()
+    t, two_i = gate_up.shape
+    inter = two_i // 2
+    out = gate_up.new_empty((t, inter))
+    if t:
+        block = 1024
+        _k().silu_mul_kernel[(t, -(-inter // block))](gate_up, out, inter, BLOCK=block,
+                                                      num_warps=4)
+    return out
+
+
+def rope_write_supported(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """RoPE on q and k of `qkv` [T, (Hq + 2 Hkv) D]; writes k and v at their slots.
+
+    `cos`/`sin` are [T, ..., D] in the model dtype; `k_cache`/`v_cache` any
+    contiguous views whose slot `s` starts at element `s * Hkv * D`. Returns
+    the rotated q [T, Hq, D].
+    """
+    qkv = qkv.contiguous()
+    t = qkv.shape[0]
+    q = qkv.new_empty((t, num_heads, head_dim))
+    if t:
+        _k().rope_write_kernel[(t,)](
+            qkv, cos.contiguous(), sin.contiguous(), slot_mapping, q, k_cache, v_cache,
+            HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, HQ_BLOCK=_pow2(num_heads),
+            HKV_BLOCK=_pow2(num_kv_heads), num_warps=4)
+    return q
