@@ -120,9 +120,9 @@ class CascadeRule:
     more GPU time than that overhead, which takes many leaves over a prefix
     longer than those measured; the thresholds below keep every measured
     point on flat and switch only far beyond them (B = 64 over 16K tokens,
-    ~1M redundant token reads per layer). They are provisional: the
-    attention-only grid at 1K / 4K / 16K (the `cascade` section of the
-    benchmark) did not run yet and is what should set them.
+    ~1M redundant token reads per layer). This rule serves eager
+    steps; steps replayed from CUDA graphs use `GRAPH_CASCADE_RULE`
+    (dendrite/model/cuda_graph.py), set from the grid's "GPU only" column.
 
         batch >= min_batch
         and shared_tokens >= min_shared

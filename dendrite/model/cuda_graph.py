@@ -14,6 +14,11 @@ What changes between replays lives in fixed-address buffers:
   which rewrites its fixed indptr / indices / last_page_len buffers and its
   schedule in the int workspace.
 
+Steps whose rows share a long page prefix (leaves forked off one context)
+replay a second graph per bucket, captured on first use, whose attention is
+two-level cascade (`GraphCascadeWrapper`: the shared pages read once for all
+rows, each row's own pages, merged); `GRAPH_CASCADE_RULE` picks it per step.
+
 A batch of B < bucket rows is padded: the padding rows attend over a single
 reserved "pad page" and write their K/V into it, so they never touch a real
 sequence's KV. That page must never be handed out by the page allocator
