@@ -26,27 +26,18 @@ treats as one opaque call. `supported` says when it applies.
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 import torch
+
+from dendrite.kernels._enabled import kernels_enabled
 
 __all__ = ["gemv", "supported", "tile_for"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-
-@lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Triton imports and DENDRITE_GEMV is not "0" (an escape hatch for comparisons)."""
-    if os.environ.get("DENDRITE_GEMV", "1") == "0":
-        return False
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
+    return kernels_enabled("DENDRITE_GEMV")
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:

@@ -23,24 +23,19 @@ DENDRITE_FUSED_ROWS is not "0".
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import torch
+
+from dendrite.kernels._enabled import kernels_enabled
 
 __all__ = ["add_rms_norm", "rope_write", "rows_supported", "silu_mul"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-@lru_cache(maxsize=1)
 def _enabled() -> bool:
-    if os.environ.get("DENDRITE_FUSED_ROWS", "1") == "0":
-        return False
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
+    """Triton imports and DENDRITE_FUSED_ROWS is not "0" (an escape hatch for comparisons)."""
+    return kernels_enabled("DENDRITE_FUSED_ROWS")
 
 
 def rows_supported(x: torch.Tensor) -> bool:

@@ -28,11 +28,11 @@ one program per row and combines them.
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 
 import numpy as np
 import torch
+
+from dendrite.kernels._enabled import kernels_enabled
 
 __all__ = ["fused_sample", "fused_sampling_available", "CHUNK"]
 
@@ -40,16 +40,9 @@ __all__ = ["fused_sample", "fused_sampling_available", "CHUNK"]
 CHUNK = 4096
 
 
-@lru_cache(maxsize=1)
 def fused_sampling_available() -> bool:
-    """Triton imports and DENDRITE_FUSED_SAMPLING is not "0" (escape hatch)."""
-    if os.environ.get("DENDRITE_FUSED_SAMPLING", "1") == "0":
-        return False
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
+    """Triton imports and DENDRITE_FUSED_SAMPLING is not "0" (an escape hatch for comparisons)."""
+    return kernels_enabled("DENDRITE_FUSED_SAMPLING")
 
 
 def _kernels():

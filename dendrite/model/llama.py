@@ -128,6 +128,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Projected q|k|v [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (pre o_proj)."""
         t = qkv.shape[0]
+        if not self.qk_norm and isinstance(kv, KVCache) and rows_supported(qkv) \
+                and rope_write_supported(self.d):
+            # One kernel for RoPE on q and k and both cache writes (same rounding).
+            k_cache, v_cache = kv.layer(self.layer)
+            q = rope_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache,
+                           self.hq, self.hkv, self.d)
+            return backend.forward(self.layer, q, k_cache, v_cache).reshape(t, self.hq * self.d)
         q, k, v = qkv.split(
             [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1
         )
@@ -136,13 +143,6 @@ class Attention(nn.Module):
             k.view(t, self.hkv, self.d),
             v.view(t, self.hkv, self.d),
         )
-        if not self.qk_norm and isinstance(kv, KVCache) and rows_supported(qkv) \
-                and rope_write_supported(self.d):
-            # One kernel for RoPE on q and k and both cache writes (same rounding).
-            k_cache, v_cache = kv.layer(self.layer)
-            q = rope_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache,
-                           self.hq, self.hkv, self.d)
-            return backend.forward(self.layer, q, k_cache, v_cache).reshape(t, self.hq * self.d)
         if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
