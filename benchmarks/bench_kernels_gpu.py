@@ -11,6 +11,10 @@ Sections, each printing a table (and all of them saved to kernels.json):
           (dendrite/kernels/gemv.py), per shape over a sweep of tiles, then the whole token's
           sequence of 65 matmuls; weights are rotated through enough copies
           that L2 never holds them (as in a real step);
+* rows    the same matmuls for 16 (and 4) rows, as in a 16-branch decode step:
+          cuBLAS (+ the row kernels for RMSNorm, residual add and SiLU*up)
+          against the fused few-row kernel (dendrite/kernels/skinny.py), per
+          shape over a sweep of tiles, then a whole token's layers;
 * attn    FlashInfer paged decode in CUDA-graph mode for B=1 at 256/1K/4K
           tokens and B=16 over a shared 4K prefix: CUDA-core kernel (split
           KV + merge, what the engine captures) vs tensor-core kernel with and
@@ -199,6 +203,108 @@ def sec_skinny(res: dict) -> None:
           f"({total_bytes / ts / 1e12:.2f} TB/s)")
 
 
+# (BLOCK_N, BLOCK_K, warps, stages, split-K)
+ROW_TILES = [(bn, bk, 4, st, 1) for bn in (16, 32, 64) for bk, st in ((128, 3), (256, 4))] + [
+    (16, 256, 4, 3, 2), (16, 256, 4, 3, 4), (16, 128, 4, 3, 4), (16, 128, 4, 2, 8),
+    (16, 512, 8, 2, 2), (16, 512, 4, 3, 1), (16, 1024, 8, 2, 1), (32, 256, 4, 3, 2),
+    (32, 128, 4, 3, 4), (16, 256, 8, 3, 2), (16, 128, 4, 4, 2), (64, 128, 4, 3, 2)]
+
+
+def sec_rows(res: dict) -> None:
+    from dendrite.kernels.rows import add_rms_norm, silu_mul
+    from dendrite.kernels.skinny import _launch, tile_for
+
+    out = res.setdefault("rows", {})
+    nw_h = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    # (name, weight shape key, x width, norm?, glu_out?, residual?)
+    cases = [("qkv", "qkv", HIDDEN, False, False, False), ("o", "o", HIDDEN, False, False, False),
+             ("gate_up", "gate_up", HIDDEN, False, False, False),
+             ("down", "down", INTER, False, False, False),
+             ("lm_head", "lm_head", HIDDEN, False, False, False),
+             ("qkv+norm", "qkv", HIDDEN, True, False, False),
+             ("o+residual", "o", HIDDEN, False, False, True),
+             ("gate_up+norm+silu", "gate_up", HIDDEN, True, True, False),
+             ("down+residual", "down", INTER, False, False, True)]
+    for m in (16, 4):
+        print(f"\n{m} rows: | case | MB | cuBLAS (+row kernels) us | GB/s | few-row default "
+              "(BN, BK, warps, stages, split) us | GB/s | best tile | us | GB/s |")
+        print("|---|--:|--:|--:|--:|--:|---|--:|--:|")
+        for name, key, width, norm, glu, resid in cases:
+            n, k = SHAPES[key]
+            nbytes = 2 * n * k
+            copies = max(2, -(-L2_FLUSH_BYTES // nbytes))
+            ws = _weights(n, k, copies)
+            x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+            r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            nw = nw_h if norm else None
+
+            def ref(x, w):
+                h = add_rms_norm(x, None, nw_h, 1e-5)[0] if norm else x
+                y = F.linear(h, w)
+                if glu:
+                    y = silu_mul(y)
+                return y + r if resid else y
+
+            def ours(x, w, tile=None):
+                return _launch(x, w, None, nw, 1e-5, glu, r if resid else None, tile)
+            err = float((ours(x, ws[0]).float() - ref(x, ws[0]).float()).abs().max()
+                        / ref(x, ws[0]).float().abs().max())
+            tc = graph_time(_rotating(ref, ws, x), inner=copies)
+            default = tile_for(n // 2 if glu else n, k, norm, glu)
+            td = graph_time(_rotating(ours, ws, x), inner=copies)
+            best = (td, default)
+            if m == 16:
+                for tile in ROW_TILES:
+                    try:
+                        t = graph_time(_rotating(lambda x, w, tile=tile: ours(x, w, tile), ws, x),
+                                       inner=copies, reps=15)
+                    except Exception as e:  # noqa: BLE001 (a tile that does not compile)
+                        print(f"  tile {tile}: {type(e).__name__}")
+                        continue
+                    if t < best[0]:
+                        best = (t, tile)
+            gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+            out[f"{m}:{name}"] = {"n": n, "k": k, "cublas_us": tc * 1e6, "few_us": td * 1e6,
+                                  "default_tile": default, "best_us": best[0] * 1e6,
+                                  "best_tile": best[1], "relerr": err}
+            print(f"| {name} {n}x{k} | {nbytes / 1e6:.1f} | {tc * 1e6:.1f} | {gbs(tc):.0f} | "
+                  f"{default} {td * 1e6:.1f} | {gbs(td):.0f} | {best[1]} | {best[0] * 1e6:.1f} | "
+                  f"{gbs(best[0]):.0f} | relerr {err:.1e}")
+            del ws
+            torch.cuda.empty_cache()
+
+    # A whole token's layers for 16 rows, in model order, every layer its own weights.
+    layers = [{nm: _weights(*SHAPES[nm], 1)[0] for nm in ("qkv", "o", "gate_up", "down")}
+              for _ in range(LAYERS)]
+    head = _weights(*SHAPES["lm_head"], 1)[0]
+    h0 = torch.randn(16, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    attn = torch.randn(16, HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def unfused():
+        h, res_ = h0, None
+        for lw in layers:
+            x, res_ = add_rms_norm(h, res_, nw_h, 1e-5)
+            F.linear(x, lw["qkv"])
+            h = F.linear(attn, lw["o"])
+            x, res_ = add_rms_norm(h, res_, nw_h, 1e-5)
+            h = F.linear(silu_mul(F.linear(x, lw["gate_up"])), lw["down"])
+        F.linear(add_rms_norm(h, res_, nw_h, 1e-5)[0], head)
+
+    def fused():
+        h = h0
+        for lw in layers:
+            _launch(h, lw["qkv"], None, nw_h, 1e-5, False, None)
+            h = _launch(attn, lw["o"], None, None, 0.0, False, h)
+            act = _launch(h, lw["gate_up"], None, nw_h, 1e-5, True, None)
+            h = _launch(act, lw["down"], None, None, 0.0, False, h)
+        _launch(add_rms_norm(h, None, nw_h, 1e-5)[0], head, None, None, 0.0, False, None)
+    tu = graph_time(unfused, inner=2, reps=20)
+    tf = graph_time(fused, inner=2, reps=20)
+    out["token16"] = {"cublas_rows_ms": tu * 1e3, "few_row_ms": tf * 1e3}
+    print(f"\nwhole token, 16 rows: cuBLAS + row kernels {tu * 1e3:.3f} ms, "
+          f"few-row fused {tf * 1e3:.3f} ms")
+
+
 def sec_attn(res: dict) -> None:
     import flashinfer
 
@@ -294,7 +400,7 @@ def sec_prefill(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    ap.add_argument("--sections", default="bw,skinny,attn,prefill")
+    ap.add_argument("--sections", default="bw,skinny,rows,attn,prefill")
     ap.add_argument("--prefill-case", default=None)
     a = ap.parse_args()
     if a.prefill_case:
@@ -302,7 +408,8 @@ def main() -> None:
         prefill_case(b, int(qo), int(kv), int(pool))
         return
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    fns = {"bw": sec_bw, "skinny": sec_skinny, "attn": sec_attn, "prefill": sec_prefill}
+    fns = {"bw": sec_bw, "skinny": sec_skinny, "rows": sec_rows, "attn": sec_attn,
+           "prefill": sec_prefill}
     for s in a.sections.split(","):
         try:
             fns[s](res)

@@ -7,9 +7,11 @@ nothing numerically per output but halve the matmul launches: q/k/v are one
 `qkv_proj` and gate/up one `gate_up_proj`; `load_hf_weight` maps HF names.
 A one-token step on CUDA (single-stream decode) runs each layer as four
 GEMV kernels (dendrite/kernels/gemv.py) that also do the RMSNorms, SiLU*up
-and residual adds, rounding as the unfused ops do. Several rows on CUDA
-take one kernel each for RMSNorm (+ the residual add before it), SiLU*up,
-and RoPE with the K/V cache write (dendrite/kernels/rows.py), same rounding.
+and residual adds, rounding as the unfused ops do; 2-16 rows (a few decode
+branches) take the few-row matmul (dendrite/kernels/skinny.py), likewise
+fused. Larger batches on CUDA take one kernel each for RMSNorm (+ the
+residual add before it) and SiLU*up around cuBLAS, and every CUDA step does
+RoPE with the K/V cache write in one kernel (dendrite/kernels/rows.py).
 
 The forward pass takes a flat batch of T new tokens from B sequences (no
 padding): it writes each layer's new K/V at `meta.slot_mapping` and asks the
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dendrite.attention.base import AttentionBackend, AttentionMetadata
-from dendrite.kernels import gemv, linear, supported
+from dendrite.kernels import gemv, linear, skinny, skinny_supported, supported
 from dendrite.kernels.rows import (
     add_rms_norm,
     rope_write,
@@ -193,6 +195,17 @@ class DecoderLayer(nn.Module):
             gate_up = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
                            norm_weight=ln2.weight, eps=ln2.eps)
             return gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, glu=True, residual=h)
+        if skinny_supported(h, attn.qkv_proj.weight):
+            # A few decode rows: the same four kernels over all rows (the SiLU*up
+            # moves into the gate|up matmul's epilogue).
+            ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+            qkv = skinny(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                         norm_weight=ln1.weight, eps=ln1.eps)
+            o = attn.attend(qkv, cos, sin, meta, kv, backend)
+            h = skinny(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+            act = skinny(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                         norm_weight=ln2.weight, eps=ln2.eps, glu_out=True)
+            return skinny(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
         h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
         return h + mlp(self.post_attention_layernorm(h))
 
@@ -276,7 +289,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
         norm = self.model.norm
         first = self.model.layers[0].self_attn.qkv_proj.weight if self.model.layers else None
-        if rows_supported(h) and (first is None or not supported(h, first)):
+        if rows_supported(h) and (first is None or not (supported(h, first)
+                                                        or skinny_supported(h, first))):
             residual = None
             for layer in self.model.layers:
                 h, residual = layer.forward_rows(h, residual, cos, sin, meta, kv, backend)

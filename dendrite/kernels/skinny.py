@@ -1,0 +1,146 @@
+"""Few-row matmul (`y = x @ W.T` for 2-16 rows) for batched decode, in Triton,
+with the elementwise work around a decoder layer's matmuls fused in.
+
+A decode step of a few branches reads every weight once for a handful of
+tokens: it is as fast as the weights stream from memory, like one row (the
+single-row kernel is dendrite/kernels/gemv.py). cuBLAS reaches about 2.2 TB/s
+there on an H100 (docs/benchmarks.md), and between its matmuls sit an
+RMSNorm, a residual add and SiLU*up, each one more kernel. This kernel
+
+* streams BLOCK_N rows of W per program through a pipelined loop over K and
+  multiplies them with all rows of x on the tensor cores (x padded to 16
+  rows, the smallest MMA tile); small matrices split K over several programs
+  (more loads in flight), the last one to finish adding the partial tiles in
+  a fixed order, so results are deterministic;
+* optionally applies, while loading x, the RMSNorm that precedes the matmul
+  (`norm_weight`), and adds the residual stream to the result (`residual`);
+* with `glu_out`, computes the gate and up halves of a fused gate|up weight
+  in the same program and writes SiLU(gate) * up, the down projection's
+  input. (A SiLU prologue on the down projection, as the single-row kernel
+  has, would recompute the SiLU of every row in every program: 16 rows of
+  8192 in each of 128 programs.)
+
+Rounding follows the unfused torch ops (the matmul output rounded to the
+model dtype before the residual add or SiLU; RMSNorm normalized in float32,
+rounded, then scaled by the weight), so results differ from them only by the
+float32 summation order of the matmul and of the RMSNorm sum of squares.
+
+`skinny` is the custom op `dendrite::skinny`, one opaque call to torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dendrite.kernels._enabled import kernels_enabled
+
+__all__ = ["MAX_ROWS", "skinny", "supported", "tile_for"]
+
+MAX_ROWS = 16
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False) -> bool:
+    """True when `skinny(x, weight, glu_out=glu_out)` can run: 2-16 CUDA rows, fp16/bf16.
+
+    DENDRITE_SKINNY=0 turns the kernel off (an escape hatch for comparisons).
+    """
+    return (x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
+            and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS
+            and weight.dim() == 2 and weight.is_contiguous()
+            and x.shape[1] == weight.shape[1]
+            and (not glu_out or weight.shape[0] % 2 == 0)
+            and kernels_enabled("DENDRITE_SKINNY"))
+
+
+Tile = tuple[int, int, int, int, int]
+
+
+def tile_for(n: int, k: int, norm: bool = False, glu_out: bool = False) -> Tile:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT) for n outputs from K = k.
+
+    From a sweep over 18 tiles of the Llama-3.2-1B layer matmuls at 16 rows
+    on an H100 (benchmarks/bench_kernels_gpu.py --sections rows,
+    docs/benchmarks.md): a long K over few outputs (the down projection)
+    splits K four ways; wide outputs (gate|up, lm_head) take 64 rows of W per
+    program, which also computes the RMSNorm prologue over fewer programs;
+    the rest 16 (32 with the RMSNorm) rows, K in chunks of 256, four in flight.
+    """
+    if k >= 4 * n:
+        return 16, 128, 4, 3, 4
+    if n >= 8192:
+        return 64, 256, 4, 4, 1
+    return (32 if norm else 16), 256, 4, 4, 1
+
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, n: int, split: int, block_n: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 partial tiles [split, 2, 16, n] and zeroed per-n-block counters.
+
+    Kept per shape for the life of the process: a CUDA graph captures their
+    addresses, and the kernel leaves the counters at zero after every call.
+    """
+    key = (device, n, split, block_n)
+    if key not in _WORKSPACE:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("skinny: split-K workspace first needed inside CUDA-graph "
+                               f"capture (n={n}, split={split}); run the shape once eagerly")
+        _WORKSPACE[key] = (
+            torch.empty((split, 2, MAX_ROWS, n), dtype=torch.float32, device=device),
+            torch.zeros(-(-n // block_n), dtype=torch.int32, device=device))
+    return _WORKSPACE[key]
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            norm_weight: torch.Tensor | None, eps: float, glu_out: bool,
+            residual: torch.Tensor | None,
+            tile: Tile | None = None) -> torch.Tensor:
+    """Run the kernel; `tile` overrides `tile_for` (benchmarks)."""
+    import triton  # noqa: PLC0415
+
+    from dendrite.kernels._skinny_triton import skinny_kernel  # noqa: PLC0415
+
+    m, k = x.shape
+    n = weight.shape[0] // 2 if glu_out else weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages, split = tile or tile_for(n, k, norm_weight is not None,
+                                                              glu_out)
+    if k % (split * block_k):
+        split = 1  # the K slices must be whole chunks
+    ws, locks = _workspace(x.device, n, split, block_n) if split > 1 else (y, y)
+    skinny_kernel[(triton.cdiv(n, block_n), split)](
+        x, weight, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight,
+        residual.contiguous() if residual is not None else y, y, ws, locks, m, n, eps,
+        K=k, HAS_BIAS=bias is not None, NORM=norm_weight is not None, GLU_OUT=glu_out,
+        RESIDUAL=residual is not None, EVEN_K=k % block_k == 0, ROWS=MAX_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages)
+    return y
+
+
+@torch.library.custom_op("dendrite::skinny", mutates_args=())
+def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               norm_weight: torch.Tensor | None, eps: float, glu_out: bool,
+               residual: torch.Tensor | None) -> torch.Tensor:
+    return _launch(x, weight, bias, norm_weight, eps, glu_out, residual)
+
+
+@_skinny_op.register_fake
+def _(x, weight, bias, norm_weight, eps, glu_out, residual):
+    return x.new_empty((x.shape[0], weight.shape[0] // (2 if glu_out else 1)))
+
+
+def skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           norm_weight: torch.Tensor | None = None, eps: float = 1e-6, glu_out: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`[residual +] g(f(x) @ weight.T [+ bias])` for 2-16 rows of x; needs `supported`.
+
+    f is RMSNorm with `norm_weight` (and `eps`) when given, identity otherwise;
+    g is SiLU(gate) * up over the two halves of the output when `glu_out`
+    (weight is `[gate | up]`, the result half its width), identity otherwise.
+    """
+    return _skinny_op(x, weight, bias, norm_weight, float(eps), bool(glu_out), residual)
