@@ -4,7 +4,8 @@ For each branch count B, forks B leaves off one shared prefix and decodes them
 together (temperature 1, seeded; optionally under a regex that never forces a
 token), then reports per step:
 
-* wall time (median over `--steps`, after a warm-up);
+* wall time (median over `--steps`, after a warm-up), and how many of those
+  steps the engine launched before reading the previous step's tokens;
 * GPU time: the sum of kernel durations (torch.profiler), and kernel launches;
 * the top host operations by self CPU time (torch.profiler);
 * the top Python functions by own time (cProfile).
@@ -63,11 +64,13 @@ def profile_branches(engine, root, n: int, args) -> dict:
         engine.step()
     sync(args.device)
     walls = []
+    ahead0 = engine.stats.get("lookahead_steps", 0)
     for _ in range(args.steps):
         t0 = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t0)
-    out = {"B": n, "wall_ms": 1e3 * statistics.median(walls)}
+    out = {"B": n, "wall_ms": 1e3 * statistics.median(walls),
+           "ahead": engine.stats.get("lookahead_steps", 0) - ahead0}
 
     acts = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
@@ -133,11 +136,11 @@ def main() -> None:
     base = rows[0]["wall_ms"]
     print(f"\nengine decode step over a {args.prefix}-token shared prefix "
           f"({'grammar' if args.grammar else 'free'}), {args.device}")
-    print("| B | wall ms | vs first | GPU ms | kernels/step |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("| B | wall ms | vs first | GPU ms | kernels/step | steps launched ahead |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['B']} | {r['wall_ms']:.3f} | {r['wall_ms'] / base:.2f}x | "
-              f"{r['gpu_ms']:.3f} | {r['kernels']:.0f} |")
+              f"{r['gpu_ms']:.3f} | {r['kernels']:.0f} | {r['ahead']}/{args.steps} |")
     if args.details:
         for r in rows:
             print(f"\n===== B={r['B']}: host ops by self CPU time =====\n{r['host_ops']}")

@@ -22,14 +22,14 @@ from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence as Seq
+from typing import Callable, Iterable, Sequence as Seq
 
 import numpy as np
 import torch
 
 from dendrite.kv import BlockPool, KVTree, OutOfPages, RadixCache, Scheduler
 from dendrite.model.runner import ModelRunner
-from dendrite.sampling import SamplingParams, sample
+from dendrite.sampling import SamplerOutput, SamplingParams, sample
 from dendrite.stopping import StopChecker
 
 __all__ = ["Engine", "Sequence", "GenHandle", "GenResult", "LeafTooLarge"]
@@ -70,6 +70,17 @@ class GenHandle:
     @property
     def done(self) -> bool:
         return self.result is not None
+
+
+@dataclass
+class _Launched:
+    """A step whose forward and sampling are queued and whose tokens are unread."""
+
+    seqs: list["Sequence"]  # the step's leaves, in row order
+    handles: list[GenHandle]  # the requests that sample, in row order
+    tokens: torch.Tensor | None  # their sampled ids, on the device
+    host: Callable[[], SamplerOutput] | None  # waits for the host copies
+    allowed: torch.Tensor | None  # the grammar masks used
 
 
 class Sequence:
@@ -159,6 +170,7 @@ class Engine:
                  page_size: int = 16, attention: str = "auto", max_batch_tokens: int = 2048,
                  prefix_cache: bool = True, max_wait_steps: int = 64,
                  cuda_graphs: bool = True, cascade: str = "auto",
+                 lookahead: bool | None = None,
                  runner: ModelRunner | None = None) -> None:
         if runner is None:
             if model_dir is None:
@@ -197,8 +209,14 @@ class Engine:
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
         self._mask_prefetch: tuple[list[GenHandle], Future] | None = None
         self._inline_masks = self.device.type == "cuda"
+        # Steady decode launches step k+1 before reading step k's tokens (see
+        # `_launch_ahead`); default on CUDA, where the host then prepares a
+        # step while the GPU runs the previous one.
+        self.lookahead = self.device.type == "cuda" if lookahead is None else bool(lookahead)
+        self._ahead: _Launched | None = None
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
-                      "prefix_tokens_reused": 0, "fork_seconds": 0.0}
+                      "prefix_tokens_reused": 0, "fork_seconds": 0.0, "lookahead_steps": 0,
+                      "lookahead_rows_wasted": 0}
 
     def _make_graph_runner(self, cascade: str):
         """Decode steps replay captured CUDA graphs (CUDA + FlashInfer only)."""
@@ -375,19 +393,44 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------
     def step(self) -> list[GenHandle]:
-        """One batched forward over every runnable leaf; returns finished handles."""
-        plan = self._schedule()
-        if not plan:
-            return []
+        """One batched forward over every runnable leaf; returns finished handles.
+
+        In steady decode the next step is launched before this one's tokens
+        are read (`_launch_ahead`), so a call may return while a forward is
+        still queued; the next call completes it.
+        """
+        cur, self._ahead = self._ahead, None
+        if cur is None:
+            plan = self._schedule()
+            if not plan:
+                return []
+            cur = self._launch(plan)
+        nxt = self._launch_ahead(cur) if self.lookahead else None
+        finished = self._complete(cur, placeholders=nxt is not None)
+        self._ahead = nxt
+        return finished
+
+    def _launch(self, plan: list[tuple[Sequence, int]],
+                fed: torch.Tensor | None = None) -> "_Launched":
+        """Queue the forward and the sampling of `plan`; read nothing back.
+
+        `fed`: the token ids of a step launched ahead, still on the device
+        (one per leaf, count 1 each): the tree gets placeholders for them,
+        which `_complete` of the previous step overwrites.
+        """
         seqs = [p[0] for p in plan]
         counts = np.asarray([p[1] for p in plan], dtype=np.int32)
         starts = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
         nodes = np.asarray([s.node for s in seqs], dtype=np.int64)
-        flat_tokens = np.fromiter(chain.from_iterable(s.pending[:c] for s, c in plan),
-                                  dtype=np.int32, count=int(counts.sum()))
+        if fed is None:
+            flat_tokens = np.fromiter(chain.from_iterable(s.pending[:c] for s, c in plan),
+                                      dtype=np.int32, count=int(counts.sum()))
+        else:
+            flat_tokens = np.zeros(len(seqs), dtype=np.int32)
         appended = self.tree.append_batch(nodes, counts, flat_tokens)
-        for s, c in plan:
-            del s.pending[:c]
+        if fed is None:
+            for s, c in plan:
+                del s.pending[:c]
         sample_rows = [i for i, s in enumerate(seqs)
                        if not s.pending and s.handle is not None and not s.handle.done]
         sample_handles = [seqs[i].handle for i in sample_rows]
@@ -404,27 +447,83 @@ class Engine:
         meta = self.runner.build_metadata(positions, appended.slot_mapping, qo_indptr, indptr,
                                           indices, last_len, validate=False)
         logit_rows = (qo_indptr[1:] - 1)[sample_rows]
+        ids = fed if fed is not None else flat_tokens
         if (self.graphs is not None and len(sample_rows) == len(seqs)
                 and self.graphs.can_run(meta)):
             if len(appended.copies):
                 self.runner.kv_cache.copy_pages(appended.copies)
             # (valid until the next replay)
-            logits, _ = self.graphs.run(flat_tokens, meta, host_indices=indices)
+            logits, _ = self.graphs.run(ids, meta, host_indices=indices)
         else:
-            logits = self.runner.run(flat_tokens, meta, logit_rows, copies=appended.copies)
+            logits = self.runner.run(ids, meta, logit_rows, copies=appended.copies)
         self.stats["steps"] += 1
         self.stats["forward_tokens"] += int(counts.sum())
         if not sample_handles:
             if mask_future is not None:
                 mask_future.result()
-            return []
+            return _Launched(seqs, [], None, None, None)
         if self._inline_masks:
             allowed = self._masks_now(sample_handles)
         else:
             allowed = mask_future.result() if mask_future is not None else None
         # A sampled row's new token goes right after its cached ones.
-        positions = (starts + counts)[sample_rows].tolist()
-        return self._sample_and_advance(sample_handles, logits, allowed, positions)
+        sample_pos = (starts + counts)[sample_rows].tolist()
+        history = [h.seq.tokens for h in sample_handles] if any(
+            h.params.repetition_penalty != 1.0 for h in sample_handles) else None
+        out = sample(logits, [h.params for h in sample_handles], sample_pos,
+                     prev_tokens=history, allowed=allowed)
+        return _Launched(seqs, sample_handles, out.token_ids, out.cpu_async(), allowed)
+
+    def _launch_ahead(self, cur: "_Launched") -> "_Launched | None":
+        """Launch the step after `cur` before `cur`'s tokens are read, if it is certain.
+
+        Only in steady decode: every leaf of `cur` samples and nothing else is
+        runnable (so the scheduler would pick exactly these leaves, one token
+        each), no grammar or repetition penalty reads the new token on the
+        host, no leaf is sure to stop at `cur` (`max_tokens`), and the pages
+        are free. Its inputs are `cur`'s sampled ids, fed on the device. A
+        leaf that then stops at `cur` (EOS, stop string) drops its row: the
+        extra token's slot is truncated away and its result ignored.
+        """
+        hs = cur.handles
+        if not hs or len(hs) != len(cur.seqs) or len(hs) > self.max_batch_tokens:
+            return None
+        for h in hs:
+            if (h.done or h.matcher is not None or h.params.repetition_penalty != 1.0
+                    or len(h.token_ids) + 2 > h.params.max_tokens):
+                return None
+        if self._runnable():
+            return None
+        nodes = np.asarray([s.node for s in cur.seqs], dtype=np.int64)
+        if self.tree.pages_needed(nodes, np.ones(len(nodes), dtype=np.int32)) > self.pool.free:
+            return None
+        self.stats["lookahead_steps"] += 1
+        return self._launch([(s, 1) for s in cur.seqs], fed=cur.tokens)
+
+    def _complete(self, cur: "_Launched", placeholders: bool) -> list[GenHandle]:
+        """Read `cur`'s tokens and advance its requests; returns the finished ones.
+
+        `placeholders`: the next step was launched ahead, so each leaf's new
+        token is already in the tree as a placeholder (see `_accept`).
+        """
+        if not cur.handles:
+            return []
+        out = cur.host()
+        finished = []
+        fixes: list[tuple[int, int]] | None = [] if placeholders else None
+        for h, tok, lp in zip(cur.handles, out.token_ids.tolist(), out.logprobs.tolist()):
+            if h.done:  # stopped or released while this step was queued
+                self.stats["lookahead_rows_wasted"] += 1
+                continue
+            if self._accept(h, tok, lp, placeholders=fixes):
+                finished.append(h)
+        if fixes:
+            nodes, toks = zip(*fixes)
+            self.tree.set_last_tokens(np.asarray(nodes, dtype=np.int64),
+                                      np.asarray(toks, dtype=np.int32))
+        if cur.allowed is not None and not self._inline_masks:
+            self._prefetch_masks(cur.handles)
+        return finished
 
     def _runnable(self) -> list[Sequence]:
         return [s for s in self._live.values() if s.schedulable > 0 and not s.swapped]
@@ -585,31 +684,26 @@ class Engine:
         if self._mask_prefetch is not None:
             self._mask_prefetch[1].result()
 
-    def _sample_and_advance(self, handles: list[GenHandle], logits: torch.Tensor,
-                            allowed: torch.Tensor | None,
-                            positions: list[int]) -> list[GenHandle]:
-        history = [h.seq.tokens for h in handles] if any(
-            h.params.repetition_penalty != 1.0 for h in handles) else None
-        out = sample(logits, [h.params for h in handles], positions, prev_tokens=history,
-                     allowed=allowed).cpu()
-        tokens = out.token_ids.tolist()
-        lps = out.logprobs.tolist()
-        finished = []
-        for h, tok, lp in zip(handles, tokens, lps):
-            if self._accept(h, tok, lp):
-                finished.append(h)
-        if allowed is not None and not self._inline_masks:
-            self._prefetch_masks(handles)
-        return finished
+    def _accept(self, h: GenHandle, tok: int, lp: float,
+                placeholders: list[tuple[int, int]] | None = None) -> bool:
+        """Record a sampled token; returns True when the request finished.
 
-    def _accept(self, h: GenHandle, tok: int, lp: float) -> bool:
-        """Record a sampled token; returns True when the request finished."""
+        With `placeholders`, a step launched ahead already appended this token
+        to the leaf (its id unknown then): a continuing leaf adds (node, id)
+        to the list for the caller to set; a finishing one drops the
+        placeholder, and the bookkeeping below is the usual one.
+        """
         seq = h.seq
         h.token_ids.append(tok)
         h.logprobs.append(lp)
         if h.matcher is not None:
             h.matcher.consume(tok)
         reason = h.stop.check(h.token_ids)
+        if placeholders is not None:
+            if reason is None and len(h.token_ids) < h.params.max_tokens:
+                placeholders.append((seq.node, tok))
+                return False
+            self.tree.truncate(seq.node, seq.num_cached - 1)
         if reason == "eos":
             h.token_ids.pop()
             h.logprobs.pop()

@@ -208,6 +208,11 @@ class KVTree:
         """Drop tokens from the end of leaf `node`'s own segment (rollback)."""
         self._native.truncate(node, num_tokens)
 
+    def set_last_tokens(self, nodes: ArrayLike, tokens: ArrayLike) -> None:
+        """Set the id of each leaf's last own token (placeholders appended by a
+        step launched before the previous step's tokens were read)."""
+        self._native.set_last_tokens(nodes, tokens)
+
     # -- release -----------------------------------------------------------------
     def release(self, node: int) -> None:
         """Drop the caller's handle. The node is freed once it has no children,

@@ -19,7 +19,7 @@ penalties, masks and temperature.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,12 +90,24 @@ class SamplerOutput:
 
     def cpu(self) -> SamplerOutput:
         """Host copies; from CUDA all copies are queued first and waited for once."""
+        return self.cpu_async()()
+
+    def cpu_async(self) -> Callable[[], SamplerOutput]:
+        """Queue the host copies now; the returned function waits for them and
+        gives the host `SamplerOutput`. Meanwhile the host can queue more work."""
         fields = (self.token_ids, self.logprobs, self.top_token_ids, self.top_logprobs)
         if not self.token_ids.is_cuda:
-            return SamplerOutput(*(None if t is None else t.cpu() for t in fields))
-        out = [None if t is None else t.to("cpu", non_blocking=True) for t in fields]
-        torch.cuda.current_stream(self.token_ids.device).synchronize()
-        return SamplerOutput(*out)
+            out = SamplerOutput(*(None if t is None else t.cpu() for t in fields))
+            return lambda: out
+        copies = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True)
+                                 for t in fields))
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.token_ids.device))
+
+        def wait() -> SamplerOutput:
+            ready.synchronize()
+            return copies
+        return wait
 
 
 # -- counter-based noise --------------------------------------------------------

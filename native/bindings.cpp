@@ -164,6 +164,16 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("nodes"), py::arg("counts"), py::arg("tokens"))
       .def("truncate", &KVTree::truncate, py::arg("node"), py::arg("num_tokens"))
+      .def(
+          "set_last_tokens",
+          [](KVTree& t, const I64In& nodes, const I32In& tokens) {
+            require_1d(nodes, "nodes");
+            require_1d(tokens, "tokens");
+            if (nodes.size() != tokens.size())
+              throw std::invalid_argument("set_last_tokens: nodes and tokens differ in length");
+            t.set_last_tokens(ptr(nodes), ptr(tokens), nodes.size());
+          },
+          py::arg("nodes"), py::arg("tokens"))
       .def("release", &KVTree::release, py::arg("node"))
       .def("release_subtree", &KVTree::release_subtree, py::arg("node"))
       .def("is_valid", &KVTree::is_valid, py::arg("node"))

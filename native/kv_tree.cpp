@@ -316,6 +316,17 @@ void KVTree::truncate(int64_t node, int64_t num_tokens) {
   n.tokens.resize(static_cast<size_t>(new_len));
 }
 
+void KVTree::set_last_tokens(const int64_t* nodes, const int32_t* tokens, int64_t n) {
+  for (int64_t b = 0; b < n; ++b) {
+    const Node& nd = nodes_[static_cast<size_t>(owned_slot_of(nodes[b]))];
+    if (nd.tokens.empty())
+      throw std::invalid_argument("set_last_tokens: node " + std::to_string(nodes[b]) +
+                                  " has no token of its own");
+  }
+  for (int64_t b = 0; b < n; ++b)
+    nodes_[static_cast<size_t>(owned_slot_of(nodes[b]))].tokens.back() = tokens[b];
+}
+
 // ---- release -------------------------------------------------------------------
 
 int32_t KVTree::detach_and_free(int32_t slot) {

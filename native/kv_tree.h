@@ -64,6 +64,11 @@ class KVTree {
 
   // Drops tokens from the end of a leaf's own segment.
   void truncate(int64_t node, int64_t num_tokens);
+  // Overwrites the id of the last own token of each nodes[b] with tokens[b]:
+  // a step launched before the previous one's tokens were read appends
+  // placeholders, whose slots are already being written on the device.
+  // All or nothing: every node is checked before any id changes.
+  void set_last_tokens(const int64_t* nodes, const int32_t* tokens, int64_t n);
 
   // Drops the caller's reference. The node (and then ancestors that hold no
   // caller reference and have no other children) is freed once childless.

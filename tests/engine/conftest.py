@@ -20,14 +20,19 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture
-def make_engine(tiny_model_dir):
-    """Engines on the tiny model; each is checked for leaked pages at teardown."""
+@pytest.fixture(params=[False, True], ids=["sync", "lookahead"])
+def make_engine(tiny_model_dir, request):
+    """Engines on the tiny model; each is checked for leaked pages at teardown.
+
+    Every engine test runs twice: stepping synchronously, and launching each
+    steady decode step before the previous one's tokens are read (the CUDA
+    default), which must not change a single token."""
     engines = []
 
     def make(**kw):
         kw.setdefault("device", "cpu")
         kw.setdefault("num_pages", 512)
+        kw.setdefault("lookahead", request.param)
         e = Engine(tiny_model_dir, **kw)
         engines.append(e)
         return e
