@@ -203,11 +203,13 @@ def sec_skinny(res: dict) -> None:
           f"({total_bytes / ts / 1e12:.2f} TB/s)")
 
 
-# (BLOCK_N, BLOCK_K, warps, stages, split-K)
-ROW_TILES = [(bn, bk, 4, st, 1) for bn in (16, 32, 64) for bk, st in ((128, 3), (256, 4))] + [
-    (16, 256, 4, 3, 2), (16, 256, 4, 3, 4), (16, 128, 4, 3, 4), (16, 128, 4, 2, 8),
-    (16, 512, 8, 2, 2), (16, 512, 4, 3, 1), (16, 1024, 8, 2, 1), (32, 256, 4, 3, 2),
-    (32, 128, 4, 3, 4), (16, 256, 8, 3, 2), (16, 128, 4, 4, 2), (64, 128, 4, 3, 2)]
+# (BLOCK_N, BLOCK_K, warps, stages, split-K, swap: W x^T on the MMA)
+ROW_TILES = [(16, 256, 4, 4, 1, 0), (32, 256, 4, 4, 1, 0), (64, 128, 4, 3, 1, 0),
+             (64, 256, 4, 4, 1, 0), (16, 128, 4, 3, 4, 0), (32, 128, 4, 3, 4, 0)] + [
+    (bn, bk, w, st, sp, 1) for bn, bk, w, st, sp in (
+        (64, 128, 4, 3, 1), (64, 256, 4, 3, 1), (64, 64, 4, 4, 1), (128, 128, 4, 3, 1),
+        (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 128, 8, 3, 1), (128, 64, 4, 4, 1),
+        (64, 256, 4, 2, 2))]
 
 
 def sec_rows(res: dict) -> None:
@@ -227,7 +229,7 @@ def sec_rows(res: dict) -> None:
              ("down+residual", "down", INTER, False, False, True)]
     for m in (16, 4):
         print(f"\n{m} rows: | case | MB | cuBLAS (+row kernels) us | GB/s | few-row default "
-              "(BN, BK, warps, stages, split) us | GB/s | best tile | us | GB/s |")
+              "(BN, BK, warps, stages, split, swap) us | GB/s | best tile | us | GB/s |")
         print("|---|--:|--:|--:|--:|--:|---|--:|--:|")
         for name, key, width, norm, glu, resid in cases:
             n, k = SHAPES[key]

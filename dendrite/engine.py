@@ -228,7 +228,7 @@ class Engine:
 
         graphs = CudaGraphDecodeRunner(self.runner.model, self.runner.kv_cache,
                                        self.runner.backend, max_batch_size=64,
-                                       cascade=cascade)
+                                       cascade=cascade, greedy=False)
         graphs.capture()
         return graphs
 

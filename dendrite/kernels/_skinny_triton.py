@@ -56,12 +56,13 @@ def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, M
                   K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                   GLU_OUT: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SPLIT: tl.constexpr):
+                  SPLIT: tl.constexpr, SWAP: tl.constexpr):
     """Program (n, s) multiplies columns [s K/SPLIT, (s+1) K/SPLIT) of BLOCK_N rows
     of W. With SPLIT > 1 it stores its float32 partial tile; the last of the
     n-block's programs to arrive (a counter per n-block) adds the partials in
     split order, so the result does not depend on arrival order, and resets
-    the counter for the next call."""
+    the counter for the next call. With SWAP the MMA computes (W x^T), whose
+    larger side is BLOCK_N (Hopper's warpgroup MMA wants 64 there)."""
     dt = y_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, ROWS)
@@ -77,8 +78,12 @@ def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, M
                          mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
             sq += xk * xk
         rstd = precise_rsqrt(tl.sum(sq, axis=1) / K + eps)
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None] * K
     # With GLU_OUT, W is [gate | up] stacked along N: up row n is gate row n + N.
     w_up_rows = w_ptr + (offs_n + N)[:, None] * K
@@ -95,9 +100,17 @@ def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, M
             w_up = tl.load(w_up_rows + offs_k[None, :], mask=w_mask, other=0.0,
                            eviction_policy="evict_first")
         xk = _x_tile(x_ptr, nw_ptr, offs_m, m_ok, offs_k, rstd, K, NORM, EVEN_K, dt)
-        acc = tl.dot(xk, tl.trans(w), acc)
-        if GLU_OUT:
-            acc_up = tl.dot(xk, tl.trans(w_up), acc_up)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(xk), acc)
+            if GLU_OUT:
+                acc_up = tl.dot(w_up, tl.trans(xk), acc_up)
+        else:
+            acc = tl.dot(xk, tl.trans(w), acc)
+            if GLU_OUT:
+                acc_up = tl.dot(xk, tl.trans(w_up), acc_up)
+    if SWAP:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
     if SPLIT == 1:
         _epilogue(acc, acc_up, b_ptr, r_ptr, y_ptr, offs_m, m_ok, offs_n, n_ok, N,
                   HAS_BIAS, GLU_OUT, RESIDUAL)

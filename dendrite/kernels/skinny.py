@@ -53,24 +53,27 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False) -> b
             and kernels_enabled("DENDRITE_SKINNY"))
 
 
-Tile = tuple[int, int, int, int, int]
+Tile = tuple[int, int, int, int, int, int]
 
 
 def tile_for(n: int, k: int, norm: bool = False, glu_out: bool = False) -> Tile:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT) for n outputs from K = k.
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP) for n outputs from K = k.
 
-    From a sweep over 18 tiles of the Llama-3.2-1B layer matmuls at 16 rows
+    From a sweep over 15 tiles of the Llama-3.2-1B layer matmuls at 16 rows
     on an H100 (benchmarks/bench_kernels_gpu.py --sections rows,
     docs/benchmarks.md): a long K over few outputs (the down projection)
-    splits K four ways; wide outputs (gate|up, lm_head) take 64 rows of W per
-    program, which also computes the RMSNorm prologue over fewer programs;
-    the rest 16 (32 with the RMSNorm) rows, K in chunks of 256, four in flight.
+    splits K four ways; the gate|up matmul with its SiLU epilogue puts W on
+    the MMA's 64-wide side (SWAP) with 8 warps; other wide outputs (lm_head)
+    take 64 rows of W per program; the rest 16 rows (32 with the RMSNorm,
+    which then runs in half as many programs), K in chunks of 256.
     """
     if k >= 4 * n:
-        return 16, 128, 4, 3, 4
+        return 32, 128, 4, 3, 4, 0
+    if glu_out:
+        return 64, 128, 8, 3, 1, 1
     if n >= 8192:
-        return 64, 256, 4, 4, 1
-    return (32 if norm else 16), 256, 4, 4, 1
+        return 64, 256, 4, 4, 1, 0
+    return (32 if norm else 16), 256, 4, 4, 1, 0
 
 
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -107,8 +110,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n = weight.shape[0] // 2 if glu_out else weight.shape[0]
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, split = tile or tile_for(n, k, norm_weight is not None,
-                                                              glu_out)
+    block_n, block_k, warps, stages, split, swap = tile or tile_for(
+        n, k, norm_weight is not None, glu_out)
     if k % (split * block_k):
         split = 1  # the K slices must be whole chunks
     ws, locks = _workspace(x.device, n, split, block_n) if split > 1 else (y, y)
@@ -118,7 +121,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         residual.contiguous() if residual is not None else y, y, ws, locks, m, n, eps,
         K=k, HAS_BIAS=bias is not None, NORM=norm_weight is not None, GLU_OUT=glu_out,
         RESIDUAL=residual is not None, EVEN_K=k % block_k == 0, ROWS=MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages)
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, SWAP=bool(swap), num_warps=warps,
+        num_stages=stages)
     return y
 
 

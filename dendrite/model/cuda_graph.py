@@ -156,6 +156,10 @@ def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> No
     dst.index_put_((rows,), src)
 
 
+def _rows(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    return None if t is None else t[:b]
+
+
 def greedy_tokens(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """`logits.argmax(-1)` in two passes: per-chunk maxima, then the best chunk.
 
@@ -285,7 +289,7 @@ class CudaGraphDecodeRunner:
                  pad_page: int | None = None, max_pages: int | None = None,
                  max_seq_len: int | None = None, compile: bool | str = False,
                  skip_redundant_plans: bool = True, cascade: str = "auto",
-                 cascade_rule: Any = None) -> None:
+                 cascade_rule: Any = None, greedy: bool = True) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
@@ -322,6 +326,9 @@ class CudaGraphDecodeRunner:
         self.cascade = cascade
         self.cascade_rule = cascade_rule or GRAPH_CASCADE_RULE
         self.stats = {"cascade_steps": 0, "flat_steps": 0}
+        # The graphs also take the greedy tokens (a caller that samples
+        # itself, like the engine, passes False and saves their kernels).
+        self.greedy = greedy
         windows = [w for w in (backend.sliding_windows or []) if w is not None]
         self._min_window = min(windows) if windows else None
 
@@ -345,7 +352,7 @@ class CudaGraphDecodeRunner:
                  attn: _GraphAttention) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(self.input_ids[:bs], meta, self._model_kv, attn)
         logits = self.model.compute_logits(hidden)
-        return logits, greedy_tokens(logits)
+        return logits, (greedy_tokens(logits) if self.greedy else None)
 
     def _capture(self, bs: int, cascade: bool = False) -> _Bucket:
         # Every row: one pad page holding one token, writing into the pad slot.
@@ -399,8 +406,8 @@ class CudaGraphDecodeRunner:
         `input_ids` [B] (device tensor, or host ids) in `meta`'s row order.
         `host_indices`: `meta.kv_indices` on the host, if the caller has them;
         needed to consider cascade (rows sharing a page prefix).
-        Returns (`logits` float32 [B, V], greedy `tokens` int64 [B]), both views
-        of static buffers valid until the next `run()`.
+        Returns (`logits` float32 [B, V], greedy `tokens` int64 [B], or None
+        without `greedy`), views of static buffers valid until the next `run()`.
         """
         b = meta.num_seqs
         bs = bucket_for(b, self.buckets)
@@ -428,7 +435,7 @@ class CudaGraphDecodeRunner:
                                shared, npad)
             self.stats["cascade_steps"] += 1
             bucket.graph.replay()
-            return bucket.logits[:b], bucket.tokens[:b]
+            return bucket.logits[:b], _rows(bucket.tokens, b)
         self.stats["flat_steps"] += 1
         if npad:
             # Padding rows: one pad page each holding one token.
@@ -441,7 +448,7 @@ class CudaGraphDecodeRunner:
         else:
             bucket.gw.plan(kv_indptr, meta.kv_indices, kv_last)
         bucket.graph.replay()
-        return bucket.logits[:b], bucket.tokens[:b]
+        return bucket.logits[:b], _rows(bucket.tokens, b)
 
     def _shared_pages(self, meta: AttentionMetadata, kv_indptr: torch.Tensor,
                       host_indices: np.ndarray | None) -> int:

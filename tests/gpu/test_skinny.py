@@ -69,15 +69,16 @@ def test_glu_epilogue(m, n, k, dtype):
 
 
 @pytest.mark.parametrize("glu", [False, True])
-@pytest.mark.parametrize("split", [2, 4])
-def test_split_k_is_exact_and_deterministic(split, glu):
-    """Split-K tiles: same tolerance as one slice, the same bits on every call
-    (partials are added in split order), and the counters left for the next call."""
+@pytest.mark.parametrize("split,swap", [(2, 0), (4, 0), (1, 1), (2, 1)])
+def test_split_k_is_exact_and_deterministic(split, swap, glu):
+    """Split-K and swapped tiles: same tolerance as the default tile, the same
+    bits on every call (partials are added in split order), and the counters
+    left for the next call."""
     from dendrite.kernels.skinny import _launch
 
     dtype = torch.bfloat16
     w, b, x, res, nw = _data(16, 4096, 2048, dtype, seed=2)
-    tile = (16, 256, 4, 3, split)
+    tile = (64 if swap else 16, 128 if swap else 256, 4, 3, split, swap)
     if glu:
         gate_up = F.linear(_rms(x, nw, 1e-6).float(), w.float(), b.float()).to(dtype)
         gate, up = gate_up.split(2048, dim=-1)
