@@ -184,28 +184,25 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
-        if supported(h, attn.qkv_proj.weight):
-            # Single-stream decode: four GEMV kernels that also do the norms,
-            # the residual adds and SiLU*up (same rounding, fewer launches).
+        one_row = supported(h, attn.qkv_proj.weight)
+        if one_row or skinny_supported(h, attn.qkv_proj.weight):
+            # Decode of one row (GEMV) or a few (few-row matmul): four kernels
+            # that also do the norms, the residual adds and SiLU*up (same
+            # rounding, fewer launches). SiLU*up is the down projection's
+            # prologue for one row, the gate|up matmul's epilogue for several.
+            mm = gemv if one_row else skinny
             ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-            qkv = gemv(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                       norm_weight=ln1.weight, eps=ln1.eps)
+            qkv = mm(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                     norm_weight=ln1.weight, eps=ln1.eps)
             o = attn.attend(qkv, cos, sin, meta, kv, backend)
-            h = gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
-            gate_up = gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                           norm_weight=ln2.weight, eps=ln2.eps)
-            return gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, glu=True, residual=h)
-        if skinny_supported(h, attn.qkv_proj.weight):
-            # A few decode rows: the same four kernels over all rows (the SiLU*up
-            # moves into the gate|up matmul's epilogue).
-            ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-            qkv = skinny(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                         norm_weight=ln1.weight, eps=ln1.eps)
-            o = attn.attend(qkv, cos, sin, meta, kv, backend)
-            h = skinny(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
-            act = skinny(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                         norm_weight=ln2.weight, eps=ln2.eps, glu_out=True)
-            return skinny(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
+            h = mm(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+            up, down = mlp.gate_up_proj, mlp.down_proj
+            if one_row:
+                gate_up = gemv(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps)
+                return gemv(gate_up, down.weight, down.bias, glu=True, residual=h)
+            act = skinny(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps,
+                         glu_out=True)
+            return skinny(act, down.weight, down.bias, residual=h)
         h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
         return h + mlp(self.post_attention_layernorm(h))
 
