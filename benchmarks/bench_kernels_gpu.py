@@ -1,6 +1,7 @@
 """Kernel-level measurements behind the single-stream decode step (GPU only).
 
-    python3 benchmarks/bench_kernels_gpu.py [--out DIR] [--sections bw,skinny,attn,prefill]
+    python3 benchmarks/bench_kernels_gpu.py [--out DIR] [--sections bw,skinny,attn,tree,prefill]
+                                            [--tree-sweep]
 
 Sections, each printing a table (and all of them saved to kernels.json):
 
@@ -19,6 +20,11 @@ Sections, each printing a table (and all of them saved to kernels.json):
           tokens and B=16 over a shared 4K prefix: CUDA-core kernel (split
           KV + merge, what the engine captures) vs tensor-core kernel with and
           without split KV;
+* tree    decode attention of B leaves over a shared prefix (plus a few own
+          tokens each), per layer: FlashInfer flat decode (CUDA-core, split
+          KV), FlashInfer's two-level cascade as the engine captures it
+          (`GraphCascadeWrapper`), and Dendrite's TreeAttention (one split-KV
+          pass over both levels + a merge), first over a sweep of its tiles;
 * prefill FlashInfer paged prefill of long single sequences, fa3 and fa2, each
           case in its own process under CUDA_LAUNCH_BLOCKING=1, to locate the
           illegal memory access seen with 8192-token chunks.
@@ -359,6 +365,108 @@ def sec_attn(res: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def sec_tree(res: dict, sweep_tiles: bool = False) -> None:
+    import numpy as np
+
+    from dendrite.attention.cascade import split_levels
+    from dendrite.attention.flashinfer_backend import (
+        FlashInferBackend,
+        GraphCascadeWrapper,
+        GraphDecodeWrapper,
+    )
+    from dendrite.kernels.tree_attention import TreeAttention
+
+    out = res.setdefault("tree", {})
+    fib = FlashInferBackend(HQ, HKV, HEAD_DIM, PAGE, dtype=torch.bfloat16, device="cuda")
+
+    def case(b: int, shared: int, own: int):
+        """Page tables of b leaves: `shared` common tokens (whole pages), then
+        `own` more each (its last page partly filled); one KV pool per layer."""
+        sp = shared // PAGE
+        own_pages = -(-own // PAGE) if shared else -(-(shared + own) // PAGE)
+        rows = [list(range(sp)) + list(range(sp + i * own_pages, sp + (i + 1) * own_pages))
+                for i in range(b)]
+        indptr = np.zeros(b + 1, dtype=np.int32)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        indices = np.concatenate(rows).astype(np.int32)
+        last = np.full(b, own - (own_pages - 1) * PAGE if own % PAGE else PAGE, dtype=np.int32)
+        pages = sp + b * own_pages + 1
+        kvs = [torch.randn(2, pages, PAGE, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+               for _ in range(LAYERS)]
+        q = torch.randn(b, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        return indptr, indices, last, sp, kvs, q
+
+    def per_layer(run, kvs) -> float:
+        li = [0]
+
+        def fn():
+            kv = kvs[li[0] % LAYERS]
+            run(kv[0], kv[1])
+            li[0] += 1
+        return graph_time(fn, inner=LAYERS) * 1e6
+
+    def tree_us(b, indptr, indices, last, sp, kvs, q, **kw) -> float:
+        ta = TreeAttention(HQ, HKV, HEAD_DIM, PAGE, b, len(indices), "cuda", **kw)
+        ta.plan(indptr, torch.from_numpy(indices).cuda(), last, sp)
+        return per_layer(lambda k, v: ta.run(q, k, v), kvs)
+
+    # Tile sweep on the issue's shape and on one long sequence.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sweep = {}
+    for b, shared, own in ((16, 4096, 40), (1, 0, 4096)) if sweep_tiles else ():
+        indptr, indices, last, sp, kvs, q = case(b, shared, own)
+        best = None
+        print(f"\nTreeAttention tiles, B={b} shared={shared} own={own} (us per layer)")
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (1, 2, 3):
+                    for ips in (1.0, 2.0, 4.0):
+                        for progs in (1, 2, 4):
+                            kw = dict(block_n=bn, num_warps=warps, num_stages=stages,
+                                      items_per_sm=ips, programs=progs * sms)
+                            try:
+                                t = tree_us(b, indptr, indices, last, sp, kvs, q, **kw)
+                            except Exception as e:  # noqa: BLE001 (out of resources)
+                                print(f"  {kw}: {type(e).__name__}")
+                                continue
+                            key = f"bn{bn}_w{warps}_s{stages}_i{ips}_p{progs}"
+                            sweep.setdefault(f"b{b}", {})[key] = t
+                            if best is None or t < best[0]:
+                                best = (t, kw)
+        print(f"  best {best[1]}: {best[0]:.2f} us")
+        out[f"best_b{b}"] = {"us": best[0], **best[1]}
+        del kvs
+    if sweep_tiles:
+        out["sweep"] = sweep
+    print("\n| leaves | shared | own | FlashInfer flat us | FlashInfer cascade us | "
+          "tree (default) us | tree (best of sweep at B=16) us |")
+    print("|--:|--:|--:|--:|--:|--:|--:|")
+    bk = {k: v for k, v in out.get("best_b16", {}).items() if k != "us"}
+    for b, shared, own in ((1, 0, 4096), (1, 0, 1024), (2, 4096, 40), (4, 4096, 40),
+                           (16, 4096, 40), (16, 4096, 400), (16, 1024, 40), (16, 256, 40),
+                           (64, 1024, 40), (4, 16384, 40), (32, 4096, 40)):
+        indptr, indices, last, sp, kvs, q = case(b, shared, own)
+        row = {}
+        gw = GraphDecodeWrapper(fib, b, len(indices) + b)
+        gw.plan(torch.from_numpy(indptr), torch.from_numpy(indices).cuda(),
+                torch.from_numpy(last))
+        row["fi_flat"] = per_layer(lambda k, v: gw.run(q, k, v), kvs)
+        if sp and b > 1:
+            cw = GraphCascadeWrapper(fib, b, len(indices) + b)
+            _, oi, ox = split_levels(indptr, indices, sp)
+            cw.plan(torch.from_numpy(indices[:sp]).cuda(), torch.from_numpy(oi),
+                    torch.from_numpy(ox), torch.from_numpy(last))
+            row["fi_cascade"] = per_layer(lambda k, v: cw.run(q, k, v), kvs)
+        row["tree"] = tree_us(b, indptr, indices, last, sp, kvs, q)
+        row["tree_best"] = tree_us(b, indptr, indices, last, sp, kvs, q, **bk) if bk else None
+        out[f"b{b}_s{shared}_o{own}"] = row
+        f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        print(f"| {b} | {shared} | {own} | {f(row['fi_flat'])} | {f(row.get('fi_cascade'))} "
+              f"| {f(row['tree'])} | {f(row.get('tree_best'))} |")
+        del kvs
+        torch.cuda.empty_cache()
+
+
 def prefill_case(backend: str, qo: int, kv: int, pool_pages: int) -> None:
     """One paged prefill of a single sequence (the last `qo` of `kv` tokens are new)."""
     import flashinfer
@@ -404,6 +512,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--sections", default="bw,skinny,rows,attn,prefill")
     ap.add_argument("--prefill-case", default=None)
+    ap.add_argument("--tree-sweep", action="store_true",
+                    help="tree section: sweep TreeAttention's tiles first (~1 min)")
     a = ap.parse_args()
     if a.prefill_case:
         b, qo, kv, pool = a.prefill_case.split(":")
@@ -411,7 +521,7 @@ def main() -> None:
         return
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     fns = {"bw": sec_bw, "skinny": sec_skinny, "rows": sec_rows, "attn": sec_attn,
-           "prefill": sec_prefill}
+           "tree": lambda r: sec_tree(r, a.tree_sweep), "prefill": sec_prefill}
     for s in a.sections.split(","):
         try:
             fns[s](res)

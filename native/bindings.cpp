@@ -7,12 +7,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "attention_plan.h"
 #include "bench.h"
 #include "block_pool.h"
 #include "errors.h"
@@ -404,6 +406,60 @@ PYBIND11_MODULE(_native, m) {
       py::arg("seed"), py::arg("num_ops"), py::arg("num_pages") = 96, py::arg("page_size") = 4,
       py::arg("check_every") = 64,
       "Random ops over pool/tree/cache with invariant and simulated-KV checks (test helper).");
+
+  m.def(
+      "shared_prefix_pages",
+      [](const I32In& indptr, const I32In& indices) {
+        require_1d(indptr, "indptr");
+        require_1d(indices, "indices");
+        const int64_t rows = std::max<int64_t>(indptr.size() - 1, 0);
+        if (rows > 0 && (indptr.data()[0] < 0 || indptr.data()[rows] > indices.size()))
+          throw std::invalid_argument("shared_prefix_pages: indptr points outside indices");
+        for (int64_t r = 0; r < rows; ++r)
+          if (indptr.data()[r + 1] < indptr.data()[r])
+            throw std::invalid_argument("shared_prefix_pages: indptr must not decrease");
+        return shared_prefix_pages(indptr.data(), ptr(indices), rows);
+      },
+      py::arg("indptr"), py::arg("indices"),
+      "Longest common full-page prefix of the CSR rows (each row keeps its last page).");
+
+  m.def(
+      "plan_tree_attention",
+      [](const I32In& indptr, const I32In& last_page_len, int32_t shared_pages, int32_t page_size,
+         int32_t leaves_per_tile, int32_t target_items, int32_t max_splits, int32_t max_items,
+         int32_t block_n, py::array_t<int32_t> items_out, py::array_t<int32_t> splits_out) {
+        require_1d(indptr, "indptr");
+        require_1d(last_page_len, "last_page_len");
+        const int64_t b = last_page_len.size();
+        if (indptr.size() != b + 1)
+          throw std::invalid_argument("plan_tree_attention: indptr must have one more entry "
+                                      "than last_page_len");
+        auto writable = [](py::array_t<int32_t>& a, int64_t need, const char* what) {
+          if (!a.writeable() || !(a.flags() & py::array::c_style) || a.size() < need)
+            throw std::invalid_argument(std::string("plan_tree_attention: ") + what +
+                                        " must be a writable C-contiguous int32 array of at "
+                                        "least " + std::to_string(need) + " entries");
+          return a.mutable_data();
+        };
+        AttentionWorkConfig cfg;
+        cfg.page_size = page_size;
+        cfg.leaves_per_tile = leaves_per_tile;
+        cfg.target_items = target_items;
+        cfg.max_splits = max_splits;
+        cfg.max_items = max_items;
+        cfg.block_n = block_n;
+        int32_t* items = writable(items_out, static_cast<int64_t>(max_items) * kItemFields,
+                                  "items_out");
+        int32_t* splits = writable(splits_out, b, "splits_out");
+        AttentionWork w = plan_tree_attention(indptr.data(), last_page_len.data(), b,
+                                              shared_pages, cfg, items, splits);
+        return py::make_tuple(w.num_items, w.tokens_per_item);
+      },
+      py::arg("indptr"), py::arg("last_page_len"), py::arg("shared_pages"), py::arg("page_size"),
+      py::arg("leaves_per_tile"), py::arg("target_items"), py::arg("max_splits"),
+      py::arg("max_items"), py::arg("block_n"), py::arg("items_out"), py::arg("splits_out"),
+      "Tree-attention work list into items_out (6 int32 per item) and splits_out; returns "
+      "(num_items, tokens_per_item). See dendrite/kernels/tree_attention.py.");
 
   m.def("bench_fork_ns", &bench_fork_ns, py::arg("tree"), py::arg("node"), py::arg("iters") = 10000,
         py::arg("rounds") = 5,

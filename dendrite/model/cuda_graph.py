@@ -53,10 +53,12 @@ from dendrite.attention.flashinfer_backend import (
     GraphCascadeWrapper,
     GraphDecodeWrapper,
 )
+from dendrite.kernels import tree_attention
+from dendrite.kernels.tree_attention import TreeAttention
 from dendrite.model.kv_cache import KVCache
 
-__all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "GRAPH_CASCADE_RULE", "bucket_for",
-           "greedy_tokens", "scatter_rows"]
+__all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "GRAPH_CASCADE_RULE", "GRAPH_TREE_RULE",
+           "bucket_for", "greedy_tokens", "scatter_rows", "tree_attention_supported"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,23 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 #: are saved ((rows - 1) x shared), which separates every measured point.
 GRAPH_CASCADE_RULE = CascadeRule(min_batch=4, min_shared=1024, min_saved_tokens=32768,
                                  min_shared_ratio=1.0)
+
+#: When a replayed decode step runs through `TreeAttention` (see
+#: `tree_attention_supported`): whenever its rows share a page. Per layer
+#: (H100, Llama-3.2-1B attention shape, `bench_kernels_gpu.py --sections
+#: tree`, docs/benchmarks.md) it beat FlashInfer's flat decode at every
+#: shared point measured, from 2 rows x 4K shared tokens (10.2 vs 15.4 us)
+#: and 16 x 256 (7.2 vs 12.6 us) up to 32 x 4K (16.9 vs 113.5 us), and
+#: matched it on one unshared 4K row (10.8 vs 10.4 us).
+GRAPH_TREE_RULE = CascadeRule(min_batch=2, min_shared=16, min_saved_tokens=0,
+                              min_shared_ratio=0.0)
+
+
+def tree_attention_supported(backend: FlashInferBackend, kv_cache: KVCache) -> bool:
+    """Whether cascade graphs can use `TreeAttention` for this backend and cache."""
+    return (not any(w is not None for w in (backend.sliding_windows or []))
+            and tree_attention.supported(backend.num_heads, backend.num_kv_heads,
+                                         backend.head_dim, kv_cache.dtype, kv_cache.device))
 
 
 #: GraphDecodeWrapper by id, for the custom ops the compiler sees (ops take no objects).
@@ -235,9 +254,10 @@ class _GraphAttention:
 
 
 class _GraphCascadeAttention(_GraphAttention):
-    """The backend the model sees while a bucket's cascade graph is captured."""
+    """The backend the model sees while a bucket's cascade graph is captured
+    (FlashInfer's two levels, or Dendrite's `TreeAttention`)."""
 
-    def __init__(self, cw: GraphCascadeWrapper) -> None:
+    def __init__(self, cw: GraphCascadeWrapper | TreeAttention) -> None:
         self.cw = cw
         self.kv = None
 
@@ -249,7 +269,7 @@ class _GraphCascadeAttention(_GraphAttention):
 @dataclass
 class _Bucket:
     size: int
-    gw: GraphDecodeWrapper | GraphCascadeWrapper
+    gw: GraphDecodeWrapper | GraphCascadeWrapper | TreeAttention
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # float32 [size, V]
     tokens: torch.Tensor  # int64 [size]
@@ -281,7 +301,11 @@ class CudaGraphDecodeRunner:
             a cascade graph when `cascade_rule` says so), "always" (whenever
             rows share a page), "never". Not with `compile`.
         cascade_rule: `(rows, shared_tokens, own_tokens) -> bool`, default
-            `GRAPH_CASCADE_RULE`.
+            `GRAPH_TREE_RULE` with `tree_attention`, else `GRAPH_CASCADE_RULE`.
+        tree_attention: cascade graphs run Dendrite's `TreeAttention`
+            kernels (the shared pages and every row's own pages in one
+            split-KV pass plus a merge) instead of FlashInfer's two levels;
+            default: where `tree_attention.supported`.
     """
 
     def __init__(self, model: Any, kv_cache: KVCache, backend: FlashInferBackend, *,
@@ -289,7 +313,8 @@ class CudaGraphDecodeRunner:
                  pad_page: int | None = None, max_pages: int | None = None,
                  max_seq_len: int | None = None, compile: bool | str = False,
                  skip_redundant_plans: bool = True, cascade: str = "auto",
-                 cascade_rule: Any = None, greedy: bool = True) -> None:
+                 cascade_rule: Any = None, greedy: bool = True,
+                 tree_attention: bool | None = None) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
@@ -324,7 +349,11 @@ class CudaGraphDecodeRunner:
         if cascade not in ("auto", "always", "never"):
             raise ValueError(f"cascade must be auto, always or never, not {cascade!r}")
         self.cascade = cascade
-        self.cascade_rule = cascade_rule or GRAPH_CASCADE_RULE
+        if tree_attention is None:
+            tree_attention = tree_attention_supported(backend, kv_cache)
+        self.tree_attention = bool(tree_attention)
+        self.cascade_rule = cascade_rule or (GRAPH_TREE_RULE if self.tree_attention
+                                             else GRAPH_CASCADE_RULE)
         self.stats = {"cascade_steps": 0, "flat_steps": 0}
         # The graphs also take the greedy tokens (a caller that samples
         # itself, like the engine, passes False and saves their kernels).
@@ -359,7 +388,19 @@ class CudaGraphDecodeRunner:
         self.slot_mapping[:bs].fill_(self.pad_slot)
         pad = torch.full((bs,), self.pad_page, dtype=torch.int32, device=self.device)
         rows, ones = torch.arange(bs + 1, dtype=torch.int32), torch.ones(bs, dtype=torch.int32)
-        if cascade:  # the shared level: the pad page, as one full page
+        if cascade and self.tree_attention:  # every row: the pad page, nothing shared
+            b = self.backend
+            gw = TreeAttention(b.num_heads, b.num_kv_heads, b.head_dim, self.page_size, bs,
+                               self.max_pages, self.device, sm_scale=b.sm_scale,
+                               dtype=self.kv.dtype)
+            gw.plan(rows.numpy(), pad, ones.numpy(), 0)
+            meta = AttentionMetadata(
+                positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+                qo_indptr=self.qo_indptr[:bs + 1], kv_indptr=self.qo_indptr[:bs + 1],
+                kv_indices=gw.indices, kv_last_page_len=self.kv_lens[:bs],
+                kv_lens=self.kv_lens[:bs], is_decode=True, page_size=self.page_size, host=None)
+            attn = _GraphCascadeAttention(gw)
+        elif cascade:  # the shared level: the pad page, as one full page
             gw = GraphCascadeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
             gw.plan(pad[:1], rows, pad, ones)
             meta, attn = self._static_meta(bs, gw.unique), _GraphCascadeAttention(gw)
@@ -463,12 +504,15 @@ class CudaGraphDecodeRunner:
             return shared
         shared_tokens = shared * self.page_size
         kv_lens = meta.host.kv_lens if meta.host is not None else meta.kv_lens.cpu()
-        own_tokens = float(kv_lens.double().mean()) - shared_tokens
+        own_tokens = float(kv_lens.numpy().mean()) - shared_tokens
         return shared if self.cascade_rule(b, shared_tokens, own_tokens) else 0
 
-    def _plan_cascade(self, cw: GraphCascadeWrapper, meta: AttentionMetadata,
+    def _plan_cascade(self, cw: GraphCascadeWrapper | TreeAttention, meta: AttentionMetadata,
                       kv_indptr: np.ndarray, host_indices: np.ndarray,
                       kv_last: torch.Tensor, shared: int, npad: int) -> None:
+        if isinstance(cw, TreeAttention):  # padding rows get no work (zero output)
+            cw.plan(kv_indptr, meta.kv_indices, kv_last.numpy(), shared)
+            return
         _, own_indptr, own_indices = split_levels(kv_indptr, host_indices, shared)
         if npad:  # padding rows: one pad page each holding one token
             own_indptr = np.concatenate(
@@ -494,7 +538,8 @@ class CudaGraphDecodeRunner:
         for b in self._graphs.values():
             b.gw.skip_redundant_plans = on
         for b in self._cascade_graphs.values():
-            b.gw.skip_redundant_plans = b.gw.unique.skip_redundant_plans = on
+            if isinstance(b.gw, GraphCascadeWrapper):  # (TreeAttention has no planner to skip)
+                b.gw.skip_redundant_plans = b.gw.unique.skip_redundant_plans = on
 
     def replay(self, batch_size: int) -> None:
         """Replay a captured bucket as last prepared by `run()` (for GPU-time benchmarks)."""

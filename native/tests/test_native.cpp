@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "attention_plan.h"
 #include "block_pool.h"
 #include "errors.h"
 #include "fuzz.h"
@@ -378,6 +379,55 @@ TEST(fuzz_many_seeds) {
       ++g_failures;
     }
   }
+}
+
+TEST(attention_plan_covers_each_token_once) {
+  // 3 leaves sharing 4 pages of 16, then 1 / 2 / 5 own pages (last pages 3 / 16 / 9 full).
+  const std::vector<int32_t> indptr = {0, 5, 11, 20};
+  const std::vector<int32_t> last = {3, 16, 9};
+  AttentionWorkConfig cfg;
+  cfg.leaves_per_tile = 2;
+  cfg.target_items = 6;
+  cfg.max_splits = 8;
+  cfg.max_items = 32;
+  cfg.block_n = 16;
+  std::vector<int32_t> items(cfg.max_items * kItemFields, -1), splits(3, -1);
+  const AttentionWork w = plan_tree_attention(indptr.data(), last.data(), 3, 4, cfg,
+                                              items.data(), splits.data());
+  CHECK(w.num_items > 0 && w.num_items <= cfg.max_items && w.tokens_per_item % 16 == 0);
+  const std::vector<int32_t> lens = {4 * 16 + 3, 5 * 16 + 16, 8 * 16 + 9};
+  for (int leaf = 0; leaf < 3; ++leaf) {
+    std::vector<int> seen(lens[leaf], 0);
+    std::vector<int> slots(cfg.max_splits, 0);
+    for (int i = 0; i < w.num_items; ++i) {
+      const int32_t* it = &items[i * kItemFields];
+      if (leaf < it[0] || leaf >= it[0] + it[1]) continue;
+      CHECK(it[2] == indptr[it[0]]);
+      for (int t = it[3]; t < it[4]; ++t) ++seen[t];
+      ++slots[it[5]];
+    }
+    for (int t = 0; t < lens[leaf]; ++t) CHECK(seen[t] == 1);
+    for (int s = 0; s < cfg.max_splits; ++s) CHECK(slots[s] == (s < splits[leaf] ? 1 : 0));
+  }
+  const std::vector<int32_t> bad_last = {3, 0, 9};
+  CHECK_THROWS(std::invalid_argument,
+               plan_tree_attention(indptr.data(), bad_last.data(), 3, 4, cfg, items.data(),
+                                   splits.data()));
+  CHECK_THROWS(std::invalid_argument,  // leaf 0 has 5 pages: 5 shared would take its last
+               plan_tree_attention(indptr.data(), last.data(), 3, 5, cfg, items.data(),
+                                   splits.data()));
+  cfg.max_items = 3;  // fewer than one item per leaf and level
+  CHECK_THROWS(std::invalid_argument,
+               plan_tree_attention(indptr.data(), last.data(), 3, 4, cfg, items.data(),
+                                   splits.data()));
+}
+
+TEST(attention_shared_prefix_pages) {
+  const std::vector<int32_t> indptr = {0, 4, 9, 12};
+  const std::vector<int32_t> indices = {7, 8, 9, 1, 7, 8, 9, 2, 3, 7, 8, 4};
+  CHECK(shared_prefix_pages(indptr.data(), indices.data(), 3) == 2);  // row 2 keeps its last
+  CHECK(shared_prefix_pages(indptr.data(), indices.data(), 2) == 3);
+  CHECK(shared_prefix_pages(indptr.data(), indices.data(), 1) == 0);
 }
 
 }  // namespace

@@ -143,10 +143,12 @@ def test_scatter_rows_matches_index_put():
     assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
 
 
-def test_cascade_graph_matches_flat_and_eager(tmp_path):
+@pytest.mark.parametrize("tree_attention", [False, True], ids=["flashinfer", "tree"])
+def test_cascade_graph_matches_flat_and_eager(tmp_path, tree_attention):
     """Leaves forked off one prompt decode through the cascade graph (shared
-    prefix once + own pages, merged) with the logits of the flat graph and of
-    eager decode; the batch of 6 pads to the 8-row bucket; a second step reuses
+    prefix once + own pages, merged; FlashInfer's two levels or Dendrite's
+    TreeAttention) with the logits of the flat graph and of eager decode; the
+    batch of 6 pads to the 8-row bucket; with FlashInfer, a second step reuses
     the shared level's plan."""
     pytest.importorskip("flashinfer")
     from dendrite.kv import BlockPool, KVTree
@@ -186,7 +188,8 @@ def test_cascade_graph_matches_flat_and_eager(tmp_path):
     flat_graphs = CudaGraphDecodeRunner(runner.model, runner.kv_cache, runner.backend,
                                         max_batch_size=8, cascade="never")
     cascade = CudaGraphDecodeRunner(runner.model, runner.kv_cache, runner.backend,
-                                    max_batch_size=8, cascade="always")
+                                    max_batch_size=8, cascade="always",
+                                    tree_attention=tree_attention)
     for _ in range(2):
         flat, meta, indices = step(kids, [[int(t)] for t in rng.integers(0, vocab, 6)])
         eager = runner.run(flat, meta)
@@ -198,6 +201,10 @@ def test_cascade_graph_matches_flat_and_eager(tmp_path):
     assert cascade.stats == {"cascade_steps": 2, "flat_steps": 0}
     assert flat_graphs.stats == {"cascade_steps": 0, "flat_steps": 2}
     cw = cascade._cascade_graphs[8].gw
-    assert cw.plans == 2  # capture + first step; the second step reused the shared plan
-    report("cascade_graph", rel_err_eager=float(rel_err(lc, eager).max()),
+    if tree_attention:
+        assert type(cw).__name__ == "TreeAttention"
+        assert cw.last_plan.splits[:6].min() >= 2  # the shared level and the own pages
+    else:
+        assert cw.plans == 2  # capture + first step; the second step reused the shared plan
+    report(f"cascade_graph_{'tree' if tree_attention else 'flashinfer'}", rel_err_eager=float(rel_err(lc, eager).max()),
            rel_err_flat=float(rel_err(lc, lf).max()))

@@ -1,0 +1,71 @@
+"""The tree-attention kernels through Triton's CPU interpreter, against the float64 reference.
+
+Runs where Triton is installed (it is not a dependency of the CPU install, so
+CI may skip this; tests/kernels/test_tree_attention_gpu.py runs the compiled
+kernels). The interpreter needs TRITON_INTERPRET=1 before Triton builds its
+kernels, hence a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r'''
+import numpy as np, torch
+import triton.runtime.interpreter as interp
+
+# Triton 3.6's interpreter converts loop bounds with int() of a one-element
+# array, which numpy 2 refuses; give it the element.
+_patch = interp._patch_lang_tensor
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interp._patch_lang_tensor = _patched
+
+from dendrite.kernels.tree_attention import TreeAttention
+from tree_attention_case import random_tree, reference
+
+rng = np.random.default_rng(0)
+PAGE, NP = 16, 96
+cases = 0
+for hq, hkv, leaves, bucket, shared, tile, block_n in (
+        (8, 2, 3, 4, 5, None, 16),   # GQA 4, a padding row, 5 shared pages
+        (8, 2, 3, 3, 0, None, 32),   # nothing shared: flat split-KV decode
+        (4, 4, 5, 6, 3, 2, 16),      # MHA, three tiles of leaves over the prefix
+        (6, 2, 2, 2, 2, None, 16)):  # GQA 3: rows that do not fill a power of two
+    torch.manual_seed(cases)
+    k = torch.randn(NP, PAGE, hkv, 64, dtype=torch.float16)
+    v = torch.randn(NP, PAGE, hkv, 64, dtype=torch.float16)
+    indptr, indices, last = random_tree(rng, NP, PAGE, leaves, shared, 3)
+    q = torch.randn(bucket, hq, 64, dtype=torch.float16)
+    ta = TreeAttention(hq, hkv, 64, PAGE, bucket, 256, "cpu", max_splits=16, programs=7,
+                       dtype=torch.float16,
+                       block_n=block_n, leaves_per_tile=tile)
+    wp = ta.plan(indptr, indices, last, shared)
+    out = ta.run(q, k, v)
+    ref = reference(q[:leaves], k, v, indptr, indices, last)
+    err = (out[:leaves].double() - ref).abs().max().item()
+    assert err < 2e-3, (hq, hkv, leaves, shared, err)
+    assert (out[leaves:] == 0).all()
+    if shared:
+        assert (wp.items[:, 1] > 1).any() or tile == 1
+    cases += 1
+print("cases", cases)
+'''
+
+
+def test_kernels_match_reference_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cases 4" in proc.stdout
