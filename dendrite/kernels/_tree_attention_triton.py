@@ -18,15 +18,15 @@ import triton.language as tl
 
 @triton.jit
 def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_ptr,
-                           lse_part_ptr, sm_scale_log2, stride_page, stride_tok,
-                           ITEMS_OFF: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                           lse_part_ptr, sm_scale_log2, stride_page, stride_tok, items_off,
+                           HQ: tl.constexpr, HKV: tl.constexpr,
                            D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                            MAX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     """Work w of sched (item w // HKV, KV head w % HKV), w = pid, pid + grid, ...
 
     sched[0] is the number of items; item i is the 6 int32 at
-    sched[ITEMS_OFF + 6 i]: first leaf, leaves, page-list offset in
+    sched[items_off + 6 i]: first leaf, leaves, page-list offset in
     `indices`, first token, end token, split slot.
     """
     pid = tl.program_id(0)
@@ -35,7 +35,7 @@ def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_p
     offs_d = tl.arange(0, D)
     dt = k_ptr.dtype.element_ty
     for w in range(pid, n_work, tl.num_programs(0)):
-        rec = sched_ptr + ITEMS_OFF + (w // HKV) * 6
+        rec = sched_ptr + items_off + (w // HKV) * 6
         h = w % HKV
         leaf0 = tl.load(rec)
         nleaves = tl.load(rec + 1)
@@ -75,14 +75,14 @@ def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_p
 
 
 @triton.jit
-def tree_attention_merge(o_part_ptr, lse_part_ptr, sched_ptr, out_ptr,
-                         SPLITS_OFF: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
+def tree_attention_merge(o_part_ptr, lse_part_ptr, sched_ptr, out_ptr, splits_off,
+                         HQ: tl.constexpr, D: tl.constexpr,
                          MAX_SPLITS: tl.constexpr):
-    """Program (leaf, head): the leaf's sched[SPLITS_OFF + leaf] split slots
+    """Program (leaf, head): the leaf's sched[splits_off + leaf] split slots
     merged by their log-sum-exp; zeros for a leaf with none (a padding row)."""
     leaf = tl.program_id(0)
     head = tl.program_id(1)
-    n = tl.load(sched_ptr + SPLITS_OFF + leaf)
+    n = tl.load(sched_ptr + splits_off + leaf)
     s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, D)
     base = (leaf * HQ + head).to(tl.int64) * MAX_SPLITS

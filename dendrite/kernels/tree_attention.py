@@ -215,11 +215,11 @@ class TreeAttention:
         tree_attention_partial[(self.programs,)](
             q, k_cache, v_cache, self.indices, self.sched, self.o_part, self.lse_part,
             self.sm_scale * math.log2(math.e), k_cache.stride(0), k_cache.stride(1),
-            ITEMS_OFF=self.items_offset, HQ=self.num_heads, HKV=self.num_kv_heads,
+            self.items_offset, HQ=self.num_heads, HKV=self.num_kv_heads,
             D=self.head_dim, GROUP=self.group, PAGE=self.page_size,
             MAX_SPLITS=self.max_splits, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
             num_warps=self.num_warps, num_stages=self.num_stages)
         tree_attention_merge[(self.batch_size, self.num_heads)](
-            self.o_part, self.lse_part, self.sched, out, SPLITS_OFF=self.splits_offset,
+            self.o_part, self.lse_part, self.sched, out, self.splits_offset,
             HQ=self.num_heads, D=self.head_dim, MAX_SPLITS=self.max_splits)
         return out

@@ -364,10 +364,18 @@ class CudaGraphDecodeRunner:
     # -- capture --------------------------------------------------------------
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first so smaller ones reuse its memory pool."""
+        """Capture every bucket, largest first so smaller ones reuse its memory pool.
+
+        With `tree_attention`, every bucket's cascade graph too (from 2 rows):
+        a tree search meets most of them, and a capture in the middle of one
+        would stall it (FlashInfer's cascade graphs stay captured on first use).
+        """
+        tree = self.tree_attention and self.cascade != "never" and not self.compile
         for bs in sorted(self.buckets, reverse=True):
             if bs not in self._graphs:
                 self._graphs[bs] = self._capture(bs)
+            if tree and bs >= 2 and bs not in self._cascade_graphs:
+                self._cascade_graphs[bs] = self._capture(bs, cascade=True)
         torch.cuda.synchronize(self.device)
 
     def _static_meta(self, bs: int, gw: GraphDecodeWrapper) -> AttentionMetadata:
