@@ -106,15 +106,16 @@ class TreeAttention:
         programs: persistent grid size; default 4 per SM.
         items_per_sm: the planner's target, items per SM per KV head.
         block_n: tokens per inner step (K/V rows loaded at once).
-
-    The defaults won a sweep of 324 tilings (benchmarks/bench_kernels_gpu.py
-    --sections tree, H100, docs/benchmarks.md) at 16 leaves over 4K shared
-    tokens and within 7% of the best for one 4K sequence.
+        num_warps, num_stages: of the partial kernel.
         leaves_per_tile: leaves whose queries share a tile over the shared
             pages; default as many as fill 64 rows (16 at GQA group 4).
         dtype: of the queries and outputs; the split slots' partial outputs
             are kept in it too (as FlashInfer keeps its split-KV partials),
             their log-sum-exp in float32.
+
+    The tiling defaults won a sweep of 324 (benchmarks/bench_kernels_gpu.py
+    --sections tree --tree-sweep, H100, docs/benchmarks.md) at 16 leaves over
+    4K shared tokens and came within 7% of the best for one 4K sequence.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -145,8 +146,10 @@ class TreeAttention:
                if self.device.type == "cuda" else 8)
         self.programs = programs or 4 * sms
         self.target_items = max(1, round(items_per_sm * sms / num_kv_heads))
-        self.max_items = max(4 * self.target_items, batch_size * 2)
-        self.max_items = max(self.max_items, -(-batch_size // self.leaves_per_tile) + batch_size)
+        # Room for 4x the target, and never fewer than the least a plan
+        # needs: one prefix item per tile and one own item per leaf.
+        tiles = -(-batch_size // self.leaves_per_tile)
+        self.max_items = max(4 * self.target_items, tiles + batch_size)
         self.splits_offset = 1
         self.items_offset = 1 + batch_size
         i32 = torch.int32
