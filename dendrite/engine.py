@@ -9,14 +9,33 @@ instructions), runs one forward over all of them, and samples for every leaf
 whose pending tokens are now all in the cache.
 
 When the page pool runs low the engine first evicts the prefix cache, then
-preempts the lowest-priority leaves: they give up their pages and are
-recomputed later from their tokens, which yields the same tokens because a
-draw depends only on the sequence's seed, position and logits.
+preempts the lowest-priority leaves: a forked leaf gives back the pages of its
+own segment and keeps its place under its parent, so it later recomputes only
+its own tokens over the still-shared prefix; a leaf whose own segment frees
+nothing gives up its whole path. Recomputation yields the same tokens because
+a draw depends only on the sequence's seed, position and logits.
+
+Errors. Every value is checked where it enters (`SamplingParams`, token ids,
+priorities, fork counts, engine sizes), before any state changes: a rejected
+call leaves the engine as it was. A failure that belongs to one request while
+the engine steps (its leaf cannot fit the pool: `LeafTooLarge`; the model gave
+NaN logits for it: `ModelOutputError`) finishes that request with
+`finish_reason="error"` and the exception in `handle.error`; `step()` goes on
+with the others, and `run`/`generate` raise the error of the first of their
+own requests that failed (the other requests stay submitted and runnable).
+
+Threads. Public methods hold one re-entrant lock, so several threads may
+share an engine: each call runs whole, and a thread's `generate` steps every
+request in flight, its own and other threads' (seeded draws do not depend on
+the batch, so each thread still gets exactly its tokens).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import threading
 import time
 from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,11 +51,56 @@ from dendrite.model.runner import ModelRunner
 from dendrite.sampling import SamplerOutput, SamplingParams, sample
 from dendrite.stopping import StopChecker
 
-__all__ = ["Engine", "Sequence", "GenHandle", "GenResult", "LeafTooLarge"]
+__all__ = ["Engine", "Sequence", "GenHandle", "GenResult", "LeafTooLarge", "ModelOutputError",
+           "MAX_FORK"]
+
+#: Most children one `fork` call makes; a larger fan-out is almost surely a bug
+#: (each child is a live leaf with its own bookkeeping).
+MAX_FORK = 1 << 16
 
 
 class LeafTooLarge(MemoryError):
-    """One leaf alone needs more KV pages than the pool has."""
+    """One leaf alone needs more KV pages than the pool has.
+
+    `sequence` is the leaf; its request (if any) finished with
+    `finish_reason="error"`, and it is parked until something is submitted
+    on it again."""
+
+    def __init__(self, message: str, sequence: "Sequence | None" = None) -> None:
+        super().__init__(message)
+        self.sequence = sequence
+
+
+class ModelOutputError(FloatingPointError):
+    """The model's logits for a request were not finite (bad weights, overflow)."""
+
+
+def _locked(method: Callable) -> Callable:
+    """Run `method` holding the engine's lock (see the module docstring, Threads)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high], else a TypeError/ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _check_priority(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"priority must be a number, got {value!r} of type "
+                        f"{type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError("priority must be a number, got NaN")
+    return float(value)
 
 
 @dataclass
@@ -46,7 +110,7 @@ class GenResult:
     token_ids: list[int]
     text: str
     logprobs: list[float]
-    finish_reason: str  # "stop" | "eos" | "length" | "grammar"
+    finish_reason: str  # "stop" | "eos" | "length" | "grammar" | "abort" | "error"
     complete: bool  # False when cut by max_tokens (or a grammar not accepted)
 
     @property
@@ -66,6 +130,7 @@ class GenHandle:
     logprobs: list[float] = field(default_factory=list)
     result: GenResult | None = None
     stop: StopChecker | None = None
+    error: BaseException | None = None  # why it finished with "error"
 
     @property
     def done(self) -> bool:
@@ -75,6 +140,8 @@ class GenHandle:
 @dataclass
 class _Launched:
     """A step whose forward and sampling are queued and whose tokens are unread."""
+
+    step: int  # the engine step number, for error messages
 
     seqs: list["Sequence"]  # the step's leaves, in row order
     handles: list[GenHandle]  # the requests that sample, in row order
@@ -88,6 +155,7 @@ class Sequence:
 
     def __init__(self, engine: "Engine", node: int, pending: list[int], priority: float) -> None:
         self._engine = engine
+        self.error: BaseException | None = None  # why it was parked (LeafTooLarge)
         self.node = node
         self.pending: list[int] = pending
         self._priority = priority
@@ -131,19 +199,17 @@ class Sequence:
 
     @priority.setter
     def priority(self, value: float) -> None:
-        self._priority = float(value)
-        self._engine.scheduler.set_priority(self.node, self._priority)
+        value = _check_priority(value)
+        with self._engine._lock:
+            self._engine.scheduler.set_priority(self.node, value)
+            self._priority = value
 
     # -- tree operations ---------------------------------------------------
     def append_text(self, text: str) -> None:
         self.append_tokens(self._engine.tokenizer.encode(text, add_special_tokens=False))
 
     def append_tokens(self, ids: Iterable[int]) -> None:
-        self._check_live()
-        if self.handle is not None and not self.handle.done:
-            raise RuntimeError("cannot append to a sequence while it is generating")
-        self._engine._thaw(self)
-        self.pending.extend(int(t) for t in ids)
+        self._engine._append_tokens(self, ids)
 
     def fork(self, n: int) -> list["Sequence"]:
         """`n` children sharing this sequence's KV, O(1) each."""
@@ -172,6 +238,15 @@ class Engine:
                  cuda_graphs: bool = True, cascade: str = "auto",
                  lookahead: bool | None = None,
                  runner: ModelRunner | None = None) -> None:
+        # Sizes are checked before the model loads: a typo costs no load time.
+        max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
+        max_wait_steps = _check_int("max_wait_steps", max_wait_steps, 1)
+        page_size = _check_int("page_size", page_size, 1)
+        if num_pages is not None:
+            num_pages = _check_int("num_pages", num_pages, 1)
+        if cascade not in ("auto", "always", "never"):
+            raise ValueError(f"cascade must be 'auto', 'always' or 'never', got {cascade!r}")
+        self._lock = threading.RLock()
         if runner is None:
             if model_dir is None:
                 model_dir = os.environ.get("DENDRITE_MODEL")
@@ -216,7 +291,7 @@ class Engine:
         self._ahead: _Launched | None = None
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
                       "prefix_tokens_reused": 0, "fork_seconds": 0.0, "lookahead_steps": 0,
-                      "lookahead_rows_wasted": 0}
+                      "lookahead_rows_wasted": 0, "errors": 0}
 
     def _make_graph_runner(self, cascade: str):
         """Decode steps replay captured CUDA graphs (CUDA + FlashInfer only)."""
@@ -233,9 +308,11 @@ class Engine:
         return graphs
 
     # -- sequences -------------------------------------------------------------
+    @_locked
     def new_sequence(self, prompt: str | Seq[int] | None = None, *, priority: float = 0.0,
                      add_bos: bool = True) -> Sequence:
         """A new root sequence; a cached prefix of the prompt is reused, not recomputed."""
+        priority = _check_priority(priority)
         ids = self.encode(prompt, add_bos=add_bos) if prompt is not None else []
         node, pending = self._admit(ids)
         seq = Sequence(self, node, pending, priority)
@@ -243,9 +320,30 @@ class Engine:
         return seq
 
     def encode(self, prompt: str | Seq[int], add_bos: bool = True) -> list[int]:
+        """Token ids of a text prompt, or a list of ids checked against the vocabulary."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=add_bos)
-        return [int(t) for t in prompt]
+        if isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Seq, np.ndarray)):
+            raise TypeError(f"prompt must be a str or a sequence of token ids, "
+                            f"got {type(prompt).__name__}")
+        return self.check_token_ids(prompt, "prompt")
+
+    def check_token_ids(self, ids: Iterable[int], what: str = "token ids") -> list[int]:
+        """`ids` as ints, each in [0, vocab_size); else an error naming the first bad one.
+
+        Unchecked, an id past the vocabulary fails deep in the forward and -1
+        silently reads the last embedding row."""
+        out = []
+        vocab = self.runner.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"{what}: token at index {i} must be an int, got {t!r} "
+                                f"of type {type(t).__name__}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"{what}: token id {t} at index {i} is outside the "
+                                 f"vocabulary [0, {vocab})")
+            out.append(int(t))
+        return out
 
     @property
     def grammar_tokenizer(self):
@@ -274,17 +372,21 @@ class Engine:
         return self.tree.new_sequence(), list(ids)
 
     def _track(self, seq: Sequence) -> None:
+        self.scheduler.add(seq.node, seq.priority)  # first: it is the one that can refuse
         self._live[seq.node] = seq
-        self.scheduler.add(seq.node, seq.priority)
 
     def _untrack(self, seq: Sequence) -> None:
         self._live.pop(seq.node, None)
         self.scheduler.remove(seq.node)
 
+    @_locked
     def fork(self, seq: Sequence, n: int) -> list[Sequence]:
+        """`n` children of `seq` sharing its KV, O(1) each (see `Sequence.fork`)."""
         seq._check_live()
-        if n < 1:
-            raise ValueError(f"fork needs n >= 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"fork needs an int count, got {n!r} of type {type(n).__name__}")
+        if not 1 <= n <= MAX_FORK:
+            raise ValueError(f"fork needs 1 <= n <= {MAX_FORK}, got {n}")
         if seq.handle is not None and not seq.handle.done:
             raise RuntimeError("cannot fork a sequence while it is generating")
         self._settle_masks()
@@ -314,7 +416,19 @@ class Engine:
         seq.frozen = False
         self._track(seq)
 
+    @_locked
+    def _append_tokens(self, seq: Sequence, ids: Iterable[int]) -> None:
+        seq._check_live()
+        ids = self.check_token_ids(ids, "append_tokens")  # before any change
+        if seq.handle is not None and not seq.handle.done:
+            raise RuntimeError("cannot append to a sequence while it is generating")
+        self._thaw(seq)
+        seq.pending.extend(ids)
+        seq.error = None
+
+    @_locked
     def release(self, seq: Sequence) -> None:
+        """Give `seq` back (aborting its request); pages return when unreferenced."""
         if seq.released:
             return
         if seq.handle is not None and not seq.handle.done:
@@ -333,6 +447,7 @@ class Engine:
                           now=time.monotonic())
 
     # -- generation ---------------------------------------------------------------
+    @_locked
     def submit(self, seq: Sequence, params: SamplingParams | None = None,
                constraint: object | None = None, continue_grammar: bool = False) -> GenHandle:
         """Queue a generation on `seq`; it runs in the following `step()` calls.
@@ -343,6 +458,9 @@ class Engine:
         """
         seq._check_live()
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         if seq.handle is not None and not seq.handle.done:
             raise RuntimeError("sequence already has a generation in flight")
         self._settle_masks()
@@ -364,7 +482,10 @@ class Engine:
         seq.handle = handle
         seq.matcher = matcher
         seq.swapped = False
-        if handle.matcher is not None:
+        seq.error = None
+        if params.max_tokens == 0:
+            self._finish(handle, "length", complete=False)
+        elif handle.matcher is not None:
             self._force(handle)
         return handle
 
@@ -374,24 +495,52 @@ class Engine:
         seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(seqs)
-        handles = [self.submit(s, p) for s, p in zip(seqs, params)]
+        else:
+            params = list(params)
+            if len(params) != len(seqs):
+                raise ValueError(f"generate got {len(seqs)} sequences but {len(params)} "
+                                 f"SamplingParams: pass one per sequence, or one for all")
+        with self._lock:  # all or none submitted
+            for s, p in zip(seqs, params):
+                s._check_live()
+                if s.handle is not None and not s.handle.done:
+                    raise RuntimeError("sequence already has a generation in flight")
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
+                self.check_token_ids(p.stop_token_ids, "stop_token_ids")
+            handles = [self.submit(s, p) for s, p in zip(seqs, params)]
         self.run(handles)
         return [h.result for h in handles]
 
     def run(self, handles: Iterable[GenHandle]) -> None:
+        """Step until every handle is done; raise the first one's error, if any failed.
+
+        Each step takes the lock anew, so other threads' calls interleave."""
         handles = list(handles)
-        while not all(h.done for h in handles):
+        while True:
+            for h in handles:
+                if h.error is not None:
+                    raise h.error
+            if all(h.done for h in handles):
+                return
             self.step()
 
     def flush(self, seqs: Iterable[Sequence]) -> None:
         """Step until the given sequences have no pending tokens."""
         seqs = list(seqs)
-        for s in seqs:
-            s.swapped = False
-        while any(s.schedulable > 0 and not s.released for s in seqs):
+        with self._lock:
+            for s in seqs:
+                s.swapped = False
+        while True:
+            for s in seqs:
+                if s.error is not None:
+                    raise s.error
+            if not any(s.schedulable > 0 and not s.released for s in seqs):
+                return
             self.step()
 
     # -- the step ---------------------------------------------------------------------
+    @_locked
     def step(self) -> list[GenHandle]:
         """One batched forward over every runnable leaf; returns finished handles.
 
@@ -461,7 +610,7 @@ class Engine:
         if not sample_handles:
             if mask_future is not None:
                 mask_future.result()
-            return _Launched(seqs, [], None, None, None)
+            return _Launched(self.stats["steps"], seqs, [], None, None, None)
         if self._inline_masks:
             allowed = self._masks_now(sample_handles)
         else:
@@ -472,7 +621,7 @@ class Engine:
             h.params.repetition_penalty != 1.0 for h in sample_handles) else None
         out = sample(logits, [h.params for h in sample_handles], sample_pos,
                      prev_tokens=history, allowed=allowed)
-        return _Launched(seqs, sample_handles, out.token_ids, out.cpu_async(), allowed)
+        return _Launched(self.stats["steps"], seqs, sample_handles, out.token_ids, out.cpu_async(), allowed)
 
     def _launch_ahead(self, cur: "_Launched") -> "_Launched | None":
         """Launch the step after `cur` before `cur`'s tokens are read, if it is certain.
@@ -515,6 +664,11 @@ class Engine:
             if h.done:  # stopped or released while this step was queued
                 self.stats["lookahead_rows_wasted"] += 1
                 continue
+            if math.isnan(lp):
+                # NaN anywhere in a row makes its log-softmax NaN: the check is free.
+                self._reject_row(h, cur.step, placeholders=fixes is not None)
+                finished.append(h)
+                continue
             if self._accept(h, tok, lp, placeholders=fixes):
                 finished.append(h)
         if fixes:
@@ -524,6 +678,18 @@ class Engine:
         if cur.allowed is not None and not self._inline_masks:
             self._prefetch_masks(cur.handles)
         return finished
+
+    def _reject_row(self, h: GenHandle, step: int, placeholders: bool) -> None:
+        """Fail a request whose logits were not finite; its sampled token is dropped."""
+        seq = h.seq
+        if placeholders:  # the token launched ahead is not kept either
+            self.tree.truncate(seq.node, seq.num_cached - 1)
+        self._keep_last_token_pending(seq)
+        self._fail(h, ModelOutputError(
+            f"the model produced NaN logits at engine step {step} for a sequence of "
+            f"{seq.num_tokens} tokens (position {seq.num_tokens}): check the weights "
+            f"(NaN/inf values) or use a wider dtype"))
+        self.stats["errors"] += 1
 
     def _runnable(self) -> list[Sequence]:
         return [s for s in self._live.values() if s.schedulable > 0 and not s.swapped]
@@ -540,7 +706,13 @@ class Engine:
         pending = np.asarray([s.schedulable for s in runnable], dtype=np.int32)
         picked, counts = self.scheduler.schedule(nodes, pending)
         plan = [(self._live[int(n)], int(c)) for n, c in zip(picked, counts)]
-        plan = self._fit_pages(plan)
+        while True:
+            try:
+                plan = self._fit_pages(plan)
+                break
+            except LeafTooLarge as exc:
+                self._park(exc.sequence, exc)
+                plan = [(s, c) for s, c in plan if s is not exc.sequence]
         chosen = {id(s) for s, _ in plan}
         for s in runnable:
             if id(s) in chosen:
@@ -563,9 +735,10 @@ class Engine:
                 return plan
             if self.cache is not None and self.cache.evict(short) > 0:
                 continue
-            victim = self._pick_victim(plan)
-            if victim is not None:
-                self._preempt(victim)
+            picked = self._pick_victim(plan)
+            if picked is not None:
+                victim, whole = picked
+                self._preempt(victim, whole)
                 plan = [(s, c) for s, c in plan if s is not victim]
                 continue
             if len(plan) > 1:
@@ -578,34 +751,80 @@ class Engine:
             raise LeafTooLarge(
                 f"a sequence of {seq.num_tokens} tokens needs {need} more KV page(s) but "
                 f"{self.pool.free} of {self.num_pages} are free and nothing else can be "
-                f"preempted; raise num_pages or shorten the sequence")
+                f"preempted; raise num_pages or shorten the sequence", seq)
         return plan
 
-    def _pick_victim(self, plan: list[tuple[Sequence, int]]) -> Sequence | None:
-        """The lowest-priority leaf whose release frees pages, never the plan's first."""
+    def _park(self, seq: Sequence, exc: BaseException) -> None:
+        """Take a leaf that cannot run out of the runnable set; its request fails with `exc`.
+
+        It stays parked (its tokens kept) until something is submitted on it again."""
+        seq.error = exc
+        seq.swapped = True
+        if seq.handle is not None and not seq.handle.done:
+            self._fail(seq.handle, exc)
+        self.stats["errors"] += 1
+
+    def _fail(self, h: GenHandle, exc: BaseException) -> None:
+        h.error = exc
+        self._finish(h, "error", complete=False)
+
+    def _pick_victim(self, plan: list[tuple[Sequence, int]]) -> tuple[Sequence, bool] | None:
+        """The lowest-priority leaf to preempt, never the plan's first, and how.
+
+        Returns (leaf, whole): a leaf whose own segment frees pages gives back
+        only that segment (`whole=False`: the prefix it shares stays, so it
+        recomputes only its own tokens); failing any such leaf, one whose
+        release frees pages gives up its whole path (`whole=True`)."""
         keep = plan[0][0]
         cands = [s for s in self._live.values()
                  if s is not keep and not s.frozen and s.num_cached > 0
                  and s.priority <= keep.priority]
         if not cands:
             return None
-        order = self.scheduler.preempt_order(np.asarray([s.node for s in cands], np.int64))
-        for i in order:
-            s = cands[int(i)]
+        order = [cands[int(i)] for i in
+                 self.scheduler.preempt_order(np.asarray([s.node for s in cands], np.int64))]
+        for s in order:
+            if self._pages_freed_by_truncation(s) > 0:
+                return s, False
+        for s in order:
             if self.tree.pages_freed_by_release(s.node) > 0:
-                return s
+                return s, True
         return None
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Give up the leaf's pages; it is recomputed from its tokens when it runs again."""
-        tokens = self.tree.tokens(seq.node).tolist()
-        self._untrack(seq)
-        self.tree.release(seq.node)
-        seq.node, seq.pending = self._admit(tokens + seq.pending)
+    def _segment_start(self, seq: Sequence) -> int:
+        """Tokens `seq` reads from its parent: where its own segment begins."""
+        parent = self.tree.parent(seq.node)
+        return self.tree.num_tokens(parent) if parent >= 0 else 0
+
+    def _pages_freed_by_truncation(self, seq: Sequence) -> int:
+        start = self._segment_start(seq)
+        if seq.num_cached == start:
+            return 0
+        # The own segment's pages start at the page holding token `start`
+        # (a private copy when the parent's last page was partly filled).
+        own = self.tree.pages(seq.node)[start // self.page_size:]
+        return sum(self.pool.refcount(int(p)) == 1 for p in own)
+
+    def _preempt(self, seq: Sequence, whole: bool) -> None:
+        """Give up the leaf's pages; it recomputes those tokens when it runs again.
+
+        Not `whole`: only its own segment goes, the leaf stays under its parent.
+        `whole`: its whole path goes and it re-enters as a new root (a cached
+        prefix of it is matched again)."""
+        if whole:
+            tokens = self.tree.tokens(seq.node).tolist()
+            self._untrack(seq)
+            self.tree.release(seq.node)
+            seq.node, seq.pending = self._admit(tokens + seq.pending)
+            self._track(seq)
+        else:
+            start = self._segment_start(seq)
+            own = self.tree.tokens(seq.node)[start:].tolist()
+            self.tree.truncate(seq.node, start)
+            seq.pending = own + seq.pending
         seq.preemptions += 1
         # An idle branch stays swapped out until someone uses it again.
         seq.swapped = seq.handle is None or seq.handle.done
-        self._track(seq)
         self.stats["preemptions"] += 1
 
     def _empty_masks(self, rows: int) -> torch.Tensor:
@@ -760,11 +979,13 @@ class Engine:
                              finish_reason=reason, complete=complete)
 
     # -- introspection ---------------------------------------------------------------------
+    @_locked
     def memory_stats(self) -> dict:
         return {"pages_used": self.pool.used, "pages_free": self.pool.free,
                 "pages_total": self.num_pages, "high_watermark": self.pool.high_watermark,
                 "bytes_per_page": self.runner.kv_cache.nbytes // self.num_pages}
 
+    @_locked
     def close(self) -> None:
         for seq in list(self._live.values()):
             self.release(seq)

@@ -18,6 +18,7 @@ penalties, masks and temperature.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,22 @@ __all__ = [
 _M64 = (1 << 64) - 1
 
 
+def _real(name: str, value: object) -> float:
+    """`value` as a float, or a TypeError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got NaN")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    """`value` as an int, or a TypeError naming the parameter (bools and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return int(value)
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one generation request (see design.md)."""
@@ -58,21 +75,46 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # Checked here, at the boundary: a NaN temperature or a float token id
+        # would otherwise surface steps later as wrong tokens deep in a kernel.
+        self.temperature = _real("temperature", self.temperature)
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        self.top_p = _real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.min_p = _real("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs < 0 or self.max_tokens < 0:
-            raise ValueError("logprobs and max_tokens must be >= 0")
-        if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
-            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be finite and > 0, "
+                             f"got {self.repetition_penalty}")
+        self.top_k = _integer("top_k", self.top_k)
+        self.max_tokens = _integer("max_tokens", self.max_tokens)
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        self.logprobs = _integer("logprobs", self.logprobs)
+        if self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.seed is not None:
+            # Seeds key a 64-bit hash: outside [0, 2**64) two seeds would alias.
+            self.seed = _integer("seed", self.seed)
+            if not 0 <= self.seed < 1 << 64:
+                raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         stop = self.stop
         self.stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        for s in self.stop_strings:
+            if not isinstance(s, str):
+                raise TypeError(f"stop must be a string or a list of strings, "
+                                f"got an item {s!r} of type {type(s).__name__}")
+        ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, (int, np.integer)) \
+            else self.stop_token_ids
+        self.stop_token_ids = tuple(_integer("stop_token_ids", t) for t in ids)
+        for t in self.stop_token_ids:
+            if t < 0:
+                raise ValueError(f"stop_token_ids must be token ids >= 0, got {t}")
 
     @property
     def greedy(self) -> bool:
