@@ -1,0 +1,33 @@
+"""The one error type the server answers with (OpenAI's error body)."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, a message naming the problem,
+    and the request field (`param`, a dotted path) it concerns when there is one."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _default_type(status)
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _default_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"

@@ -1,0 +1,221 @@
+"""OpenAI-shaped response bodies and server-sent-event streams of a `Generation`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from dendrite.server.errors import ApiError
+from dendrite.server.worker import EngineWorker, Generation, new_id
+
+FINISH = {"eos": "stop", "stop": "stop", "grammar": "stop", "length": "length",
+          "abort": "abort"}
+
+
+class TextStream:
+    """Turns a growing token list into text deltas that never have to be taken back:
+    no half multi-byte character, and nothing that is (or may become) a stop
+    string, which the final text cuts off."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        safe = len(text)
+        for s in self.stop:
+            k = text.find(s)
+            if k >= 0:
+                safe = min(safe, k)
+            for j in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:j]):
+                    safe = min(safe, len(text) - j)
+                    break
+        return self._emit(text[:safe])
+
+    def finish(self, final_text: str) -> str:
+        return self._emit(final_text)
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.shown):
+            return ""  # a decode that changed earlier text: nothing safe to add
+        delta = text[len(self.shown):]
+        self.shown = text
+        return delta
+
+
+@dataclass
+class Choices:
+    """What the events of a generation add up to, per choice."""
+
+    n: int
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    sequence: dict | None = None  # the fork handle after a /generate
+
+    def __post_init__(self) -> None:
+        self.token_ids = [[] for _ in range(self.n)]
+        self.logprobs = [[] for _ in range(self.n)]
+        self.results = [None] * self.n
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.results)
+
+    def apply(self, ev: tuple) -> None:
+        if ev[0] == "error":
+            raise ev[1]
+        if ev[0] == "sequence":
+            self.sequence = ev[1]
+        elif ev[0] == "tokens":
+            self.token_ids[ev[1]].extend(ev[2])
+            self.logprobs[ev[1]].extend(ev[3])
+        else:
+            self.results[ev[1]] = ev[2]
+
+
+def completion_logprobs(tokenizer: Any, ids: list[int], lps: list[float], offset: int = 0) -> dict:
+    """The legacy completions `logprobs` block. Top alternatives are not reported
+    by the engine yet: `top_logprobs` holds the chosen token only."""
+    toks = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    offsets, pos = [], offset
+    for t in toks:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": toks, "token_logprobs": [float(x) for x in lps],
+            "top_logprobs": [{t: float(x)} for t, x in zip(toks, lps)], "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, ids: list[int], lps: list[float]) -> dict:
+    """The chat `logprobs` block (chosen tokens; `top_logprobs` lists are empty)."""
+    content = []
+    for t, x in zip(ids, lps):
+        s = tokenizer.decode([t], skip_special_tokens=False)
+        content.append({"token": s, "logprob": float(x), "bytes": list(s.encode()),
+                        "top_logprobs": []})
+    return {"content": content}
+
+
+def usage(gen: Generation, choices: Choices) -> dict:
+    done = sum(len(r.token_ids) if r is not None else len(t)
+               for r, t in zip(choices.results, choices.token_ids))
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": done,
+            "total_tokens": gen.prompt_tokens + done}
+
+
+async def collect(worker: EngineWorker, gen: Generation,
+                  disconnected: Callable[[], Awaitable[bool]], n: int) -> Choices:
+    """Wait for every choice; a client that goes away cancels the generation."""
+    choices = Choices(n)
+    try:
+        while not choices.done:
+            try:
+                ev = await asyncio.wait_for(gen.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await disconnected():
+                    raise ApiError(499, "client disconnected") from None
+                continue
+            choices.apply(ev)
+    finally:
+        worker.cancel(gen)  # a no-op once the engine thread has ended it
+    return choices
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, model: str,
+                 tokenizer: Any, stop: list[str], logprobs: bool,
+                 include_usage: bool, extra: dict | None = None) -> AsyncIterator[str]:
+    """SSE chunks of a generation, then `data: [DONE]`. When the client goes
+    away Starlette cancels this generator and `finally` releases the sequences."""
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    texts = [TextStream(tokenizer, stop) for _ in range(n)]
+    choices = Choices(n)
+    offsets = [0] * n
+
+    def chunk(i: int, text: str | None, ids: list[int], lps: list[float],
+              finish: str | None, role: bool = False) -> dict:
+        if chat:
+            delta: dict = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            c: dict = {"index": i, "delta": delta, "finish_reason": finish,
+                       "logprobs": chat_logprobs(tokenizer, ids, lps) if logprobs and ids else None}
+        else:
+            c = {"index": i, "text": text or "", "finish_reason": finish,
+                 "logprobs": completion_logprobs(tokenizer, ids, lps, offsets[i])
+                 if logprobs and ids else None}
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [c]}
+        if extra:
+            body.update(extra)
+        return body
+
+    try:
+        if chat:
+            for i in range(n):
+                yield sse(chunk(i, "", [], [], None, role=True))
+        while not choices.done:
+            ev = await gen.events.get()
+            if ev[0] == "error":
+                yield sse(ev[1].body())
+                return
+            choices.apply(ev)
+            if ev[0] == "sequence":
+                extra = {**(extra or {}), "sequence": ev[1]}
+                continue
+            i = ev[1]
+            if ev[0] == "tokens":
+                delta = texts[i].feed(ev[2])
+                if delta or logprobs:
+                    yield sse(chunk(i, delta, ev[2], ev[3], None))
+                    offsets[i] += len(delta)
+            else:
+                delta = texts[i].finish(ev[2].text)
+                yield sse(chunk(i, delta, [], [], FINISH.get(ev[2].finish_reason, "stop")))
+        if include_usage:
+            body = {"id": rid, "object": obj, "created": created, "model": model,
+                    "choices": [], "usage": usage(gen, choices)}
+            yield sse(body)
+        yield "data: [DONE]\n\n"
+    finally:
+        worker.cancel(gen)
+
+
+def completion_body(gen: Generation, choices: Choices, model: str, tokenizer: Any,
+                    logprobs: bool) -> dict:
+    out = []
+    for i, r in enumerate(choices.results):
+        out.append({"index": i, "text": r.text,
+                    "logprobs": completion_logprobs(tokenizer, r.token_ids, r.logprobs)
+                    if logprobs else None,
+                    "finish_reason": FINISH.get(r.finish_reason, "stop")})
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": out, "usage": usage(gen, choices)}
+
+
+def chat_body(gen: Generation, choices: Choices, model: str, tokenizer: Any,
+              logprobs: bool) -> dict:
+    out = []
+    for i, r in enumerate(choices.results):
+        out.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": chat_logprobs(tokenizer, r.token_ids, r.logprobs)
+                    if logprobs else None,
+                    "finish_reason": FINISH.get(r.finish_reason, "stop")})
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": out, "usage": usage(gen, choices)}
