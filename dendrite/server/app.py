@@ -78,23 +78,30 @@ class _BodyLimit:
                            param="body", code="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def counted() -> dict:
-            nonlocal seen
+        if declared is not None:
+            return await self.app(scope, receive, send)  # the server enforces the length
+        # No Content-Length (chunked): buffer the body up to the limit, then replay it.
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise too_big
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except ApiError as e:
-            if e is not too_big:
-                raise
-            await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(engine: Any, config: ServerConfig | None = None,
