@@ -14,10 +14,21 @@ All structures sharing one `BlockPool` use one refcount scheme: every page
 reference is held by exactly one tree node's own page list or one cache
 entry. Node handles are `int` (int64); token/page arrays are numpy int32.
 Nothing here is thread-safe: drive a pool and its users from one thread.
+
+Accepted arguments: arrays may have any integer dtype (or be sequences numpy
+turns into one); they are narrowed to int32 with range checks, never by a
+silent cast. Token ids and counts must lie in [0, 2**31 - 1], page ids in
+[0, num_pages). A value out of range raises `ArgumentRangeError` (a
+ValueError, and an IndexError for page ids) naming the call, the argument and
+the index, e.g. "append: tokens[3] = -1 is out of range [0, 2147483647]"; a
+float, bool or object array raises TypeError; arrays that must pair up
+(`nodes`/`counts`) raise ValueError when their lengths differ. Every such
+error is raised before anything changes.
 """
 
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import Iterable, Optional
 
@@ -34,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - only without a built module
         "unless it is an editable install.") from exc
 
 __all__ = [
-    "AppendResult", "BlockPool", "FrozenNode", "InvariantError", "KVTree", "OutOfPages",
+    "AppendResult", "ArgumentRangeError", "BlockPool", "FrozenNode", "InvariantError", "KVTree", "OutOfPages",
     "RadixCache", "Scheduler", "check_invariants",
 ]
 
@@ -46,6 +57,10 @@ OutOfPages = _native.OutOfPages
 #: Raised when appending to / truncating a node that has children: its pages
 #: are shared read-only. Fork it once more to continue it. Subclass of ValueError.
 FrozenNode = _native.FrozenNode
+
+#: An integer argument out of its range (page id >= num_pages, negative token
+#: id or count, a value past int32). Subclass of ValueError and IndexError.
+ArgumentRangeError = _native.ArgumentRangeError
 
 #: Result of `KVTree.append`/`append_batch`: `slot_mapping` int32 [T] (where
 #: each new token's K/V goes: page * page_size + offset) and `copies` int32
@@ -61,17 +76,44 @@ class InvariantError(AssertionError):
     """`check_invariants` found an inconsistency (message lists all problems)."""
 
 
+def _int_arg(owner: str, name: str, value: object, lo: int, hi: int = 2**31 - 1) -> int:
+    """`value` as an int in [lo, hi], else TypeError/ValueError naming `owner`.`name`.
+
+    bool is refused although it is an int: `BlockPool(True)` is a bug, not one page.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int, got bool {value!r}")
+    try:
+        v = operator.index(value)  # int and numpy integers; not float or str
+    except TypeError:
+        raise TypeError(
+            f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{owner}: {name} = {v} is out of range [{lo}, {hi}]")
+    return v
+
+
 class BlockPool:
     """Fixed set of `num_pages` KV pages of `page_size` tokens, refcounted.
 
     Page ids are int32 in [0, num_pages); the slot of offset `o` in page `p` is
     `p * page_size + o`. `cow_headroom` pages are reserved for copy-on-write
     copies so forked children can always make their first write.
+
+    `num_pages` >= 1 and `page_size` >= 1 with `num_pages * page_size` < 2**31
+    (slots are int32), `cow_headroom` in [0, num_pages]; all plain ints
+    (TypeError otherwise, ValueError when out of range, each naming the argument).
     """
 
     __slots__ = ("_native", "_users", "__weakref__")
 
     def __init__(self, num_pages: int, page_size: int = 16, cow_headroom: int = 0) -> None:
+        num_pages = _int_arg("BlockPool", "num_pages", num_pages, 1)
+        page_size = _int_arg("BlockPool", "page_size", page_size, 1)
+        cow_headroom = _int_arg("BlockPool", "cow_headroom", cow_headroom, 0, num_pages)
+        if num_pages * page_size > 2**31 - 1:
+            raise ValueError(f"BlockPool: num_pages * page_size = {num_pages} * {page_size} "
+                             f"must be < 2**31 (slot ids are int32)")
         self._native = _native.BlockPool(num_pages, page_size, cow_headroom)
         self._users: weakref.WeakSet = weakref.WeakSet()  # KVTrees / RadixCaches on this pool
 
@@ -180,7 +222,10 @@ class KVTree:
         return self._native.new_sequence_from_prefix(pages, num_tokens, tokens)
 
     def fork(self, node: int, n: int = 1) -> list[int]:
-        """`n` children of `node`, O(1) each; no page refcount changes. Freezes `node`."""
+        """`n` children of `node`, O(1) each; no page refcount changes. Freezes `node`.
+
+        All or nothing: `n` < 0, or more than the node handles left (2**31 - 1
+        per tree), raises ValueError before any child exists."""
         return self._native.fork(node, n)
 
     def fork_one(self, node: int) -> int:
@@ -189,15 +234,19 @@ class KVTree:
 
     # -- writes ------------------------------------------------------------------
     def append(self, node: int, tokens: ArrayLike) -> AppendResult:
-        """Append tokens to leaf `node`: slot mapping + copy-on-write copies.
+        """Append tokens (ids in [0, 2**31 - 1]) to leaf `node`: slot mapping +
+        copy-on-write copies.
 
-        All or nothing: on `OutOfPages` nothing changed.
+        All or nothing: on `OutOfPages`, or a bad argument, nothing changed.
         """
         return self._native.append(node, tokens)
 
     def append_batch(self, nodes: ArrayLike, counts: ArrayLike, tokens: ArrayLike) -> AppendResult:
         """Append `counts[b]` tokens (consecutive in `tokens`) to each distinct leaf
-        `nodes[b]`; slot_mapping follows `tokens`. All or nothing over the batch."""
+        `nodes[b]`; slot_mapping follows `tokens`. All or nothing over the batch.
+
+        `len(nodes) == len(counts)`, counts >= 0 summing to `len(tokens)`,
+        token ids in [0, 2**31 - 1]."""
         return self._native.append_batch(nodes, counts, tokens)
 
     def pages_needed(self, nodes: ArrayLike, counts: ArrayLike) -> int:
@@ -355,6 +404,9 @@ class Scheduler:
 
     def __init__(self, token_budget: int, chunk_size: int = 512, max_batch: int = 0,
                  tree: Optional[KVTree] = None) -> None:
+        token_budget = _int_arg("Scheduler", "token_budget", token_budget, 1, 2**63 - 1)
+        chunk_size = _int_arg("Scheduler", "chunk_size", chunk_size, 1, 2**63 - 1)
+        max_batch = _int_arg("Scheduler", "max_batch", max_batch, 0, 2**63 - 1)
         self._native = _native.Scheduler(token_budget, chunk_size, max_batch,
                                          tree._native if tree is not None else None)
 

@@ -1,8 +1,11 @@
 // bindings.cpp - pybind11 module dendrite._native over the native core.
 //
-// Only conversion lives here: numpy arrays in (int32/int64, C-contiguous,
-// converted if needed), numpy arrays out, filled by the core without
-// per-element Python work. Typed docs live in dendrite/kv.py.
+// Only conversion lives here: numpy arrays in, numpy arrays out, filled by
+// the core without per-element Python work. Array arguments take any integer
+// dtype (or a sequence numpy turns into one) and are narrowed to the core's
+// int32/int64 with range checks (arg_checks.h): nothing is cast silently, so
+// page 2**32 is an error, not page 0. Non-integer arrays are a TypeError
+// naming the argument. Typed docs live in dendrite/kv.py.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,10 +13,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "arg_checks.h"
 #include "attention_plan.h"
 #include "bench.h"
 #include "block_pool.h"
@@ -29,8 +34,11 @@ using namespace dendrite;
 
 namespace {
 
-using I32In = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using I64In = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+constexpr int64_t kInt64Min = std::numeric_limits<int64_t>::min();
 
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& v) {
@@ -39,12 +47,99 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return a;
 }
 
-const int32_t* ptr(const I32In& a) { return a.size() ? a.data() : nullptr; }
-const int64_t* ptr(const I64In& a) { return a.size() ? a.data() : nullptr; }
+const int32_t* ptr(const I32& a) { return a.size() ? a.data() : nullptr; }
+const int64_t* ptr(const I64& a) { return a.size() ? a.data() : nullptr; }
 
-void require_1d(const py::array& a, const char* what) {
-  if (a.ndim() != 1) throw std::invalid_argument(std::string(what) + " must be a 1-D array");
+std::string where(const char* fn, const char* name) { return std::string(fn) + ": " + name; }
+
+// `obj` as a 1-D numpy array of integers (numpy's asarray rules: lists work).
+// Empty arrays of any dtype pass: np.asarray([]) is float64.
+py::array integer_array(py::handle obj, const char* fn, const char* name) {
+  py::array a = py::array::ensure(obj);
+  if (!a)
+    throw py::type_error(where(fn, name) + " must be a 1-D array of integers, got " +
+                         std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+  if (a.ndim() != 1)
+    throw std::invalid_argument(where(fn, name) + " must be a 1-D array of integers, got " +
+                                std::to_string(a.ndim()) + "-D");
+  const char kind = a.dtype().kind();
+  if (a.size() > 0 && kind != 'i' && kind != 'u')
+    throw py::type_error(where(fn, name) + " must be a 1-D array of integers, got dtype " +
+                         std::string(py::str(a.dtype())));
+  return a;
 }
+
+// Calls f(typed C-contiguous array) for the integer dtype of `a`.
+template <typename F>
+void visit_ints(const py::array& a, F&& f) {
+  const char kind = a.dtype().kind();
+  const auto size = a.itemsize();
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    f(py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a));
+  };
+  if (kind == 'i') {
+    if (size == 1) return go(int8_t{});
+    if (size == 2) return go(int16_t{});
+    if (size == 4) return go(int32_t{});
+    return go(int64_t{});
+  }
+  if (size == 1) return go(uint8_t{});
+  if (size == 2) return go(uint16_t{});
+  if (size == 4) return go(uint32_t{});
+  return go(uint64_t{});
+}
+
+// Integer array argument as C-contiguous int32 with every value in [lo, hi]
+// (no copy when it already is one); ArgumentRangeError names the bad entry.
+I32 int32_arg(py::handle obj, const char* fn, const char* name, int64_t lo = 0,
+              int64_t hi = kInt32Max) {
+  py::array a = integer_array(obj, fn, name);
+  if (a.size() == 0) return I32(0);
+  I32 out;
+  visit_ints(a, [&](auto typed) {
+    using T = typename decltype(typed)::value_type;
+    if constexpr (std::is_same<T, int32_t>::value) {
+      check_int_range(typed.data(), typed.size(), lo, hi, fn, name);
+      out = std::move(typed);
+    } else {
+      I32 conv(typed.size());
+      narrow_ints(typed.data(), typed.size(), lo, hi, conv.mutable_data(), fn, name);
+      out = std::move(conv);
+    }
+  });
+  return out;
+}
+
+// Integer array argument as C-contiguous int64 (node handles: the core
+// checks that they are live; only uint64 above INT64_MAX is out of range).
+I64 int64_arg(py::handle obj, const char* fn, const char* name) {
+  py::array a = integer_array(obj, fn, name);
+  if (a.size() == 0) return I64(0);
+  I64 out;
+  visit_ints(a, [&](auto typed) {
+    using T = typename decltype(typed)::value_type;
+    if constexpr (std::is_same<T, int64_t>::value) {
+      out = std::move(typed);
+    } else {
+      I64 conv(typed.size());
+      narrow_ints(typed.data(), typed.size(), kInt64Min, kInt64Max, conv.mutable_data(), fn,
+                  name);
+      out = std::move(conv);
+    }
+  });
+  return out;
+}
+
+void require_same_length(int64_t a, int64_t b, const char* fn, const char* na, const char* nb) {
+  if (a != b)
+    throw std::invalid_argument(std::string(fn) + ": " + na + " and " + nb +
+                                " differ in length (" + std::to_string(a) + " vs " +
+                                std::to_string(b) + ")");
+}
+
+// Highest valid page id of `pool` (for range checks of page arguments).
+int64_t last_page(const BlockPool& pool) { return static_cast<int64_t>(pool.num_pages()) - 1; }
 
 double monotonic_now() {
   // Same clock as Python's time.monotonic() on Linux (CLOCK_MONOTONIC).
@@ -69,10 +164,20 @@ PYBIND11_MODULE(_native, m) {
 
   py::register_exception<OutOfPages>(m, "OutOfPages", PyExc_RuntimeError);
   py::register_exception<FrozenNode>(m, "FrozenNode", PyExc_ValueError);
+  // Both: a bad value (ValueError) and, for page ids, a bad index (IndexError).
+  py::register_exception<ArgumentRangeError>(
+      m, "ArgumentRangeError",
+      py::make_tuple(py::handle(PyExc_ValueError), py::handle(PyExc_IndexError)));
 
   py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool")
-      .def(py::init<int32_t, int32_t, int32_t>(), py::arg("num_pages"), py::arg("page_size") = 16,
-           py::arg("cow_headroom") = 0)
+      .def(py::init([](int64_t num_pages, int64_t page_size, int64_t cow_headroom) {
+             const char* fn = "BlockPool";
+             const int32_t n = checked_int32(num_pages, 1, kInt32Max, fn, "num_pages");
+             const int32_t ps = checked_int32(page_size, 1, kInt32Max, fn, "page_size");
+             const int32_t h = checked_int32(cow_headroom, 0, n, fn, "cow_headroom");
+             return std::make_shared<BlockPool>(n, ps, h);
+           }),
+           py::arg("num_pages"), py::arg("page_size") = 16, py::arg("cow_headroom") = 0)
       .def_property_readonly("num_pages", &BlockPool::num_pages)
       .def_property_readonly("page_size", &BlockPool::page_size)
       .def_property_readonly("cow_headroom", &BlockPool::cow_headroom)
@@ -85,21 +190,39 @@ PYBIND11_MODULE(_native, m) {
       .def(
           "allocate_batch",
           [](BlockPool& p, int64_t n, bool for_cow) {
+            if (n < 0)
+              throw std::invalid_argument("allocate_batch: n = " + std::to_string(n) +
+                                          " must be >= 0");
             std::vector<int32_t> out;
             p.allocate_batch(for_cow ? 0 : n, for_cow ? n : 0, out);
             return to_numpy(out);
           },
           py::arg("n"), py::arg("for_cow") = false)
-      .def("incref", &BlockPool::incref, py::arg("page"))
-      .def("decref", &BlockPool::decref, py::arg("page"))
+      .def(
+          "incref",
+          [](BlockPool& p, int64_t page) {
+            p.incref(checked_int32(page, 0, last_page(p), "incref", "page"));
+          },
+          py::arg("page"))
+      .def(
+          "decref",
+          [](BlockPool& p, int64_t page) {
+            return p.decref(checked_int32(page, 0, last_page(p), "decref", "page"));
+          },
+          py::arg("page"))
       .def(
           "decref_batch",
-          [](BlockPool& p, const I32In& pages) {
-            require_1d(pages, "pages");
-            p.decref_batch(ptr(pages), pages.size());
+          [](BlockPool& p, py::handle pages) {
+            const I32 pg = int32_arg(pages, "decref_batch", "pages", 0, last_page(p));
+            p.decref_batch(ptr(pg), pg.size());
           },
           py::arg("pages"))
-      .def("refcount", &BlockPool::refcount, py::arg("page"))
+      .def(
+          "refcount",
+          [](const BlockPool& p, int64_t page) {
+            return p.refcount(checked_int32(page, 0, last_page(p), "refcount", "page"));
+          },
+          py::arg("page"))
       .def("debug_refcounts", [](const BlockPool& p) { return to_numpy(p.debug_refcounts()); })
       .def("debug_free_list", [](const BlockPool& p) { return to_numpy(p.debug_free_list()); });
 
@@ -122,11 +245,11 @@ PYBIND11_MODULE(_native, m) {
       .def("new_sequence", &KVTree::new_sequence)
       .def(
           "new_sequence_from_prefix",
-          [](KVTree& t, const I32In& pages, int64_t num_tokens, const I32In& tokens) {
-            require_1d(pages, "pages");
-            require_1d(tokens, "tokens");
-            return t.new_sequence_from_prefix(ptr(pages), pages.size(), num_tokens, ptr(tokens),
-                                              tokens.size());
+          [](KVTree& t, py::handle pages, int64_t num_tokens, py::handle tokens) {
+            const char* fn = "new_sequence_from_prefix";
+            const I32 pg = int32_arg(pages, fn, "pages", 0, last_page(*t.pool()));
+            const I32 tk = int32_arg(tokens, fn, "tokens");
+            return t.new_sequence_from_prefix(ptr(pg), pg.size(), num_tokens, ptr(tk), tk.size());
           },
           py::arg("pages"), py::arg("num_tokens"), py::arg("tokens"))
       .def(
@@ -142,38 +265,38 @@ PYBIND11_MODULE(_native, m) {
       .def("fork_one", &KVTree::fork_one, py::arg("node"))
       .def(
           "append",
-          [](KVTree& t, int64_t node, const I32In& tokens) {
-            require_1d(tokens, "tokens");
-            py::array_t<int32_t> slots(tokens.size());
+          [](KVTree& t, int64_t node, py::handle tokens) {
+            const I32 tk = int32_arg(tokens, "append", "tokens");
+            py::array_t<int32_t> slots(tk.size());
             std::vector<int32_t> copies;
-            t.append(node, ptr(tokens), tokens.size(), slots.mutable_data(), copies);
+            t.append(node, ptr(tk), tk.size(), slots.mutable_data(), copies);
             return make_append_result(std::move(slots), copies);
           },
           py::arg("node"), py::arg("tokens"))
       .def(
           "append_batch",
-          [](KVTree& t, const I64In& nodes, const I32In& counts, const I32In& tokens) {
-            require_1d(nodes, "nodes");
-            require_1d(tokens, "tokens");
-            require_1d(counts, "counts");
-            if (nodes.size() != counts.size())
-              throw std::invalid_argument("append_batch: nodes and counts differ in length");
-            py::array_t<int32_t> slots(tokens.size());
+          [](KVTree& t, py::handle nodes, py::handle counts, py::handle tokens) {
+            const char* fn = "append_batch";
+            const I64 nd = int64_arg(nodes, fn, "nodes");
+            const I32 ct = int32_arg(counts, fn, "counts");
+            const I32 tk = int32_arg(tokens, fn, "tokens");
+            require_same_length(nd.size(), ct.size(), fn, "nodes", "counts");
+            py::array_t<int32_t> slots(tk.size());
             std::vector<int32_t> copies;
-            t.append_batch(ptr(nodes), ptr(counts), nodes.size(), ptr(tokens), tokens.size(),
-                           slots.mutable_data(), copies);
+            t.append_batch(ptr(nd), ptr(ct), nd.size(), ptr(tk), tk.size(), slots.mutable_data(),
+                           copies);
             return make_append_result(std::move(slots), copies);
           },
           py::arg("nodes"), py::arg("counts"), py::arg("tokens"))
       .def("truncate", &KVTree::truncate, py::arg("node"), py::arg("num_tokens"))
       .def(
           "set_last_tokens",
-          [](KVTree& t, const I64In& nodes, const I32In& tokens) {
-            require_1d(nodes, "nodes");
-            require_1d(tokens, "tokens");
-            if (nodes.size() != tokens.size())
-              throw std::invalid_argument("set_last_tokens: nodes and tokens differ in length");
-            t.set_last_tokens(ptr(nodes), ptr(tokens), nodes.size());
+          [](KVTree& t, py::handle nodes, py::handle tokens) {
+            const char* fn = "set_last_tokens";
+            const I64 nd = int64_arg(nodes, fn, "nodes");
+            const I32 tk = int32_arg(tokens, fn, "tokens");
+            require_same_length(nd.size(), tk.size(), fn, "nodes", "tokens");
+            t.set_last_tokens(ptr(nd), ptr(tk), nd.size());
           },
           py::arg("nodes"), py::arg("tokens"))
       .def("release", &KVTree::release, py::arg("node"))
@@ -185,12 +308,12 @@ PYBIND11_MODULE(_native, m) {
       .def("pages_freed_by_release", &KVTree::pages_freed_by_release, py::arg("node"))
       .def(
           "pages_needed",
-          [](const KVTree& t, const I64In& nodes, const I32In& counts) {
-            require_1d(nodes, "nodes");
-            require_1d(counts, "counts");
-            if (nodes.size() != counts.size())
-              throw std::invalid_argument("pages_needed: nodes and counts differ in length");
-            return t.pages_needed(ptr(nodes), ptr(counts), nodes.size());
+          [](const KVTree& t, py::handle nodes, py::handle counts) {
+            const char* fn = "pages_needed";
+            const I64 nd = int64_arg(nodes, fn, "nodes");
+            const I32 ct = int32_arg(counts, fn, "counts");
+            require_same_length(nd.size(), ct.size(), fn, "nodes", "counts");
+            return t.pages_needed(ptr(nd), ptr(ct), nd.size());
           },
           py::arg("nodes"), py::arg("counts"))
       .def("parent", &KVTree::parent, py::arg("node"))
@@ -222,12 +345,12 @@ PYBIND11_MODULE(_native, m) {
           py::arg("node"))
       .def(
           "export_csr",
-          [](KVTree& t, const I64In& leaves) {
-            require_1d(leaves, "leaves");
-            const int64_t b = leaves.size();
-            const int64_t nnz = t.export_csr_prepare(ptr(leaves), b);
+          [](KVTree& t, py::handle leaves) {
+            const I64 lv = int64_arg(leaves, "export_csr", "leaves");
+            const int64_t b = lv.size();
+            const int64_t nnz = t.export_csr_prepare(ptr(lv), b);
             py::array_t<int32_t> indptr(b + 1), indices(nnz), last(b);
-            t.export_csr_fill(ptr(leaves), b, indptr.mutable_data(), indices.mutable_data(),
+            t.export_csr_fill(ptr(lv), b, indptr.mutable_data(), indices.mutable_data(),
                               last.mutable_data());
             return py::make_tuple(indptr, indices, last);
           },
@@ -245,29 +368,34 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("num_evictable", &RadixCache::num_evictable)
       .def(
           "match_prefix",
-          [](RadixCache& c, const I32In& tokens, py::object now, bool pin) {
-            require_1d(tokens, "tokens");
+          [](RadixCache& c, py::handle tokens, py::object now, bool pin) {
+            const I32 tk = int32_arg(tokens, "match_prefix", "tokens");
             std::vector<int32_t> pages;
             const double t = now.is_none() ? monotonic_now() : now.cast<double>();
-            const int64_t n = c.match_prefix(ptr(tokens), tokens.size(), t, pages, pin);
+            const int64_t n = c.match_prefix(ptr(tk), tk.size(), t, pages, pin);
             return py::make_tuple(n, to_numpy(pages));
           },
           py::arg("tokens"), py::arg("now") = py::none(), py::arg("pin") = true)
-      .def("unpin", &RadixCache::unpin, py::arg("last_page"))
       .def(
           "unpin",
-          [](RadixCache& c, const I32In& pages) {
-            require_1d(pages, "pages");
-            if (pages.size() > 0) c.unpin(pages.data()[pages.size() - 1]);
+          [](RadixCache& c, int64_t last) {
+            c.unpin(checked_int32(last, 0, last_page(*c.pool()), "unpin", "last_page"));
+          },
+          py::arg("last_page"))
+      .def(
+          "unpin",
+          [](RadixCache& c, py::handle pages) {
+            const I32 pg = int32_arg(pages, "unpin", "pages", 0, last_page(*c.pool()));
+            if (pg.size() > 0) c.unpin(pg.data()[pg.size() - 1]);
           },
           py::arg("pages"))
       .def(
           "insert",
-          [](RadixCache& c, const I32In& tokens, const I32In& pages, py::object now) {
-            require_1d(tokens, "tokens");
-            require_1d(pages, "pages");
+          [](RadixCache& c, py::handle tokens, py::handle pages, py::object now) {
+            const I32 tk = int32_arg(tokens, "insert", "tokens");
+            const I32 pg = int32_arg(pages, "insert", "pages", 0, last_page(*c.pool()));
             const double t = now.is_none() ? monotonic_now() : now.cast<double>();
-            return c.insert(ptr(tokens), tokens.size(), ptr(pages), pages.size(), t);
+            return c.insert(ptr(tk), tk.size(), ptr(pg), pg.size(), t);
           },
           py::arg("tokens"), py::arg("pages"), py::arg("now") = py::none())
       .def("evict", &RadixCache::evict, py::arg("num_pages"))
@@ -318,34 +446,32 @@ PYBIND11_MODULE(_native, m) {
            })
       .def(
           "schedule",
-          [](const Scheduler& s, const I64In& leaves, const I32In& pending) {
-            require_1d(leaves, "leaves");
-            require_1d(pending, "pending");
-            if (leaves.size() != pending.size())
-              throw std::invalid_argument("schedule: leaves and pending differ in length");
+          [](const Scheduler& s, py::handle leaves, py::handle pending) {
+            const I64 lv = int64_arg(leaves, "schedule", "leaves");
+            const I32 pd = int32_arg(pending, "schedule", "pending");
+            require_same_length(lv.size(), pd.size(), "schedule", "leaves", "pending");
             std::vector<int64_t> out;
             std::vector<int32_t> counts;
-            s.schedule_subset(ptr(leaves), ptr(pending), leaves.size(), out, counts);
+            s.schedule_subset(ptr(lv), ptr(pd), lv.size(), out, counts);
             return py::make_tuple(to_numpy(out), to_numpy(counts));
           },
           py::arg("leaves"), py::arg("pending"))
       .def(
           "preempt_order",
-          [](const Scheduler& s, const I64In& leaves) {
-            require_1d(leaves, "leaves");
+          [](const Scheduler& s, py::handle leaves) {
+            const I64 lv = int64_arg(leaves, "preempt_order", "leaves");
             std::vector<int64_t> order;
-            s.preempt_order(ptr(leaves), leaves.size(), order);
+            s.preempt_order(ptr(lv), lv.size(), order);
             return to_numpy(order);
           },
           py::arg("leaves"))
       .def(
           "advance",
-          [](Scheduler& s, const I64In& leaves, const I32In& counts) {
-            require_1d(leaves, "leaves");
-            require_1d(counts, "counts");
-            if (leaves.size() != counts.size())
-              throw std::invalid_argument("advance: leaves and counts differ in length");
-            s.advance(ptr(leaves), ptr(counts), leaves.size());
+          [](Scheduler& s, py::handle leaves, py::handle counts) {
+            const I64 lv = int64_arg(leaves, "advance", "leaves");
+            const I32 ct = int32_arg(counts, "advance", "counts");
+            require_same_length(lv.size(), ct.size(), "advance", "leaves", "counts");
+            s.advance(ptr(lv), ptr(ct), lv.size());
           },
           py::arg("leaves"), py::arg("counts"))
       .def(
@@ -409,11 +535,11 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "shared_prefix_pages",
-      [](const I32In& indptr, const I32In& indices) {
-        require_1d(indptr, "indptr");
-        require_1d(indices, "indices");
+      [](py::handle indptr_in, py::handle indices_in) {
+        const I32 indptr = int32_arg(indptr_in, "shared_prefix_pages", "indptr");
+        const I32 indices = int32_arg(indices_in, "shared_prefix_pages", "indices");
         const int64_t rows = std::max<int64_t>(indptr.size() - 1, 0);
-        if (rows > 0 && (indptr.data()[0] < 0 || indptr.data()[rows] > indices.size()))
+        if (rows > 0 && indptr.data()[rows] > indices.size())
           throw std::invalid_argument("shared_prefix_pages: indptr points outside indices");
         for (int64_t r = 0; r < rows; ++r)
           if (indptr.data()[r + 1] < indptr.data()[r])
@@ -425,12 +551,22 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "plan_tree_attention",
-      [](const I32In& indptr, const I32In& last_page_len, int32_t shared_pages, int32_t page_size,
-         int32_t leaves_per_tile, int32_t target_items, int32_t max_splits, int32_t max_items,
-         int32_t block_n, py::array_t<int32_t> items_out, py::array_t<int32_t> splits_out) {
-        require_1d(indptr, "indptr");
-        require_1d(last_page_len, "last_page_len");
+      [](py::handle indptr_in, py::handle last_page_len_in, int64_t shared_pages,
+         int64_t page_size, int64_t leaves_per_tile, int64_t target_items, int64_t max_splits,
+         int64_t max_items, int64_t block_n, py::array items_in, py::array splits_in) {
+        const char* fn = "plan_tree_attention";
+        const I32 indptr = int32_arg(indptr_in, fn, "indptr");
+        const I32 last_page_len = int32_arg(last_page_len_in, fn, "last_page_len");
         const int64_t b = last_page_len.size();
+        // Outputs are written in place: a converted copy would swallow them.
+        auto out_arg = [&](const py::array& a, const char* what) {
+          if (!a.dtype().equal(py::dtype::of<int32_t>()))
+            throw py::type_error(where(fn, what) + " must be an int32 array, got dtype " +
+                                 std::string(py::str(a.dtype())));
+          return py::reinterpret_borrow<py::array_t<int32_t>>(a);
+        };
+        py::array_t<int32_t> items_out = out_arg(items_in, "items_out");
+        py::array_t<int32_t> splits_out = out_arg(splits_in, "splits_out");
         if (indptr.size() != b + 1)
           throw std::invalid_argument("plan_tree_attention: indptr must have one more entry "
                                       "than last_page_len");
@@ -442,17 +578,18 @@ PYBIND11_MODULE(_native, m) {
           return a.mutable_data();
         };
         AttentionWorkConfig cfg;
-        cfg.page_size = page_size;
-        cfg.leaves_per_tile = leaves_per_tile;
-        cfg.target_items = target_items;
-        cfg.max_splits = max_splits;
-        cfg.max_items = max_items;
-        cfg.block_n = block_n;
+        cfg.page_size = checked_int32(page_size, 1, kInt32Max, fn, "page_size");
+        cfg.leaves_per_tile = checked_int32(leaves_per_tile, 1, kInt32Max, fn, "leaves_per_tile");
+        cfg.target_items = checked_int32(target_items, 1, kInt32Max, fn, "target_items");
+        cfg.max_splits = checked_int32(max_splits, 1, kInt32Max, fn, "max_splits");
+        cfg.max_items = checked_int32(max_items, 0, kInt32Max, fn, "max_items");
+        cfg.block_n = checked_int32(block_n, 1, kInt32Max, fn, "block_n");
         int32_t* items = writable(items_out, static_cast<int64_t>(max_items) * kItemFields,
                                   "items_out");
         int32_t* splits = writable(splits_out, b, "splits_out");
-        AttentionWork w = plan_tree_attention(indptr.data(), last_page_len.data(), b,
-                                              shared_pages, cfg, items, splits);
+        AttentionWork w = plan_tree_attention(
+            ptr(indptr), ptr(last_page_len), b,
+            checked_int32(shared_pages, 0, kInt32Max, fn, "shared_pages"), cfg, items, splits);
         return py::make_tuple(w.num_items, w.tokens_per_item);
       },
       py::arg("indptr"), py::arg("last_page_len"), py::arg("shared_pages"), py::arg("page_size"),

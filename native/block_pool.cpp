@@ -59,8 +59,8 @@ void BlockPool::allocate_batch(int64_t regular, int64_t cow, std::vector<int32_t
 
 void BlockPool::check_page(int32_t page) const {
   if (page < 0 || page >= num_pages())
-    throw std::out_of_range("page id " + std::to_string(page) + " out of range [0, " +
-                            std::to_string(num_pages()) + ")");
+    throw ArgumentRangeError("page id " + std::to_string(page) + " out of range [0, " +
+                             std::to_string(num_pages()) + ")");
 }
 
 void BlockPool::incref(int32_t page) {
@@ -82,13 +82,28 @@ bool BlockPool::decref(int32_t page) {
 }
 
 void BlockPool::decref_batch(const int32_t* pages, int64_t n) {
-  // Validate first so a bad id in the middle does not leave a half-applied batch.
-  for (int64_t i = 0; i < n; ++i) {
-    check_page(pages[i]);
-    if (refcount_[static_cast<size_t>(pages[i])] <= 0)
-      throw std::invalid_argument("decref of free page " + std::to_string(pages[i]));
+  // Validate first so a bad id in the middle does not leave a half-applied
+  // batch. A page may repeat: it needs as many references as occurrences.
+  for (int64_t i = 0; i < n; ++i) check_page(pages[i]);
+  std::vector<int32_t> sorted(pages, pages + n);
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0, j; i < sorted.size(); i = j) {
+    for (j = i + 1; j < sorted.size() && sorted[j] == sorted[i]; ++j) {
+    }
+    const int32_t rc = refcount_[static_cast<size_t>(sorted[i])];
+    if (rc < static_cast<int64_t>(j - i))
+      throw std::invalid_argument("decref_batch: page " + std::to_string(sorted[i]) +
+                                  " appears " + std::to_string(j - i) + " times but has " +
+                                  std::to_string(rc) + " reference(s)");
   }
   for (int64_t i = 0; i < n; ++i) decref(pages[i]);
+}
+
+void BlockPool::drop_ref(int32_t page) noexcept {
+  if (page < 0 || page >= num_pages()) return;
+  int32_t& rc = refcount_[static_cast<size_t>(page)];
+  if (rc <= 0) return;
+  if (--rc == 0) free_list_.push_back(page);  // capacity is num_pages: cannot throw
 }
 
 int32_t BlockPool::refcount(int32_t page) const {

@@ -39,7 +39,11 @@ class BlockPool {
   void incref(int32_t page);
   // Returns true when the page went back to the free list.
   bool decref(int32_t page);
+  // All or nothing: every page valid and holding a reference per occurrence.
   void decref_batch(const int32_t* pages, int64_t n);
+  // decref for destructors: never throws; a page that is out of range or
+  // already free (a caller's stray decref) is skipped instead of aborting.
+  void drop_ref(int32_t page) noexcept;
 
   int32_t refcount(int32_t page) const;
 

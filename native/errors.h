@@ -23,4 +23,13 @@ class FrozenNode : public std::logic_error {
   using std::logic_error::logic_error;
 };
 
+// An integer argument outside its valid range (a page id >= num_pages, a
+// negative token id, a value that does not fit int32). Thrown before any
+// state changes. Python sees a subclass of both ValueError and IndexError
+// (page ids were IndexError before the range checks became uniform).
+class ArgumentRangeError : public std::out_of_range {
+ public:
+  using std::out_of_range::out_of_range;
+};
+
 }  // namespace dendrite

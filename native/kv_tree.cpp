@@ -24,7 +24,7 @@ KVTree::~KVTree() {
   // Give every page reference back so a pool outliving the tree stays exact.
   for (Node& n : nodes_)
     if (n.alive)
-      for (int32_t p : n.own_pages) pool_->decref(p);
+      for (int32_t p : n.own_pages) pool_->drop_ref(p);
 }
 
 // ---- handles ---------------------------------------------------------------
@@ -69,7 +69,8 @@ int32_t KVTree::new_slot() {
     s = free_slots_.back();
     free_slots_.pop_back();
   } else {
-    if (nodes_.size() >= 0x7fffffffu) throw std::length_error("KVTree: too many nodes");
+    if (static_cast<int64_t>(nodes_.size()) >= kMaxSlots)
+      throw std::length_error("KVTree: too many nodes");
     s = static_cast<int32_t>(nodes_.size());
     nodes_.emplace_back();
     nodes_.back().generation = 1;
@@ -170,9 +171,31 @@ int64_t KVTree::new_sequence_from_prefix(const int32_t* pages, int64_t num_pages
   return handle_of(s);
 }
 
+namespace {
+// Room for `extra` more elements, growing geometrically (a reserve of exactly
+// size + 1 on every call would make repeated forks quadratic).
+template <typename T>
+void reserve_extra(std::vector<T>& v, size_t extra) {
+  const size_t need = v.size() + extra;
+  if (need > v.capacity()) v.reserve(std::max(need, 2 * v.capacity()));
+}
+}  // namespace
+
 void KVTree::fork(int64_t node, int64_t n, std::vector<int64_t>& out) {
-  if (n < 0) throw std::invalid_argument("fork: n must be >= 0");
+  if (n < 0) throw std::invalid_argument("fork: n = " + std::to_string(n) + " must be >= 0");
   const int32_t ps = owned_slot_of(node);
+  // All or nothing: refuse counts past the handle space and reserve every
+  // vector the loop grows up front, so neither the limit nor bad_alloc can
+  // strike after some children exist (their handles would be lost).
+  const int64_t left = static_cast<int64_t>(free_slots_.size()) +
+                       (kMaxSlots - static_cast<int64_t>(nodes_.size()));
+  if (n > left)
+    throw std::invalid_argument("fork: n = " + std::to_string(n) + " exceeds the " +
+                                std::to_string(left) + " node handles left");
+  const int64_t fresh = std::max<int64_t>(0, n - static_cast<int64_t>(free_slots_.size()));
+  reserve_extra(nodes_, static_cast<size_t>(fresh));
+  reserve_extra(nodes_[static_cast<size_t>(ps)].children, static_cast<size_t>(n));
+  reserve_extra(out, static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) out.push_back(handle_of(add_child(ps)));
 }
 

@@ -151,6 +151,9 @@ class KVTree {
   int32_t detach_and_free(int32_t slot);            // returns the parent slot
   void collect(int32_t slot);                       // free while unreferenced
 
+  // Node slots are int32 (handles keep the slot in their low 32 bits).
+  static constexpr int64_t kMaxSlots = 0x7fffffff;
+
   std::shared_ptr<BlockPool> pool_;
   int32_t page_size_;
   std::vector<Node> nodes_;

@@ -30,7 +30,7 @@ RadixCache::RadixCache(std::shared_ptr<BlockPool> pool) : pool_(std::move(pool))
 
 RadixCache::~RadixCache() {
   for (size_t s = 1; s < entries_.size(); ++s)
-    if (entries_[s].alive) pool_->decref(entries_[s].page);
+    if (entries_[s].alive) pool_->drop_ref(entries_[s].page);
 }
 
 uint64_t RadixCache::key_of(int32_t parent, const int32_t* chunk) const {
