@@ -3,6 +3,7 @@
 // No test framework: nothing beyond PyPI/Debian is reachable in CI, and the
 // point of this binary is to run the core under ASan/UBSan without loading it
 // into a Python interpreter. Usage: test_native [fuzz_ops_per_seed]
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -11,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "arg_checks.h"
 #include "attention_plan.h"
 #include "block_pool.h"
 #include "errors.h"
@@ -428,6 +430,90 @@ TEST(attention_shared_prefix_pages) {
   CHECK(shared_prefix_pages(indptr.data(), indices.data(), 3) == 2);  // row 2 keeps its last
   CHECK(shared_prefix_pages(indptr.data(), indices.data(), 2) == 3);
   CHECK(shared_prefix_pages(indptr.data(), indices.data(), 1) == 0);
+}
+
+
+// ---- argument checks (issue 13) ------------------------------------------------
+
+TEST(args_narrowing_rejects_values_that_would_wrap) {
+  // 2^32 wraps to page 0 under a plain cast; the check must refuse it and
+  // leave the destination untouched (all or nothing).
+  const std::vector<int64_t> wide = {3, int64_t{1} << 32, 5};
+  std::vector<int32_t> dst(3, -7);
+  CHECK_THROWS(ArgumentRangeError,
+               narrow_ints(wide.data(), 3, 0, kInt32Max, dst.data(), "f", "pages"));
+  CHECK(dst == std::vector<int32_t>(3, -7));
+  try {
+    narrow_ints(wide.data(), 3, 0, 9, dst.data(), "append", "tokens");
+  } catch (const ArgumentRangeError& e) {
+    CHECK(std::string(e.what()) == "append: tokens[1] = 4294967296 is out of range [0, 9]");
+  }
+  const std::vector<int64_t> neg = {0, -1};
+  CHECK_THROWS(ArgumentRangeError, narrow_ints(neg.data(), 2, 0, kInt32Max, dst.data(), "f", "x"));
+  const std::vector<uint64_t> huge = {UINT64_MAX};  // not -1 when compared as unsigned
+  CHECK_THROWS(ArgumentRangeError,
+               narrow_ints(huge.data(), 1, kInt32Min, kInt32Max, dst.data(), "f", "x"));
+  const std::vector<uint8_t> small = {0, 255};
+  narrow_ints(small.data(), 2, 0, kInt32Max, dst.data(), "f", "x");
+  CHECK(dst[0] == 0 && dst[1] == 255 && dst[2] == -7);
+  CHECK(checked_int32(15, 0, 15, "f", "page") == 15);
+  CHECK_THROWS(ArgumentRangeError, checked_int32(16, 0, 15, "f", "page"));
+  CHECK_THROWS(std::out_of_range, checked_int32(INT64_MIN, 0, 15, "f", "page"));
+}
+
+TEST(pool_page_range_error_is_argument_range_error) {
+  BlockPool pool(4, 4, 0);
+  CHECK_THROWS(ArgumentRangeError, pool.refcount(4));
+  CHECK_THROWS(ArgumentRangeError, pool.incref(-1));
+}
+
+TEST(pool_decref_batch_counts_repeated_pages) {
+  BlockPool pool(8, 4, 0);
+  std::vector<int32_t> out;
+  pool.allocate_batch(2, 0, out);
+  const std::vector<int32_t> bad = {1, 0, 0};  // page 0 holds one reference, not two
+  CHECK_THROWS(std::invalid_argument, pool.decref_batch(bad.data(), 3));
+  CHECK(pool.refcount(0) == 1 && pool.refcount(1) == 1 && pool.used() == 2);
+  pool.incref(0);
+  pool.decref_batch(bad.data(), 3);  // now it does
+  CHECK(pool.used() == 0 && pool.free() == 8);
+}
+
+TEST(pool_drop_ref_never_throws) {
+  BlockPool pool(4, 4, 0);
+  const int32_t p = pool.allocate();
+  pool.drop_ref(p);
+  pool.drop_ref(p);    // already free: skipped
+  pool.drop_ref(-1);   // out of range: skipped
+  pool.drop_ref(100);
+  CHECK(pool.used() == 0 && pool.free() == 4);
+  check_ok(pool, nullptr, nullptr);
+}
+
+TEST(tree_destructor_survives_a_stray_decref) {
+  auto pool = std::make_shared<BlockPool>(8, 4, 0);
+  {
+    KVTree t(pool);
+    const int64_t root = t.new_sequence();
+    append(t, root, seq(0, 5));
+    pool->decref(pages_of(t, root)[0]);  // caller bug: the tree's reference is gone
+  }  // ~KVTree must not throw (that would be std::terminate)
+  CHECK(pool->used() == 0);
+}
+
+TEST(tree_fork_of_absurd_count_changes_nothing) {
+  auto pool = std::make_shared<BlockPool>(8, 4, 0);
+  KVTree t(pool);
+  const int64_t root = t.new_sequence();
+  append(t, root, seq(0, 3));
+  std::vector<int64_t> out;
+  CHECK_THROWS(std::invalid_argument, t.fork(root, int64_t{1} << 40, out));
+  CHECK_THROWS(std::invalid_argument, t.fork(root, -1, out));
+  CHECK(out.empty() && t.num_children(root) == 0 && t.num_live_nodes() == 1);
+  append(t, root, {3});  // still a leaf
+  t.fork(root, 3, out);
+  CHECK(out.size() == 3 && t.num_children(root) == 3);
+  check_ok(*pool, &t, nullptr);
 }
 
 }  // namespace
