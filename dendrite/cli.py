@@ -1,54 +1,220 @@
-"""The `dendrite` command: generate, run a search script, or the fork demo."""
+"""The `dendrite` command: generate, run a search script, or the fork demo.
+
+Errors never print a traceback. Exit status, one rule for every subcommand:
+
+- 0: success.
+- 2: the command line is wrong, found before any model loads: argparse's own
+  errors (usage line + one error line: unknown subcommand or flag, missing
+  prompt, a number that does not parse), a flag value out of range, a path
+  named on the command line that does not exist or cannot be written, a
+  script that does not compile (its file:line:col message with a caret), a bad
+  ``--arg``. Printed as one line ``dendrite <cmd>: error: <what and where>``.
+- 1: a well-formed command failed while running: a model dir that does not
+  load, an engine error (ValueError/TypeError for a bad value, LeafTooLarge,
+  NaN logits), a script's run-time error (located at file:line:col), an
+  OSError. One clean message.
+- 130: interrupted (Ctrl-C).
+- 70 (EX_SOFTWARE): any other exception, i.e. a bug in dendrite: one line with
+  the exception and a hint to rerun with ``--traceback``.
+
+``--traceback`` (before or after the subcommand) lets any exception propagate
+with its full traceback instead.
+
+Imports stay lazy: ``dendrite --help`` does not import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["UsageError", "build_parser", "check_device", "check_model_dir",
+           "check_output_file", "main", "run_command"]
+
+#: Exit status of an internal error (sysexits.h EX_SOFTWARE).
+EXIT_BUG = 70
 
 
-def _generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dendrite generate",
-                                description="Generate text from a prompt, streaming tokens.")
+class UsageError(Exception):
+    """A bad command line found before any work starts (exit 2).
+
+    `plain`: print the message as is (a located script error), without the
+    ``dendrite <cmd>: error:`` prefix."""
+
+    def __init__(self, message: str, *, plain: bool = False) -> None:
+        super().__init__(message)
+        self.plain = plain
+
+
+# -- argparse value types (their ValueError becomes "argument --x: invalid ...") --
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low or (high is not None and v >= high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high:#x})"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(0)(text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(1)(text)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed in [0, 2**64) (seeds key a 64-bit hash)."""
+    return _int_at_least(0, 1 << 64)(text)
+
+
+def _float_in(name: str, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isnan(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    parse.__name__ = name
+    return parse
+
+
+# -- checks before any model loads (exit 2) -----------------------------------------
+
+
+def check_model_dir(path: str | None) -> None:
+    """`--model` names an existing directory (its contents are the loader's job)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--model {path}: directory does not exist")
+    if not p.is_dir():
+        raise UsageError(f"--model {path}: not a directory")
+
+
+def check_device(name: str | None) -> None:
+    """`--device` is cpu, cuda or cuda:N, and CUDA (that GPU) is there when asked for.
+
+    torch is imported only for a CUDA device."""
+    if name is None or name == "cpu":
+        return
+    kind, colon, index = name.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise UsageError(f"--device {name!r}: unknown device (choose cpu, cuda or cuda:N)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine "
+                         f"(torch {torch.__version__}); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """`path` can be written: its directory exists and is writable, and it is not
+    itself a directory. Checked before the work whose result it will hold."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not parent.exists():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(p if p.exists() else parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: permission denied")
+
+
+# -- generate ----------------------------------------------------------------------
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", default=None,
                    help="local HuggingFace-format model dir (default: the built-in model)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=non_negative_int, default=64,
+                   help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", default=0.0,
+                   type=_float_in("float", lambda v: 0 <= v < math.inf, "finite and >= 0"),
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", default=1.0,
+                   type=_float_in("float", lambda v: 0 < v <= 1, "in (0, 1]"),
+                   help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=-1, help="keep the k likeliest tokens; <= 0: all")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    args = p.parse_args(argv)
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise UsageError("the prompt is empty")
+    check_model_dir(args.model)
+    check_device(args.device)
 
     from dendrite.engine import Engine
     from dendrite.sampling import SamplingParams
 
-    t0 = time.perf_counter()
-    engine = Engine(args.model, device=args.device)
-    print(f"[dendrite] model {engine.runner.model_dir} on {engine.device} "
-          f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    prompt = args.prompt
-    if args.chat:
-        prompt = engine.runner.apply_chat_template([{"role": "user", "content": prompt}])
-    seq = engine.new_sequence(prompt, add_bos=not args.chat)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
-    prompt_len = seq.num_tokens
-    handle = engine.submit(seq, params)
+    t0 = time.perf_counter()
+    engine = Engine(args.model, device=args.device)
+    try:
+        print(f"[dendrite] model {engine.model_dir} on {engine.device} "
+              f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        prompt = args.prompt
+        if args.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        seq = engine.new_sequence(prompt, add_bos=not args.chat)
+        if seq.num_tokens == 0:
+            raise ValueError("the prompt encodes to no tokens and the model has no BOS token")
+        _stream(engine, engine.submit(seq, params), seq.num_tokens)
+    finally:
+        engine.close()
+    return 0
+
+
+def _stream(engine, handle, prompt_len: int) -> None:
+    """Step `handle` to the end, writing its text to stdout as it grows (never half
+    a multi-byte character) and a prefill/summary line to stderr."""
+    tty = sys.stderr.isatty()
     shown = ""
     t_start = time.perf_counter()
     t_first = None
     while not handle.done:
         engine.step()
         if not handle.token_ids:
-            done = prompt_len - len(seq.pending)
-            print(f"\r[dendrite] prefill {done}/{prompt_len} tokens", end="", file=sys.stderr)
+            if tty:
+                done = prompt_len - len(handle.seq.pending)
+                print(f"\r[dendrite] prefill {done}/{prompt_len} tokens", end="",
+                      file=sys.stderr)
             continue
         if t_first is None:
             t_first = time.perf_counter()
-            print("\r\033[K", end="", file=sys.stderr)
+            if tty:
+                print("\r\033[K", end="", file=sys.stderr)
         text = engine.tokenizer.decode(handle.token_ids, skip_special_tokens=True)
         if not handle.done and text.endswith("\ufffd"):
             continue  # half a multi-byte character: wait for the rest
@@ -57,45 +223,167 @@ def _generate(argv: list[str]) -> int:
             sys.stdout.write(final[len(shown):])
             sys.stdout.flush()
             shown = final
+    if handle.error is not None:
+        if shown:
+            print(file=sys.stdout)
+        raise handle.error
     t_end = time.perf_counter()
     n = len(handle.token_ids)
     decode_s = t_end - (t_first or t_end)
     print(file=sys.stdout)
     print(f"[dendrite] {prompt_len} prompt tokens, {n} generated "
-          f"({handle.result.finish_reason}); first token {((t_first or t_end) - t_start)*1e3:.0f} ms, "
+          f"({handle.result.finish_reason}); first token "
+          f"{((t_first or t_end) - t_start) * 1e3:.0f} ms, "
           f"{(n - 1) / decode_s if n > 1 and decode_s > 0 else 0:.1f} tok/s", file=sys.stderr)
-    return 0
 
 
-def _run(argv: list[str]) -> int:
-    from dendrite.program.cli_run import run_script_main
-
-    return run_script_main(argv)
+# -- run and demo (their modules own their flags) -------------------------------------
 
 
-def _demo(argv: list[str]) -> int:
-    from dendrite.demo import main as demo_main
+def _add_run(p: argparse.ArgumentParser) -> None:
+    from dendrite.program.cli_run import add_arguments
 
-    return demo_main(argv) or 0
+    add_arguments(p)
 
 
-COMMANDS = {
-    "generate": (_generate, "generate text from a prompt (streams tokens)"),
-    "run": (_run, "run a .dendrite search script"),
-    "demo": (_demo, "fork a 128K-token context 1000 times; print latency and pages"),
+def _run(args: argparse.Namespace) -> int:
+    from dendrite.program.cli_run import run
+
+    return run(args)
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    from dendrite.demo import add_arguments
+
+    add_arguments(p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dendrite.demo import run
+
+    return run(args)
+
+
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "generate": (_add_generate, _generate, "generate text from a prompt (streams tokens)"),
+    "run": (_add_run, _run, "run a .dendrite search script"),
+    "demo": (_add_demo, _demo, "fork a 128K-token context 1000 times; print latency and pages"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: dendrite {generate,run,demo} ...\n", file=sys.stderr)
-        for name, (_, help_) in COMMANDS.items():
-            print(f"  {name:<9} {help_}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    fn, _ = COMMANDS[argv[0]]
-    return fn(argv[1:])
+def _traceback_flag(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--traceback", action="store_true", default=default,
+                   help="show the full traceback of an error instead of one line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dendrite` parser: one subparser per command."""
+    top = argparse.ArgumentParser(prog="dendrite", description=(
+        "Dendrite: LLM inference with O(1) forks of a paged KV tree."))
+    _traceback_flag(top, False)
+    subs = top.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
+                              required=True)
+    for name, (add, run, help_) in COMMANDS.items():
+        p = subs.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
+        add(p)
+        # SUPPRESS: a --traceback before the subcommand is not reset by this one.
+        _traceback_flag(p, argparse.SUPPRESS)
+        p.set_defaults(_run=run)
+    return top
+
+
+# -- running a command ------------------------------------------------------------
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this input/model/run failed", not "dendrite has a bug".
+
+    Looked up in modules already imported (an error cannot come from a module
+    that never loaded), so this imports nothing."""
+    found: list[type[BaseException]] = [ValueError, TypeError, OSError, MemoryError]
+    for mod, names in (("dendrite.engine", ("ModelOutputError",)),
+                       ("dendrite.model.config", ("ModelLoadError",)),
+                       ("dendrite.grammar.errors", ("GrammarViolation",)),
+                       ("dendrite.kv", ("OutOfPages",)),
+                       ("torch", ("OutOfMemoryError",))):
+        m = sys.modules.get(mod)
+        for n in names:
+            t = getattr(m, n, None) if m is not None else None
+            if isinstance(t, type) and issubclass(t, BaseException):
+                found.append(t)
+    return tuple(found)
+
+
+def _script_error_type() -> type[BaseException] | None:
+    for mod in ("dendrite.dsl.errors", "dsl.errors"):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, "ScriptError"):
+            return m.ScriptError
+    return None
+
+
+def _is_script_error(exc: BaseException) -> bool:
+    t = _script_error_type()
+    return t is not None and isinstance(exc, t)
+
+
+def run_command(fn: Callable[[], int], *, prog: str, traceback: bool = False) -> int:
+    """Run `fn` and turn whatever it raises into a message and an exit status
+    (see the module docstring); with `traceback`, re-raise instead."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        if traceback:
+            raise
+        sys.stderr.write(f"\n{prog}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # stdout closed by the reader (`dendrite generate ... | head`): not an error.
+        # Point stdout at devnull so the interpreter's final flush does not fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+    except Exception as e:  # noqa: BLE001 - every error gets one message, by the rule above
+        if traceback:
+            raise
+        sys.stdout.flush()
+        if isinstance(e, UsageError):
+            print(str(e) if e.plain else f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        if _is_script_error(e):
+            print(e.format(), file=sys.stderr)  # file:line:col, source line, caret
+            return 1
+        if isinstance(e, _known_errors()):
+            print(f"{prog}: error: {_describe(e)}", file=sys.stderr)
+            return 1
+        print(f"{prog}: internal error: {type(e).__name__}: {e}\n"
+              f"this is a bug in dendrite; rerun with --traceback for details", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a known error; an OSError without its file gets its strerror."""
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(line.strip() for line in text.splitlines())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dendrite` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or argparse's usage error (2), already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return run_command(lambda: args._run(args), prog=f"dendrite {args.command}",
+                       traceback=args.traceback)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dendrite.cli` runs this file as __main__; run the imported module's
+    # main so that cli_run and demo raise the same UsageError class it catches.
+    from dendrite.cli import main as _main
+
+    sys.exit(_main())

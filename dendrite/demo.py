@@ -12,23 +12,44 @@ import statistics
 import time
 from typing import Optional, Sequence
 
-import numpy as np
 
-from dendrite import _native
-from dendrite.kv import BlockPool, KVTree, check_invariants
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of ``dendrite demo`` (sizes range-checked by argparse)."""
+    from dendrite.cli import non_negative_int, positive_int
 
-
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="dendrite demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=128 * 1024, help="context tokens (default 131072)")
-    ap.add_argument("--forks", type=int, default=1000, help="children to fork (default 1000)")
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--write", type=int, default=1, help="tokens each child then appends")
-    return ap.parse_args(argv)
+    ap.add_argument("--context", type=positive_int, default=128 * 1024,
+                    help="context tokens (default 131072)")
+    ap.add_argument("--forks", type=positive_int, default=1000,
+                    help="children to fork (default 1000)")
+    ap.add_argument("--page-size", type=positive_int, default=16,
+                    help="tokens per KV page (default 16)")
+    ap.add_argument("--write", type=non_negative_int, default=1,
+                    help="tokens each child then appends (default 1)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse(argv)
+    """``dendrite demo [flags]``; returns the exit status (`dendrite.cli`'s rule)."""
+    from dendrite.cli import run_command
+
+    ap = argparse.ArgumentParser(prog="dendrite demo", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    ap.add_argument("--traceback", action="store_true",
+                    help="show the full traceback of an error instead of one line")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # --help or argparse's usage error, already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return run_command(lambda: run(args), prog="dendrite demo", traceback=args.traceback)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed flags and print its report."""
+    # numpy and the native core load here, not when `dendrite --help` builds the parser.
+    import numpy as np
+
+    from dendrite import _native
+    from dendrite.kv import BlockPool, KVTree, check_invariants
+
     ps, n, forks = args.page_size, args.context, args.forks
     ctx_pages = -(-n // ps)
     per_child = -(-(n % ps + args.write) // ps) if args.write else 0

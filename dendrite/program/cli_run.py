@@ -3,6 +3,9 @@
 Compiles the script, runs its program on an engine with a progress line on
 stderr, prints the result and a summary of the explored tree, and optionally
 writes the tree as a self-contained HTML page.
+
+Everything the command line names is checked before the model loads (a bad
+--tree path costs no search); errors follow `dendrite.cli`'s exit-status rule.
 """
 
 from __future__ import annotations
@@ -16,28 +19,44 @@ from typing import Any, Sequence
 from dendrite.program.program import Param, Program
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``dendrite run`` (values range-checked by argparse)."""
+    from dendrite.cli import positive_int, seed_int
+
+    p.add_argument("script", help="path of a .dendrite file, or the name of a standard script")
+    p.add_argument("--model", default=None, help="local HuggingFace-format model dir (default: the built-in model)")
+    p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a program argument (repeatable); NAME=@file reads the value from a file, "
+                        "NAME=@@text passes the literal @text")
+    p.add_argument("--program", default=None, help="which program of the script to run (default: the first)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="run seed; every branch's seed derives from it (default 0)")
+    p.add_argument("--tree", default=None, metavar="OUT.html", help="write a picture of the explored tree")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--max-nodes", type=positive_int, default=40,
+                   help="nodes shown in the tree summary (default 40)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dendrite run",
         description="Run a .dendrite search script (or a standard one: tot, mcts, beam, self_consistency).",
     )
-    p.add_argument("script", help="path of a .dendrite file, or the name of a standard script")
-    p.add_argument("--model", default=None, help="local HuggingFace-format model dir (default: the built-in model)")
-    p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="a program argument (repeatable); NAME=@file reads the value from a file")
-    p.add_argument("--program", default=None, help="which program of the script to run (default: the first)")
-    p.add_argument("--seed", type=int, default=0, help="run seed; every branch's seed derives from it (default 0)")
-    p.add_argument("--tree", default=None, metavar="OUT.html", help="write a picture of the explored tree")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--max-nodes", type=int, default=40, help="nodes shown in the tree summary")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_arguments(p)
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full traceback of an error instead of one line")
     return p
 
 
 def resolve_script(name: str) -> Path:
-    """A path as given, else a standard script by name."""
+    """A path as given, else a standard script by name.
+
+    Raises FileNotFoundError (neither) or IsADirectoryError (a directory)."""
     p = Path(name)
+    if p.is_dir():
+        raise IsADirectoryError(f"{name}: is a directory, not a .dendrite script")
     if p.exists():
         return p
     from dendrite.program import dsl_module
@@ -48,10 +67,25 @@ def resolve_script(name: str) -> Path:
         raise FileNotFoundError(f"no such script: {name}") from None
 
 
+def _read_value(name: str, text: str) -> str:
+    """``@file`` -> the file's text; ``@@text`` -> the literal ``@text``."""
+    if text.startswith("@@"):
+        return text[1:]
+    if text.startswith("@") and len(text) > 1:
+        path = text[1:]
+        try:
+            return Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ValueError(f"--arg {name}=@{path}: cannot read {path}: {why} "
+                             f"(write @@ for a literal @)") from None
+    return text
+
+
 def convert_arg(param: Param, text: str) -> Any:
-    """Convert a command-line value by the type of the parameter's default."""
-    if text.startswith("@") and len(text) > 1 and Path(text[1:]).is_file():
-        text = Path(text[1:]).read_text()
+    """Convert a command-line value by the type of the parameter's default;
+    a ValueError names the argument."""
+    text = _read_value(param.name, text)
     d = param.default
     if isinstance(d, bool):
         low = text.strip().lower()
@@ -61,16 +95,27 @@ def convert_arg(param: Param, text: str) -> Any:
             return False
         raise ValueError(f"--arg {param.name}: expected true/false, got {text!r}")
     if isinstance(d, int):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--arg {param.name}: expected an integer, got {text!r}") from None
     if isinstance(d, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--arg {param.name}: expected a number, got {text!r}") from None
     if isinstance(d, (list, dict)):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--arg {param.name}: not valid JSON ({e.msg} at column {e.colno}): "
+                             f"{text!r}") from None
     return text
 
 
 def parse_args(program: Program, pairs: Sequence[str]) -> dict[str, Any]:
-    """``["name=value", ...]`` to program arguments (names checked)."""
+    """``["name=value", ...]`` to program arguments (names checked); a ValueError
+    names the bad argument."""
     by_name = {p.name: p for p in program.params}
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -82,6 +127,8 @@ def parse_args(program: Program, pairs: Sequence[str]) -> dict[str, Any]:
             raise ValueError(
                 f"program {program.name} has no parameter {k!r} (parameters: {', '.join(by_name) or 'none'})"
             )
+        if k in out:
+            raise ValueError(f"--arg {k} given twice")
         out[k] = convert_arg(by_name[k], v)
     missing = [p.name for p in program.params if p.required and p.name not in out]
     if missing:
@@ -115,22 +162,48 @@ def _jsonable(value: Any) -> Any:
 
 
 def run_script_main(argv: Sequence[str]) -> int:
-    """Entry point of ``dendrite run``; returns the process exit status."""
-    args = _parser().parse_args(list(argv))
+    """Entry point of ``dendrite run``; returns the process exit status (the
+    rule of `dendrite.cli`: 2 bad command line, 1 failed run, 130 interrupted)."""
+    from dendrite.cli import run_command
+
+    try:
+        args = _parser().parse_args(list(argv))
+    except SystemExit as e:  # --help or argparse's usage error, already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return run_command(lambda: run(args), prog="dendrite run", traceback=args.traceback)
+
+
+def _load(args: argparse.Namespace) -> tuple[Path, Program, dict[str, Any]]:
+    """The script, its program and the program's arguments, or a UsageError."""
+    from dendrite.cli import UsageError
     from dendrite.program import dsl_module
 
     dsl = dsl_module()
-
     try:
         path = resolve_script(args.script)
         program = dsl.load(path, name=args.program)
-        prog_args = parse_args(program, args.arg)
+        return path, program, parse_args(program, args.arg)
     except dsl.ScriptError as e:
-        print(e.format(), file=sys.stderr)
-        return 2
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"dendrite run: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(e.format(), plain=True) from e
+    except (OSError, KeyError, ValueError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and args.script not in text:
+            text = f"{args.script}: {text}"
+        raise UsageError(str(text)) from e
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run parsed ``dendrite run`` flags; errors propagate for `dendrite.cli.run_command`.
+
+    Everything the command line names (script, --arg, --tree, --model,
+    --device) is checked before the model loads."""
+    from dendrite.cli import check_device, check_model_dir, check_output_file
+
+    path, program, prog_args = _load(args)
+    if args.tree:
+        check_output_file(args.tree, "--tree")
+    check_model_dir(args.model)
+    check_device(args.device)
 
     from dendrite.engine import Engine
     from dendrite.program.progress import Progress
@@ -139,14 +212,19 @@ def run_script_main(argv: Sequence[str]) -> int:
     progress = None if args.quiet else Progress()
     try:
         result = program.run(engine, seed=args.seed, progress=progress, **prog_args)
-    except dsl.ScriptError as e:
         if progress is not None:
+            progress.close(_RunInfo(result))
+            progress = None
+        _report(args, program, path, result)
+    finally:
+        if progress is not None:  # an error or Ctrl-C: clear the live line
             progress.close()
-        print(e.format(), file=sys.stderr)
-        return 1
-    if progress is not None:
-        progress.close(_RunInfo(result))
+        engine.close()
+    return 0
 
+
+def _report(args: argparse.Namespace, program: Program, path: Path, result: Any) -> None:
+    """Print the result (text or JSON) and write the --tree page."""
     if args.json:
         print(json.dumps({"result": _jsonable(result.value), "steps": result.steps,
                           "nodes": len(result.tree), "gen_tokens": result.gen_tokens}, indent=2))
@@ -161,7 +239,6 @@ def run_script_main(argv: Sequence[str]) -> int:
         out = write_html(result.tree, args.tree, title=f"{program.name} · {path.name}",
                          result=format_value(result.value))
         print(f"tree written to {out}", file=sys.stderr)
-    return 0
 
 
 class _RunInfo:
