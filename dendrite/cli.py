@@ -13,7 +13,8 @@ Errors never print a traceback. Exit status, one rule for every subcommand:
   load, an engine error (ValueError/TypeError for a bad value, LeafTooLarge,
   NaN logits), a script's run-time error (located at file:line:col), an
   OSError. One clean message.
-- 130: interrupted (Ctrl-C).
+- 130: interrupted (Ctrl-C); 141: stdout was closed by its reader
+  (``dendrite generate ... | head``), quietly.
 - 70 (EX_SOFTWARE): any other exception, i.e. a bug in dendrite: one line with
   the exception and a hint to rerun with ``--traceback``.
 
@@ -264,10 +265,15 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
-    "generate": (_add_generate, _generate, "generate text from a prompt (streams tokens)"),
-    "run": (_add_run, _run, "run a .dendrite search script"),
-    "demo": (_add_demo, _demo, "fork a 128K-token context 1000 times; print latency and pages"),
+#: name -> (add its flags, run it, help, usage). The usage lines are short so
+#: that an argparse error is two lines: usage, then the error.
+COMMANDS: dict[str, tuple[Callable, Callable, str, str]] = {
+    "generate": (_add_generate, _generate, "generate text from a prompt (streams tokens)",
+                 "%(prog)s [options] PROMPT"),
+    "run": (_add_run, _run, "run a .dendrite search script",
+            "%(prog)s [options] SCRIPT [--arg NAME=VALUE ...]"),
+    "demo": (_add_demo, _demo, "fork a 128K-token context 1000 times; print latency and pages",
+             "%(prog)s [options]"),
 }
 
 
@@ -283,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     _traceback_flag(top, False)
     subs = top.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
                               required=True)
-    for name, (add, run, help_) in COMMANDS.items():
-        p = subs.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
+    for name, (add, run, help_, usage) in COMMANDS.items():
+        p = subs.add_parser(name, help=help_, usage=usage,
+                            description=help_[0].upper() + help_[1:] + ".")
         add(p)
         # SUPPRESS: a --traceback before the subcommand is not reset by this one.
         _traceback_flag(p, argparse.SUPPRESS)

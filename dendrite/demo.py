@@ -31,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``dendrite demo [flags]``; returns the exit status (`dendrite.cli`'s rule)."""
     from dendrite.cli import run_command
 
-    ap = argparse.ArgumentParser(prog="dendrite demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="dendrite demo", usage="%(prog)s [options]",
+                                 description=__doc__.splitlines()[0])
     add_arguments(ap)
     ap.add_argument("--traceback", action="store_true",
                     help="show the full traceback of an error instead of one line")

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``dendrite run`` (values range-checked by argparse)."""
     from dendrite.cli import positive_int, seed_int
 
-    p.add_argument("script", help="path of a .dendrite file, or the name of a standard script")
+    p.add_argument("script", help="path of a .dendrite file, or the name of a standard script "
+                        "(tot, mcts, beam, self_consistency)")
     p.add_argument("--model", default=None, help="local HuggingFace-format model dir (default: the built-in model)")
     p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                    help="a program argument (repeatable); NAME=@file reads the value from a file, "
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dendrite run",
+        usage="%(prog)s [options] SCRIPT [--arg NAME=VALUE ...]",
         description="Run a .dendrite search script (or a standard one: tot, mcts, beam, self_consistency).",
     )
     add_arguments(p)
