@@ -91,10 +91,33 @@ def fill_masks(
         base = bitmask.data_ptr()
         for m, r in zip(matchers, rows):
             m.ll.unsafe_compute_mask_ptr(base + r * row_bytes, row_bytes)
-        return
-    _get_executor().unsafe_compute_mask_ptr(
-        [(m.ll, r) for m, r in zip(matchers, rows)], bitmask.data_ptr(), row_bytes, batch
-    )
+    else:
+        _get_executor().unsafe_compute_mask_ptr(
+            [(m.ll, r) for m, r in zip(matchers, rows)], bitmask.data_ptr(), row_bytes, batch
+        )
+    tok = matchers[0].tokenizer
+    if tok.extra_eos_token_ids:
+        _alias_extra_eos(bitmask, rows, tok.eos_token_ids[0], tok.extra_eos_token_ids)
+
+
+def _alias_extra_eos(
+    bitmask: torch.Tensor, rows: list[int], primary: int, extra: Sequence[int]
+) -> None:
+    """Allow each of `extra` exactly where `primary` (llguidance's EOS) is allowed.
+
+    Only for llguidance < 1.7, which knows a single EOS id per tokenizer.
+    """
+    idx = torch.tensor(rows, dtype=torch.long)
+    words = bitmask.shape[1]
+    w, b = divmod(primary, 32)
+    on = ((bitmask[idx, w] >> b) & 1).bool()
+    bits = _bits(bitmask.device)
+    for e in extra:
+        w, b = divmod(e, 32)
+        if w >= words:
+            continue  # past the mask: never allowed anyway
+        col = bitmask[idx, w]
+        bitmask[idx, w] = torch.where(on, col | bits[b], col & ~bits[b])
 
 
 class MaskWorker:

@@ -52,7 +52,8 @@ class Matcher:
         A rejected token leaves the matcher in llguidance's (terminal) error
         state: with masks applied this only happens on a caller bug.
         """
-        if not self.ll.consume_token(int(token_id)):
+        [tid] = self.tokenizer.to_ll_tokens([token_id])
+        if not self.ll.consume_token(tid):
             raise GrammarViolation(self._error(f"token {token_id} rejected"))
         self.num_tokens += 1
 
@@ -62,20 +63,20 @@ class Matcher:
         On GrammarViolation the matcher is left in llguidance's error state
         (as after `consume`); check first with `validate_tokens` if unsure.
         """
-        ids = [int(t) for t in token_ids]
+        ids = self.tokenizer.to_ll_tokens(token_ids)
         if not self.ll.consume_tokens(ids):
             raise GrammarViolation(self._error("tokens rejected"))
         self.num_tokens += len(ids)
 
     def try_consume(self, token_ids: Sequence[int]) -> int:
         """Consume the longest allowed prefix of `token_ids`; return its length."""
-        n = self.ll.try_consume_tokens([int(t) for t in token_ids])
+        n = self.ll.try_consume_tokens(self.tokenizer.to_ll_tokens(token_ids))
         self.num_tokens += n
         return n
 
     def validate_tokens(self, token_ids: Sequence[int]) -> int:
         """How many leading tokens of `token_ids` are allowed; state unchanged."""
-        return self.ll.validate_tokens([int(t) for t in token_ids])
+        return self.ll.validate_tokens(self.tokenizer.to_ll_tokens(token_ids))
 
     def rollback(self, n: int) -> None:
         """Undo the last `n` consumed tokens (forced-token / speculative rollback)."""

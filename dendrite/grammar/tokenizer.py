@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _list_eos_supported() -> bool:
+    """Whether `LLTokenizer(eos_token=[...])` takes several EOS ids (llguidance >= 1.7)."""
+    return hasattr(llguidance.LLTokenizer, "eos_tokens")
+
+
+# Module-level so tests can exercise the single-EOS path on a new llguidance.
+LIST_EOS: bool = _list_eos_supported()
+
+
 def _tokenizer_json(source: Any) -> str:
     """tokenizer.json text from a Tokenizer, a file/dir path, or JSON text."""
     if hasattr(source, "to_str"):
@@ -77,14 +86,20 @@ class GrammarTokenizer:
         )
         if not eos:
             raise ValueError("eos_token_id must name at least one token")
-        probe = llguidance.LLTokenizer(text, eos_token=eos)
+        eos = list(dict.fromkeys(eos))
+        # llguidance < 1.7 takes one EOS id: it gets the first, and the
+        # others become aliases of it (see `extra_eos_token_ids`).
+        ll_eos: int | list[int] = eos if LIST_EOS else eos[0]
+        probe = llguidance.LLTokenizer(text, eos_token=ll_eos)
         self.tokenizer_vocab_size: int = probe.vocab_size
         self.model_vocab_size: int = int(vocab_size) if vocab_size is not None else probe.vocab_size
         if self.model_vocab_size > probe.vocab_size:
             # Extend llguidance's vocab to the padded width: the extra ids
             # have no bytes, so llguidance never allows them, and the mask
             # row is exactly as wide as the logits row.
-            self.ll = llguidance.LLTokenizer(text, n_vocab=self.model_vocab_size, eos_token=eos)
+            self.ll = llguidance.LLTokenizer(
+                text, n_vocab=self.model_vocab_size, eos_token=ll_eos
+            )
         else:
             # A model narrower than its tokenizer: llguidance refuses to
             # shrink the vocab, so masks keep the tokenizer's width and
@@ -93,6 +108,10 @@ class GrammarTokenizer:
         self.vocab_size: int = self.ll.vocab_size
         self.mask_words: int = (self.vocab_size + 31) // 32
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
+        # EOS ids llguidance does not know as EOS (old llguidance only):
+        # masks allow them exactly when the primary EOS is allowed, and
+        # matchers consume them as the primary EOS.
+        self.extra_eos_token_ids: tuple[int, ...] = () if LIST_EOS else tuple(eos[1:])
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -107,6 +126,14 @@ class GrammarTokenizer:
         return torch.full(
             (batch_size, self.mask_words), -1, dtype=torch.int32, pin_memory=pin_memory
         )
+
+    def to_ll_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        """`token_ids` as llguidance knows them: extra EOS ids become the primary EOS."""
+        ids = [int(t) for t in token_ids]
+        if self.extra_eos_token_ids:
+            extra, primary = self.extra_eos_token_ids, self.eos_token_ids[0]
+            ids = [primary if t in extra else t for t in ids]
+        return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Bytes of `token_ids` as text (invalid UTF-8 replaced); EOS decodes to ''."""
