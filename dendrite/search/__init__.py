@@ -11,7 +11,9 @@ expansion generate in the same batched engine steps.
 * `best_of_n`       sample n, keep the best.
 * `self_consistency` sample n reasoning paths, majority vote on the answer.
 * `beam_search`     width, depth, GNMT length penalty, finished beams kept.
-* `tot_bfs`         Tree-of-Thought BFS keeping the top-k per level.
+* `tot_bfs`         Tree-of-Thought BFS keeping the top-k (or all) per level,
+                    per-level steps and prompts (chat turns).
+* `tot_frontier`    the same BFS returning the whole last level (for votes).
 * `tot_dfs`         Tree-of-Thought DFS with threshold pruning and backtracking.
 * `mcts`            UCT / PUCT, expansion width, rollouts, backpropagation,
                     value from a callable or the model.
@@ -27,7 +29,7 @@ from dendrite.search.best_of import best_of_n
 from dendrite.search.common import as_batch_step, default_step, expand
 from dendrite.search.mcts import mcts
 from dendrite.search.self_consistency import self_consistency
-from dendrite.search.tot import tot_bfs, tot_dfs
+from dendrite.search.tot import tot_bfs, tot_dfs, tot_frontier
 
 #: Names usable in ``search NAME(...)`` statements of .dendrite scripts.
 ALGORITHMS = {
@@ -49,4 +51,5 @@ __all__ = [
     "self_consistency",
     "tot_bfs",
     "tot_dfs",
+    "tot_frontier",
 ]
