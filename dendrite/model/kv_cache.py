@@ -3,12 +3,16 @@
 One tensor `kv[num_layers, 2, num_pages, page_size, Hkv, D]`; `kv[l, 0]` and
 `kv[l, 1]` are layer `l`'s K and V caches in FlashInfer's NHD paged layout.
 Page ids come from the native core; this module never decides who owns a page.
+Its sizes, dtype and device are checked (ValueError naming the argument)
+before the pool is allocated.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from dendrite.model.devices import check_device, check_dtype, check_int, check_kv_size
 
 __all__ = ["KVCache"]
 
@@ -26,9 +30,23 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
+        num_layers = check_int("num_layers", num_layers)
+        num_pages = check_int("num_pages", num_pages)
+        page_size = check_int("page_size", page_size)
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads)
+        head_dim = check_int("head_dim", head_dim)
+        if check_dtype(dtype) is None:
+            raise TypeError("dtype must be given (float32, float16 or bfloat16), got None")
+        dtype, device = check_dtype(dtype), check_device(device)
+        check_kv_size(
+            num_pages,
+            page_size,
+            self.bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, dtype),
+            device,
+        )
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, device
         # zeros, not empty: padded/unused slots are masked, but NaN garbage
         # times a zero attention weight would still be NaN.
         self.kv = torch.zeros(

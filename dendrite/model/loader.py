@@ -2,7 +2,13 @@
 
 Reads config.json, the safetensors weights (one file, or shards listed in
 model.safetensors.index.json), tokenizer.json / tokenizer_config.json and
-generation_config.json. Every failure names the file or the architecture.
+generation_config.json.
+
+A directory that cannot be loaded raises `ModelLoadError` (a ValueError) with
+one line naming the file and, where there is one, the tensor or key. The
+checks that need only headers (config values, missing or misshapen tensors,
+uncastable dtypes, a tokenizer larger than the embedding) all run before any
+weight memory is allocated.
 
     loaded = load("path/to/model", device="cuda")
     loaded.model, loaded.config, loaded.tokenizer, loaded.generation_config
@@ -10,7 +16,6 @@ generation_config.json. Every failure names the file or the architecture.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -19,17 +24,16 @@ from typing import Any
 
 import torch
 
-from dendrite.model.config import (
-    MissingFileError,
-    ModelConfig,
-    ModelLoadError,
-    UnsupportedModelError,
-    parse_dtype,
-)
+from dendrite.model import checkpoint
+from dendrite.model.checkpoint import INDEX_FILE, TensorInfo
+from dendrite.model.config import ModelConfig, parse_dtype, read_token_ids
+from dendrite.model.errors import MissingFileError, ModelLoadError, UnsupportedModelError
+from dendrite.model.jsonfile import read_json_object
 from dendrite.model.llama import LlamaForCausalLM
 from dendrite.model.tokenizer import Tokenizer
 
 __all__ = [
+    "INDEX_FILE",
     "LoadedModel",
     "MissingFileError",
     "ModelLoadError",
@@ -46,81 +50,64 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 # Checkpoint entries that are derived, not learned; older exports carry them.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _model_dir(model_dir: str | Path) -> Path:
     d = Path(model_dir)
-    if not d.is_dir():
+    if not d.exists():
         raise MissingFileError(f"model directory {d} does not exist")
+    if not d.is_dir():
+        raise ModelLoadError(f"model directory {d} is not a directory")
     return d
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
-
-
 def load_config(model_dir: str | Path) -> ModelConfig:
-    """Parse config.json (eos ids merged with generation_config.json's)."""
+    """Parse and check config.json (eos ids merged with generation_config.json's)."""
     d = _model_dir(model_dir)
     path = d / "config.json"
-    if not path.is_file():
-        raise MissingFileError(f"missing {path}")
-    cfg = ModelConfig.from_hf(_read_json(path))
-    gen = load_generation_config(d)
-    eos = gen.get("eos_token_id")
-    eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not path.exists():
+        raise MissingFileError(f"missing {path}: {d} is not a HuggingFace model directory")
+    cfg = ModelConfig.from_hf(read_json_object(path), source=str(path))
+    gen_path = d / "generation_config.json"
+    gen = read_json_object(gen_path, optional=True)
+    eos = read_token_ids(gen, "eos_token_id", cfg.vocab_size, str(gen_path))
     merged = tuple(dict.fromkeys([*eos, *cfg.eos_token_ids]))
-    bos = gen.get("bos_token_id", cfg.bos_token_id)
-    return replace(cfg, eos_token_ids=merged, bos_token_id=bos)
+    bos = read_token_ids(gen, "bos_token_id", cfg.vocab_size, str(gen_path))
+    return replace(cfg, eos_token_ids=merged, bos_token_id=bos[0] if bos else cfg.bos_token_id)
 
 
 def load_generation_config(model_dir: str | Path) -> dict[str, Any]:
     """generation_config.json as a dict ({} when absent: it is optional)."""
-    path = Path(model_dir) / "generation_config.json"
-    return _read_json(path) if path.is_file() else {}
+    return read_json_object(Path(model_dir) / "generation_config.json", optional=True)
 
 
 def load_tokenizer(model_dir: str | Path, config: ModelConfig | None = None) -> Tokenizer:
+    """tokenizer.json & co.; its ids must fit the model's embedding (config.vocab_size)."""
     d = _model_dir(model_dir)
     config = config or load_config(d)
-    return Tokenizer(d, eos_token_ids=config.eos_token_ids, bos_token_id=config.bos_token_id)
+    tok = Tokenizer(d, eos_token_ids=config.eos_token_ids, bos_token_id=config.bos_token_id)
+    if tok.num_ids > config.vocab_size:
+        raise ModelLoadError(
+            f"{d / 'tokenizer.json'} has token ids up to {tok.num_ids - 1} "
+            f"({tok.num_ids} ids) but {d / 'config.json'} has vocab_size {config.vocab_size}: "
+            "the tokenizer does not belong to this model"
+        )
+    return tok
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files holding the weights, checked to exist."""
-    d = _model_dir(model_dir)
-    index = d / INDEX_FILE
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not weight_map:
-            raise ModelLoadError(f"{index} has no weight_map")
-        files = [d / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise MissingFileError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        other = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
-        hint = f" (found {', '.join(other)}: only safetensors is supported)" if other else ""
-        raise MissingFileError(f"no *.safetensors weights in {d}{hint}")
-    return files
+    return checkpoint.weight_files(_model_dir(model_dir))
 
 
 def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for every tensor of every weight file, memory-mapped."""
-    from safetensors import safe_open
-
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield name, f.get_tensor(name)
+    d = _model_dir(model_dir)
+    infos = checkpoint.scan(d, checkpoint.weight_files(d)).values()
+    for info, tensor in checkpoint.read_tensors(infos):
+        yield info.name, tensor
 
 
 def resolve_dtype(
@@ -137,6 +124,63 @@ def resolve_dtype(
     return config.dtype
 
 
+def _plan(
+    model: LlamaForCausalLM,
+    config: ModelConfig,
+    tensors: dict[str, TensorInfo],
+    files: list[Path],
+) -> list[TensorInfo]:
+    """The checkpoint tensors to copy into `model` (still on the meta device).
+
+    Each is tried against its slot with a meta tensor of its header shape, so
+    the model's own shape check runs without reading or allocating anything.
+    Raises ModelLoadError for a wrong shape or dtype (naming tensor and file)
+    and for missing tensors (naming them and the files searched); unknown
+    tensors are only logged, as transformers does."""
+    needed = model.hf_parameter_names()
+    plan: list[TensorInfo] = []
+    unexpected: list[str] = []
+    for name, info in tensors.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the embedding is the head (transformers ignores it too)
+        probe = torch.empty(info.shape, dtype=torch.float32, device="meta")
+        try:
+            known = model.load_hf_weight(name, probe)
+        except AttributeError:  # e.g. a bias or layer this config does not have
+            known = False
+        except ValueError as e:  # the model's shape check
+            raise ModelLoadError(f"{info.file}: {e} (from {config.architecture} config)") from None
+        if not known:
+            unexpected.append(name)
+            continue
+        if info.dtype not in checkpoint.CASTABLE_DTYPES:
+            raise ModelLoadError(
+                f"{info.file}: tensor {name} has dtype {info.dtype}, which cannot be cast to "
+                f"model weights (supported: {', '.join(checkpoint.CASTABLE_DTYPES)})"
+            )
+        plan.append(info)
+    missing = sorted(needed - {i.name for i in plan})
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        )
+        raise ModelLoadError(
+            f"{config.architecture} checkpoint lacks {len(missing)} tensor(s): {shown}; "
+            f"searched {checkpoint.describe_files(files)} in {files[0].parent}"
+        )
+    if unexpected:
+        log.warning(
+            "ignoring %d unexpected checkpoint tensor(s) in %s: %s%s",
+            len(unexpected),
+            files[0].parent,
+            ", ".join(unexpected[:8]),
+            " ..." if len(unexpected) > 8 else "",
+        )
+    return plan
+
+
 def load_model(
     model_dir: str | Path,
     device: torch.device | str = "cpu",
@@ -147,40 +191,17 @@ def load_model(
     d = _model_dir(model_dir)
     config = config or load_config(d)
     dtype = resolve_dtype(config, device, dtype)
-    files = weight_files(d)  # fail on missing files before allocating anything
-    # Build on the meta device, then allocate once: no wasted random init.
+    files = checkpoint.weight_files(d)
+    tensors = checkpoint.scan(d, files)
+    # Build on the meta device, check every tensor against it, then allocate
+    # once: a bad checkpoint costs no memory and there is no wasted random init.
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    plan = _plan(model, config, tensors, files)
     model = model.to_empty(device=device).to(dtype)
     model.reset_buffers()
-
-    needed = model.hf_parameter_names()
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for name, tensor in iter_weights(d):
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # tied: the embedding is the head (transformers ignores it too)
-        if model.load_hf_weight(name, tensor):
-            seen.add(name)
-        else:
-            unexpected.append(name)
-    missing = sorted(needed - seen)
-    if missing:
-        shown = ", ".join(missing[:8]) + (
-            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
-        )
-        raise ModelLoadError(
-            f"{config.architecture} checkpoint in {d} ({len(files)} file(s)) "
-            f"lacks {len(missing)} tensor(s): {shown}"
-        )
-    if unexpected:
-        log.warning(
-            "ignoring %d unexpected checkpoint tensor(s): %s",
-            len(unexpected),
-            ", ".join(unexpected[:8]),
-        )
+    for info, tensor in checkpoint.read_tensors(plan):
+        model.load_hf_weight(info.name, tensor)
     return model.eval().requires_grad_(False)
 
 

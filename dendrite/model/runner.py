@@ -24,6 +24,7 @@ from dendrite.attention.reference import ReferenceBackend
 from dendrite.model.config import ModelConfig
 from dendrite.model.kv_cache import KVCache
 from dendrite.model.loader import LoadedModel, load
+from dendrite.model.runner_args import check_runner_args
 
 __all__ = ["ModelRunner", "default_num_pages", "make_backend"]
 
@@ -99,6 +100,7 @@ class ModelRunner:
         page_size: int = 16,
         attention: str | AttentionBackend = "auto",
     ) -> None:
+        check_runner_args(model, device, dtype, num_pages, page_size, attention)  # before loading
         self.loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype)
         self.model, self.config = self.loaded.model, self.loaded.config
         self.tokenizer = self.loaded.tokenizer

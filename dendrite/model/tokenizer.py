@@ -4,16 +4,21 @@ Special tokens come from tokenizer_config.json, then generation_config.json and
 config.json (eos may be a list there). Chat templates are optional: they render
 with jinja2 when it is installed (it is not a Dendrite dependency), and
 `apply_chat_template` raises a clear error otherwise.
+
+A missing or unreadable tokenizer.json, or a JSON file of the directory that
+does not parse, raises `ModelLoadError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dendrite.model.config import MissingFileError, ModelLoadError
+from dendrite.model.errors import MissingFileError, ModelLoadError
+from dendrite.model.jsonfile import read_json_object
 
 __all__ = ["ChatTemplateError", "Tokenizer"]
 
@@ -30,7 +35,20 @@ def _token_str(t: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path, optional=True)
+
+
+def _load_backend(path: Path) -> Any:
+    """`tokenizers.Tokenizer` from `path`, or ModelLoadError naming the file."""
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    try:
+        return _HFTokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for bad files
+        # Its serde message ("expected value at line 1 column 1") is one line;
+        # keep it, without the serde internals some versions append.
+        what = re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
+        raise ModelLoadError(f"{path}: not a valid tokenizer file: {what}") from None
 
 
 class Tokenizer:
@@ -46,8 +64,6 @@ class Tokenizer:
         eos_token_ids: Iterable[int] = (),
         bos_token_id: int | None = None,
     ) -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
-
         d = Path(model_dir)
         path = d / "tokenizer.json"
         if not path.is_file():
@@ -57,7 +73,7 @@ class Tokenizer:
                 else ""
             )
             raise MissingFileError(f"missing tokenizer file {path}{extra}")
-        self.backend = _HFTokenizer.from_file(str(path))
+        self.backend = _load_backend(path)
         cfg = _read_json(d / "tokenizer_config.json")
         self.config = cfg
 
@@ -92,6 +108,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Tokens the tokenizer knows, added tokens included (may be < the model's)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def num_ids(self) -> int:
+        """Largest token id + 1: the embedding rows the tokenizer can index."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with `add_special_tokens`, the tokenizer's post-processor
