@@ -92,9 +92,21 @@ def fill_masks(
         for m, r in zip(matchers, rows):
             m.ll.unsafe_compute_mask_ptr(base + r * row_bytes, row_bytes)
     else:
+        # The pool borrows each matcher mutably ("Already borrowed" if one is
+        # listed twice): compute each matcher once, then copy its row.
+        first: dict[int, int] = {}
+        copies: list[tuple[int, int]] = []
+        for m, r in zip(matchers, rows):
+            if id(m.ll) in first:
+                copies.append((first[id(m.ll)], r))
+            else:
+                first[id(m.ll)] = r
+        unique = {id(m.ll): m.ll for m in matchers}
         _get_executor().unsafe_compute_mask_ptr(
-            [(m.ll, r) for m, r in zip(matchers, rows)], bitmask.data_ptr(), row_bytes, batch
+            [(unique[k], r) for k, r in first.items()], bitmask.data_ptr(), row_bytes, batch
         )
+        for src, dst in copies:
+            bitmask[dst] = bitmask[src]
     tok = matchers[0].tokenizer
     if tok.extra_eos_token_ids:
         _alias_extra_eos(bitmask, rows, tok.eos_token_ids[0], tok.extra_eos_token_ids)

@@ -154,3 +154,14 @@ def test_status_rules(gtok):
     assert grammar_status(m, "length") == "incomplete"  # could have continued
     assert grammar_status(None, "length") == "incomplete"
     assert grammar_status(None, "eos") == "complete"
+
+
+def test_same_matcher_in_two_rows_in_parallel(gtok):
+    """llguidance's pool borrows each matcher once; a repeat used to fail ("Already borrowed")."""
+    m = Constraint(regex="[0-9]+ ?").matcher(gtok)
+    other = Constraint(regex="[a-z]").matcher(gtok)
+    inline = gtok.allocate_bitmask(3, pin_memory=False)
+    fill_masks([m, other, m], inline, rows=[2, 1, 0], parallel=False)
+    pooled = gtok.allocate_bitmask(3, pin_memory=False)
+    fill_masks([m, other, m], pooled, rows=[2, 1, 0], parallel=True)
+    assert torch.equal(inline, pooled) and torch.equal(pooled[0], pooled[2])
