@@ -35,11 +35,16 @@ _LLM = llguidance.LLMatcher
 def choices_to_lark(choices: Sequence[str]) -> str:
     """A lark grammar matching exactly one of `choices`.
 
-    Lark string literals use JSON escapes, so json.dumps quotes any text
-    (quotes, backslashes, newlines, non-ASCII) safely. Duplicates dropped.
+    All choices form one terminal (one lexeme), so llguidance's lexer, a lazy
+    DFA, tells them apart byte by byte. As alternatives of the start *rule*
+    each choice would be a separate Earley item, and llguidance allows at
+    most 2000 items in a row: past ~2000 choices, generation failed mid-way
+    ("Current row has 2001 items"). Lark string literals use JSON escapes,
+    so json.dumps quotes any text (quotes, backslashes, newlines, regex
+    metacharacters, non-ASCII) safely. Duplicates dropped.
     """
     unique = list(dict.fromkeys(choices))
-    return "start: " + " | ".join(json.dumps(c) for c in unique) + "\n"
+    return "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in unique) + "\n"
 
 
 class Constraint:
@@ -107,8 +112,7 @@ class Constraint:
             if isinstance(spec, str) or not all(isinstance(c, str) for c in spec):
                 raise TypeError("choices must be a sequence of str")
             self.spec = tuple(spec)
-            if not self.spec:
-                raise GrammarError("choices", "choices must not be empty")
+            _check_choices(self.spec)
             self.grammar_text = _LLM.grammar_from_lark(choices_to_lark(self.spec))
         else:
             self._schema = _parse_schema(spec)
@@ -166,6 +170,10 @@ class Constraint:
         if self.kind == "regex":
             body = strip_regex_wrapper(message)
             raise GrammarError("regex", body, offset=regex_offset(body))
+        if self.kind == "choices":
+            # Positions point into the generated grammar, not at a choice;
+            # what can fail here is a size limit (the list is checked).
+            raise GrammarError("choices", _choices_limit_message(self.spec, message))
         pos = lark_position(message)
         if pos is None:
             raise GrammarError(self.kind, message)
@@ -182,6 +190,32 @@ class Constraint:
         if len(text) > 60:
             text = text[:57] + "..."
         return f"Constraint({self.kind}={text!r})"
+
+
+def _check_choices(choices: tuple[str, ...]) -> None:
+    """GrammarError for an empty list or a choice that is not encodable text."""
+    if not choices:
+        raise GrammarError("choices", "choices must not be empty")
+    for i, c in enumerate(choices):
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GrammarError(
+                "choices", f"choices[{i}] is not valid Unicode ({e.reason} at index {e.start})"
+            ) from None
+
+
+def _choices_limit_message(choices: tuple[str, ...], message: str) -> str:
+    """llguidance's complaint about a choice list, without the echoed grammar."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    pos = lark_position(first)
+    if pos is not None:  # drop "at L(C): " (a place in the generated grammar)
+        first = first.split(":", 1)[1].strip()
+    size = sum(len(c.encode("utf-8")) for c in choices)
+    return (
+        f"{len(choices)} choices ({size} bytes in all) exceed a llguidance limit: {first}; "
+        "use fewer or shorter choices, or a regex"
+    )
 
 
 def _parse_schema(spec: Any) -> Any:

@@ -111,9 +111,7 @@ def test_consuming_the_extra_eos_finishes_the_matcher(single, extra_id):
     assert m.is_accepting() and not m.is_stopped()
 
 
-def test_single_eos_masks_equal_list_eos_masks(
-    single, monkeypatch, hf_tokenizer, eos_id, extra_id
-):
+def test_single_eos_masks_equal_list_eos_masks(single, monkeypatch, hf_tokenizer, eos_id, extra_id):
     """Where llguidance takes a list, aliasing must give exactly its masks."""
     if not tokenizer_module._list_eos_supported():
         pytest.skip("installed llguidance takes one EOS id only")
