@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import os
+from pathlib import Path
 
 import torch
 
@@ -97,14 +98,28 @@ def check_dtype(dtype: object, name: str = "dtype") -> torch.dtype | None:
     return SUPPORTED_DTYPES[key]
 
 
+#: Where a container's memory limit lives (cgroup v2, then v1).
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def device_memory(device: torch.device) -> int | None:
-    """Total bytes of `device` (physical RAM for the CPU); None if unknown."""
+    """Total bytes of `device`: the GPU's memory, or for the CPU the physical
+    RAM or the container's memory limit, whichever is smaller; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
+    sizes = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
-        return None
+        pass
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit
+            sizes.append(int(text))
+    return min(sizes, default=None)
 
 
 def check_slots(num_pages: int, page_size: int) -> None:

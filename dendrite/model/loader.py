@@ -26,7 +26,8 @@ import torch
 
 from dendrite.model import checkpoint
 from dendrite.model.checkpoint import INDEX_FILE, TensorInfo
-from dendrite.model.config import ModelConfig, parse_dtype, read_token_ids
+from dendrite.model.config import ModelConfig, read_token_ids
+from dendrite.model.devices import check_device, check_dtype
 from dendrite.model.errors import MissingFileError, ModelLoadError, UnsupportedModelError
 from dendrite.model.jsonfile import read_json_object
 from dendrite.model.llama import LlamaForCausalLM
@@ -115,11 +116,12 @@ def resolve_dtype(
 ) -> torch.dtype:
     """The dtype to run in: explicit `dtype`, else the checkpoint's on an
     accelerator; on the CPU, half-precision checkpoints run in float32
-    (CPU half matmuls are slow and fp16 ones lossy)."""
-    dt = parse_dtype(dtype)
+    (CPU half matmuls are slow and fp16 ones lossy). A `dtype` or `device`
+    that is not supported raises ValueError naming the argument."""
+    dt = check_dtype(dtype)
     if dt is not None:
         return dt
-    if torch.device(device).type == "cpu" and config.dtype in (torch.float16, torch.bfloat16):
+    if check_device(device).type == "cpu" and config.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return config.dtype
 
@@ -188,6 +190,8 @@ def load_model(
     config: ModelConfig | None = None,
 ) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype` and fill it from the checkpoint."""
+    check_device(device)
+    check_dtype(dtype)
     d = _model_dir(model_dir)
     config = config or load_config(d)
     dtype = resolve_dtype(config, device, dtype)
@@ -230,6 +234,8 @@ def load(
     dtype: torch.dtype | str | None = None,
 ) -> LoadedModel:
     """Config, tokenizer and weights of a local HF model directory."""
+    check_device(device)  # argument errors before reading anything
+    check_dtype(dtype)
     d = _model_dir(model_dir)
     config = load_config(d)
     tokenizer = load_tokenizer(d, config)  # cheap; fail before the weights

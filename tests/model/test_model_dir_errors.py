@@ -346,6 +346,20 @@ def test_runner_arguments_fail_before_loading(tmp_path, kw, exc, needles):
         assert n in str(info.value), (n, str(info.value))
 
 
+@pytest.mark.parametrize(
+    "kw, needles",
+    [({"device": "tpu"}, ["device 'tpu'"]), ({"dtype": "float17"}, ["dtype 'float17'"]),
+     ({"dtype": torch.float64}, ["dtype torch.float64"])],
+    ids=str,
+)
+def test_load_arguments_fail_before_reading(tmp_path, kw, needles):
+    with pytest.raises(ValueError) as info:
+        load(tmp_path / "not-read", **kw)
+    assert not isinstance(info.value, ModelLoadError)
+    for n in needles:
+        assert n in str(info.value), (n, str(info.value))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_runner_cuda_without_cuda(tmp_path):
     with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
