@@ -28,21 +28,19 @@ from __future__ import annotations
 
 import torch
 
-from dendrite.kernels._enabled import kernels_enabled
+from dendrite.kernels.config import KernelConfig, triton_available
 
 __all__ = ["gemv", "supported", "tile_for"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+_ALL = KernelConfig()
 
 
-def triton_available() -> bool:
-    """Triton imports and DENDRITE_GEMV is not "0" (an escape hatch for comparisons)."""
-    return kernels_enabled("DENDRITE_GEMV")
-
-
-def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False) -> bool:
-    """True when `gemv(x, weight, glu=glu)` can run: one CUDA row, fp16/bf16."""
-    return (x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
+def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False,
+              kernels: KernelConfig = _ALL) -> bool:
+    """True when `gemv(x, weight, glu=glu)` can run and `kernels.gemv` allows it:
+    one CUDA row, fp16/bf16, Triton importable."""
+    return (kernels.gemv and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
             and x.dim() == 2 and x.shape[0] == 1
             and weight.dim() == 2 and weight.is_contiguous()
             and x.shape[1] == weight.shape[1] * (2 if glu else 1)

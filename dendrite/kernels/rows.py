@@ -15,33 +15,27 @@ and IEEE division (dendrite/kernels/_precise.py). So the results equal the
 torch ops bit for bit, except the RMSNorm sum of squares, whose float32
 summation order differs.
 
-`rows_supported(x)` says when they apply: CUDA, fp16/bf16, Triton present,
-not under torch.compile (which fuses the torch ops itself), and
-DENDRITE_FUSED_ROWS is not "0".
+`rows_supported(x, kernels)` says when they apply: `kernels.fused_rows`,
+CUDA, fp16/bf16, Triton present, and not under torch.compile (which fuses the
+torch ops itself).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from dendrite.kernels._enabled import kernels_enabled
+from dendrite.kernels.config import KernelConfig, triton_available
 
-__all__ = ["add_rms_norm", "rope_write", "rows_supported", "silu_mul"]
+__all__ = ["add_rms_norm", "rope_write", "rope_write_supported", "rows_supported", "silu_mul"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+_ALL = KernelConfig()
 
 
-def _enabled() -> bool:
-    """Triton imports and DENDRITE_FUSED_ROWS is not "0" (an escape hatch for comparisons)."""
-    return kernels_enabled("DENDRITE_FUSED_ROWS")
-
-
-def rows_supported(x: torch.Tensor) -> bool:
+def rows_supported(x: torch.Tensor, kernels: KernelConfig = _ALL) -> bool:
     """True when the fused row kernels can take `x` (see the module docstring)."""
-    return (x.is_cuda and x.dtype in _DTYPES and not torch.compiler.is_compiling()
-            and _enabled())
+    return (kernels.fused_rows and x.is_cuda and x.dtype in _DTYPES
+            and not torch.compiler.is_compiling() and triton_available())
 
 
 def _k():
@@ -84,6 +78,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_write_supported(head_dim: int) -> bool:
+    """Whether `rope_write` handles heads of `head_dim` (a power of two >= 16)."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 

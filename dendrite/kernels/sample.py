@@ -32,17 +32,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dendrite.kernels._enabled import kernels_enabled
+from dendrite.kernels.config import KernelConfig, triton_available
 
-__all__ = ["fused_sample", "fused_sampling_available", "CHUNK"]
+__all__ = ["fused_sample", "fused_sampling_available", "pack_row_params", "CHUNK"]
 
 #: Tokens per program of the first pass.
 CHUNK = 4096
 
+_ALL = KernelConfig()
 
-def fused_sampling_available() -> bool:
-    """Triton imports and DENDRITE_FUSED_SAMPLING is not "0" (an escape hatch for comparisons)."""
-    return kernels_enabled("DENDRITE_FUSED_SAMPLING")
+
+def fused_sampling_available(kernels: KernelConfig = _ALL) -> bool:
+    """`kernels.fused_sampling` allows the kernel and Triton imports."""
+    return kernels.fused_sampling and triton_available()
 
 
 def _kernels():

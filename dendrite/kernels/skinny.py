@@ -32,25 +32,25 @@ from __future__ import annotations
 
 import torch
 
-from dendrite.kernels._enabled import kernels_enabled
+from dendrite.kernels.config import KernelConfig, triton_available
 
 __all__ = ["MAX_ROWS", "skinny", "supported", "tile_for"]
 
 MAX_ROWS = 16
 _DTYPES = (torch.float16, torch.bfloat16)
+_ALL = KernelConfig()
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False) -> bool:
-    """True when `skinny(x, weight, glu_out=glu_out)` can run: 2-16 CUDA rows, fp16/bf16.
-
-    DENDRITE_SKINNY=0 turns the kernel off (an escape hatch for comparisons).
-    """
-    return (x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
+def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False,
+              kernels: KernelConfig = _ALL) -> bool:
+    """True when `skinny(x, weight, glu_out=glu_out)` can run and `kernels.skinny`
+    allows it: 2-16 CUDA rows, fp16/bf16, Triton importable."""
+    return (kernels.skinny and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
             and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS
             and weight.dim() == 2 and weight.is_contiguous()
             and x.shape[1] == weight.shape[1]
             and (not glu_out or weight.shape[0] % 2 == 0)
-            and kernels_enabled("DENDRITE_SKINNY"))
+            and triton_available())
 
 
 Tile = tuple[int, int, int, int, int, int]

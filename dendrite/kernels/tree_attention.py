@@ -32,20 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from dendrite.kernels._enabled import kernels_enabled
+from dendrite.kernels.config import KernelConfig, triton_available
 
 __all__ = ["TreeAttention", "WorkPlan", "plan_work", "supported"]
 
 #: Item fields, in the order the kernel reads them.
 ITEM_FIELDS = ("leaf", "leaves", "page_offset", "start", "end", "split")
 
+_ALL = KernelConfig()
+
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device | str) -> bool:
-    """Whether `TreeAttention` can run these shapes (DENDRITE_TREE_ATTENTION=0: never)."""
-    return (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+              device: torch.device | str, kernels: KernelConfig = _ALL) -> bool:
+    """Whether `TreeAttention` can run these shapes and `kernels.tree_attention` allows it."""
+    return (kernels.tree_attention and torch.device(device).type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16)
             and num_heads % num_kv_heads == 0 and head_dim in (64, 128, 256)
-            and kernels_enabled("DENDRITE_TREE_ATTENTION"))
+            and triton_available())
 
 
 @dataclass

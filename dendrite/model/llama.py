@@ -5,25 +5,31 @@ cos/sin computed in float32 then cast, residual adds in the model dtype) so
 fp32 logits agree to ~1e-6 and bf16 rounds the same way. Two fusions change
 nothing numerically per output but halve the matmul launches: q/k/v are one
 `qkv_proj` and gate/up one `gate_up_proj`; `load_hf_weight` maps HF names.
-A one-token step on CUDA (single-stream decode) runs each layer as four
-GEMV kernels (dendrite/kernels/gemv.py) that also do the RMSNorms, SiLU*up
-and residual adds, rounding as the unfused ops do; 2-16 rows (a few decode
-branches) take the few-row matmul (dendrite/kernels/skinny.py), likewise
-fused. Larger batches on CUDA take one kernel each for RMSNorm (+ the
-residual add before it) and SiLU*up around cuBLAS, and every CUDA step does
-RoPE with the K/V cache write in one kernel (dendrite/kernels/rows.py).
+
+Which kernels a forward uses is chosen once per step, from its row count and
+the `KernelConfig` the runner passes (`_StepKernels.choose`). A one-token step
+on CUDA (single-stream decode) runs each layer as four GEMV kernels
+(dendrite/kernels/gemv.py) that also do the RMSNorms, SiLU*up and residual
+adds, rounding as the unfused ops do; 2-16 rows (a few decode branches) take
+the few-row matmul (dendrite/kernels/skinny.py), likewise fused. Larger
+batches on CUDA take one kernel each for RMSNorm (+ the residual add before
+it) and SiLU*up around cuBLAS, and every CUDA step does RoPE with the K/V
+cache write in one kernel (dendrite/kernels/rows.py). With a family off in
+the config, the torch ops run in its place.
 
 The forward pass takes a flat batch of T new tokens from B sequences (no
 padding): it writes each layer's new K/V at `meta.slot_mapping` and asks the
 attention backend, already planned for `meta`, to attend over the pages.
 The KV argument is duck-typed: anything with `write(layer, slots, k, v)` and
-`layer(l) -> (k_cache, v_cache)` (the CUDA-graph runner passes a look-alike).
+`layer(l) -> (k_cache, v_cache)`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,7 @@ from torch import nn
 
 from dendrite.attention.base import AttentionBackend, AttentionMetadata
 from dendrite.kernels import gemv, linear, skinny, skinny_supported, supported
+from dendrite.kernels.config import KernelConfig
 from dendrite.kernels.rows import (
     add_rms_norm,
     rope_write,
@@ -42,6 +49,8 @@ from dendrite.model.config import ModelConfig
 from dendrite.model.kv_cache import KVCache
 
 __all__ = ["LlamaForCausalLM", "rope_inv_freq"]
+
+_ALL = KernelConfig()
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -74,11 +83,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose single-row calls on CUDA take the GEMV kernel."""
+@dataclass(frozen=True)
+class _StepKernels:
+    """The kernels of one forward, chosen once for all its layers."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    #: `gemv` (one row) or `skinny` (2-16 rows): each decoder layer is four
+    #: fused matmuls; None: the projections are `F.linear` (cuBLAS).
+    matmul: Callable[..., torch.Tensor] | None
+    #: The fused row kernels (RMSNorm + residual, SiLU*up, RoPE + K/V write).
+    rows: bool
+
+    @staticmethod
+    def choose(h: torch.Tensor, weight: torch.Tensor | None,
+               kernels: KernelConfig) -> "_StepKernels":
+        """For hidden states `h` [T, H] and the first layer's q|k|v `weight`
+        (every layer has its shapes, dtype and layout)."""
+        matmul = None
+        if weight is not None:
+            if supported(h, weight, kernels=kernels):
+                matmul = gemv
+            elif skinny_supported(h, weight, kernels=kernels):
+                matmul = skinny
+        return _StepKernels(matmul, rows_supported(h, kernels))
 
 
 class RMSNorm(nn.Module):
@@ -99,10 +125,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = Linear(
+        # (Called as modules only on steps without a fused matmul (`_StepKernels`),
+        # where the single- and few-row kernels do not apply: plain nn.Linear.)
+        self.qkv_proj = nn.Linear(
             cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias
         )
-        self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
@@ -116,8 +144,9 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv: KVCache,
         backend: AttentionBackend,
+        rows: bool,
     ) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin, meta, kv, backend))
+        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin, meta, kv, backend, rows))
 
     def attend(
         self,
@@ -127,10 +156,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv: KVCache,
         backend: AttentionBackend,
+        rows: bool,
     ) -> torch.Tensor:
-        """Projected q|k|v [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (pre o_proj)."""
+        """Projected q|k|v [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (pre o_proj).
+
+        `rows`: the step may use the fused row kernels (`_StepKernels.rows`)."""
         t = qkv.shape[0]
-        if not self.qk_norm and isinstance(kv, KVCache) and rows_supported(qkv) \
+        if not self.qk_norm and isinstance(kv, KVCache) and rows \
                 and rope_write_supported(self.d):
             # One kernel for RoPE on q and k and both cache writes (same rounding).
             k_cache, v_cache = kv.layer(self.layer)
@@ -158,8 +190,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
-        self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -182,19 +214,20 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         kv: KVCache,
         backend: AttentionBackend,
+        step: _StepKernels,
     ) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
-        one_row = supported(h, attn.qkv_proj.weight)
-        if one_row or skinny_supported(h, attn.qkv_proj.weight):
+        mm = step.matmul
+        if mm is not None:
             # Decode of one row (GEMV) or a few (few-row matmul): four kernels
             # that also do the norms, the residual adds and SiLU*up (same
             # rounding, fewer launches). SiLU*up is the down projection's
             # prologue for one row, the gate|up matmul's epilogue for several.
-            mm = gemv if one_row else skinny
+            one_row = mm is gemv
             ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
             qkv = mm(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
                      norm_weight=ln1.weight, eps=ln1.eps)
-            o = attn.attend(qkv, cos, sin, meta, kv, backend)
+            o = attn.attend(qkv, cos, sin, meta, kv, backend, step.rows)
             h = mm(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
             up, down = mlp.gate_up_proj, mlp.down_proj
             if one_row:
@@ -203,7 +236,7 @@ class DecoderLayer(nn.Module):
             act = skinny(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps,
                          glu_out=True)
             return skinny(act, down.weight, down.bias, residual=h)
-        h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend)
+        h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend, step.rows)
         return h + mlp(self.post_attention_layernorm(h))
 
     def forward_rows(
@@ -225,7 +258,7 @@ class DecoderLayer(nn.Module):
         """
         ln1, ln2, mlp = self.input_layernorm, self.post_attention_layernorm, self.mlp
         normed, residual = add_rms_norm(x, residual, ln1.weight, ln1.eps)
-        a = self.self_attn(normed, cos, sin, meta, kv, backend)
+        a = self.self_attn(normed, cos, sin, meta, kv, backend, rows=True)
         normed, residual = add_rms_norm(a, residual, ln2.weight, ln2.eps)
         return mlp.down_proj(silu_mul(mlp.gate_up_proj(normed))), residual
 
@@ -257,7 +290,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def reset_buffers(self) -> None:
@@ -274,8 +307,11 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv: KVCache,
         backend: AttentionBackend | None = None,
+        kernels: KernelConfig = _ALL,
     ) -> torch.Tensor:
-        """Hidden states after the final norm; `backend` must be planned for `meta`."""
+        """Hidden states after the final norm; `backend` must be planned for `meta`.
+
+        `kernels`: the families this step may use (the runner's config)."""
         backend = backend or self.backend
         if backend is None:
             raise ValueError("no attention backend: pass one or set model.backend")
@@ -288,21 +324,23 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
         norm = self.model.norm
         first = self.model.layers[0].self_attn.qkv_proj.weight if self.model.layers else None
-        if rows_supported(h) and (first is None or not (supported(h, first)
-                                                        or skinny_supported(h, first))):
+        step = _StepKernels.choose(h, first, kernels)
+        if step.rows and step.matmul is None:
             residual = None
             for layer in self.model.layers:
                 h, residual = layer.forward_rows(h, residual, cos, sin, meta, kv, backend)
             return add_rms_norm(h, residual, norm.weight, norm.eps)[0]
         for layer in self.model.layers:
-            h = layer(h, cos, sin, meta, kv, backend)
-        if rows_supported(h):
+            h = layer(h, cos, sin, meta, kv, backend, step)
+        if step.rows:
             return add_rms_norm(h, None, norm.weight, norm.eps)[0]
         return norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> float32 [N, vocab]; matmul in the model dtype like transformers."""
-        return linear(hidden, self.lm_head_weight).float()
+    def compute_logits(self, hidden: torch.Tensor,
+                       kernels: KernelConfig = _ALL) -> torch.Tensor:
+        """[N, H] -> float32 [N, vocab]; matmul in the model dtype like transformers
+        (the single- or few-row kernel for 1-16 CUDA rows, where `kernels` allows)."""
+        return linear(hidden, self.lm_head_weight, kernels=kernels).float()
 
     # -- checkpoint loading ---------------------------------------------------
     def hf_parameter_names(self) -> set[str]:
