@@ -215,14 +215,17 @@ def run_dendrite(engine, prog, wl: Workload, chat: bc.ChatTurns, questions: list
                  budget: bc.Budget, device: torch.device) -> dict[str, Any]:
     if engine.cache is not None:
         engine.cache.clear()  # no row reuses another row's prompts
-    preds, gen_tokens, steps, gens, fin = [], 0, 0, 0, Counter()
+    preds, gen_tokens, steps, gens, fin, chunk_s = [], 0, 0, 0, Counter(), []
     bc.sync(device)
     t0 = time.perf_counter()
     for part in chunks(len(questions), in_flight):
         if preds and not budget.allows():
             break
         batch = [dict(question=questions[i], wl=wl, chat=chat, max_tokens=max_tokens) for i in part]
+        t1 = time.perf_counter()
         res = prog.run_batch(engine, batch, seed=seed + part.start)
+        bc.sync(device)
+        chunk_s.append(time.perf_counter() - t1)
         for r in res:
             preds.append(majority([answer_value(t) for t in r.value]))
         gen_tokens += res[0].gen_tokens
@@ -238,11 +241,15 @@ def run_dendrite(engine, prog, wl: Workload, chat: bc.ChatTurns, questions: list
         "s_per_question": wall / n, "gen_tokens": gen_tokens, "tok_per_s": gen_tokens / wall,
         "gen_calls": gens, "gen_calls_expected": wl.gen_calls * n, "engine_steps": steps,
         "finish": dict(fin), "preds": preds, **score(preds, labels[:n]),
-        "partial": n < len(questions),
+        "partial": n < len(questions), "chunk_s": chunk_s,
     }
 
 
 # -- HF transformers -------------------------------------------------------------------
+
+
+class OutOfBudget(Exception):
+    """The --budget ran out inside an HF question (it is dropped, not half-counted)."""
 
 
 @dataclass
@@ -255,8 +262,10 @@ class HFNode:
 class HFToT:
     """The same tree, token for token, on HF transformers (naive and strong)."""
 
-    def __init__(self, model, tokenizer, chat: bc.ChatTurns, device: torch.device):
+    def __init__(self, model, tokenizer, chat: bc.ChatTurns, device: torch.device,
+                 budget: bc.Budget | None = None):
         self.model, self.tok, self.chat, self.device = model, tokenizer, chat, device
+        self.budget = budget or bc.Budget(None)
         self.eos = sorted(tokenizer.eos_token_ids)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
@@ -307,6 +316,8 @@ class HFToT:
             for node, ctx in zip(frontier, self.contexts(wl, question, level, frontier)):
                 x = torch.tensor([ctx], device=self.device)
                 for _ in range(wl.width):
+                    if not self.budget.allows():
+                        raise OutOfBudget()
                     with torch.no_grad():
                         out = self.model.generate(x, attention_mask=torch.ones_like(x),
                                                   generation_config=gc_)
@@ -322,6 +333,8 @@ class HFToT:
         fronts = [[HFNode([], {})] for _ in questions]
         torch.manual_seed(seed)
         for level, name in enumerate(wl.names):
+            if not self.budget.allows():
+                raise OutOfBudget()
             rows = [(qi, node, ctx) for qi, (q, fr) in enumerate(zip(questions, fronts))
                     for node, ctx in zip(fr, self.contexts(wl, q, level, fr))]
             gens, _ = bc.hf_fork_generate(self.model, [ctx for _, _, ctx in rows], wl.width,
@@ -349,30 +362,37 @@ class HFToT:
 def run_hf(hf: HFToT, mode: str, wl: Workload, questions: list[str], labels: list[int],
            max_tokens: int, in_flight: int, seed: int, budget: bc.Budget,
            device: torch.device) -> dict[str, Any]:
-    hf.gen_tokens, hf.finish = 0, Counter()
-    preds, gens = [], 0
-    bc.sync(device)
-    t0 = time.perf_counter()
+    hf.gen_tokens, hf.finish, hf.budget = 0, Counter(), budget
+    preds, chunk_s = [], []
+    tokens0, finish0 = 0, Counter()
     for part in chunks(len(questions), 1 if mode == "naive" else in_flight):
-        if preds and not budget.allows():
-            break
         qs = [questions[i] for i in part]
-        if mode == "naive":
-            fronts = [hf.naive(wl, qs[0], max_tokens, seed + part.start)]
-        else:
-            fronts = hf.strong(wl, qs, max_tokens, seed + part.start)
+        bc.sync(device)
+        t1 = time.perf_counter()
+        try:
+            if mode == "naive":
+                fronts = [hf.naive(wl, qs[0], max_tokens, seed + part.start)]
+            else:
+                fronts = hf.strong(wl, qs, max_tokens, seed + part.start)
+        except OutOfBudget:
+            hf.gen_tokens, hf.finish = tokens0, finish0  # the unfinished part is not counted
+            break
+        bc.sync(device)
+        chunk_s.append(time.perf_counter() - t1)
+        tokens0, finish0 = hf.gen_tokens, Counter(hf.finish)
         for leaves in fronts:
             preds.append(majority([answer_value(t) for t in hf.votes(wl, leaves)]))
-    bc.sync(device)
-    wall = time.perf_counter() - t0
-    n, gens = len(preds), sum(hf.finish.values())
+    n, gens, wall = len(preds), sum(hf.finish.values()), sum(chunk_s)
+    if not n:
+        return {"system": f"HF {mode}", "workload": wl.key, "in_flight": in_flight,
+                "max_tokens": max_tokens, "skipped": "out of --budget inside the first question"}
     return {
         "system": f"HF {mode}", "workload": wl.key, "questions": n,
         "in_flight": 1 if mode == "naive" else in_flight, "max_tokens": max_tokens,
         "temperature": wl.temperature, "wall_s": wall, "s_per_question": wall / n,
         "gen_tokens": hf.gen_tokens, "tok_per_s": hf.gen_tokens / wall, "gen_calls": gens,
         "gen_calls_expected": wl.gen_calls * n, "finish": dict(hf.finish), "preds": preds,
-        **score(preds, labels[:n]), "partial": n < len(questions),
+        **score(preds, labels[:n]), "partial": n < len(questions), "chunk_s": chunk_s,
     }
 
 
@@ -401,7 +421,7 @@ def render(d: dict[str, Any]) -> str:
         ])
     out.append(bc.md_table(
         ["workload", "system", "questions", "in-flight", "max tok", "wall s", "s / question",
-         "gen tok/s", "gen calls (ended by EOS)", "accuracy", "s/question vs Dendrite"],
+         "gen tok/s", "gen calls (ended by EOS)", "accuracy", "time vs Dendrite, same questions"],
         rows, right={2, 3, 4, 5, 6, 7, 10}))
     if d.get("notes"):
         out.append("\n" + "\n".join(f"* {n}" for n in d["notes"]) + "\n")
@@ -419,13 +439,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--hf", default="naive,strong", help="HF rows: comma list of naive, strong")
-    p.add_argument("--hf-questions", type=int, default=2)
+    p.add_argument("--hf-questions", type=int, default=2, help="questions of the HF strong rows")
+    p.add_argument("--hf-naive-questions", type=int, default=1,
+                   help="questions of the HF naive rows (one generate() per node: slow)")
+    p.add_argument("--hf-naive-workloads", default=None,
+                   help="workloads with an HF naive row (default: all of --workloads)")
     p.add_argument("--hf-max-tokens", type=int, default=None, help="default: --max-tokens")
     p.add_argument("--hf-in-flight", default="1", help="in-flight values of the HF strong rows")
     p.add_argument("--num-pages", type=int, default=None, help="engine KV pages (default: engine's)")
     a = p.parse_args(argv)
     if a.quick:  # every kind of row, smallest sizes: a CPU smoke test of the whole script
-        a.num_questions, a.max_tokens, a.hf_questions = 1, 4, 1
+        a.num_questions, a.max_tokens, a.hf_questions, a.hf_naive_questions = 1, 4, 1, 1
         a.in_flight, a.hf_in_flight = "1,2", "1"
     a.hf_max_tokens = a.hf_max_tokens or a.max_tokens
     for name in ("in_flight", "hf_in_flight"):
@@ -444,7 +468,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in a.hf if m not in ("naive", "strong")]
     if bad:
         p.error(f"--hf: unknown {', '.join(bad)} (naive, strong)")
-    for name in ("num_questions", "max_tokens", "hf_questions", "hf_max_tokens"):
+    a.hf_naive_workloads = (a.workloads if a.hf_naive_workloads is None else
+                            [w.strip() for w in a.hf_naive_workloads.split(",") if w.strip()])
+    bad = [w for w in a.hf_naive_workloads if w not in WORKLOADS]
+    if bad:
+        p.error(f"--hf-naive-workloads: unknown {', '.join(bad)} (known: {', '.join(WORKLOADS)})")
+    for name in ("num_questions", "max_tokens", "hf_questions", "hf_naive_questions",
+                 "hf_max_tokens"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return a
@@ -458,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = bc.Budget(a.budget)
     res = bc.Results("tot_gsm8k", a.out, a, bc.env_info(model_dir, device, dtype))
     res.render = render
-    need = max([a.num_questions, a.hf_questions, *a.in_flight, *a.hf_in_flight])
+    need = max([a.num_questions, a.hf_questions, a.hf_naive_questions, *a.in_flight,
+                *a.hf_in_flight])
     questions, labels = load_questions(a.data, need)
 
     from dendrite.engine import Engine
@@ -473,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chat.templated:
         res.note("the model has no chat template: plain 'User:/Assistant:' turns")
     prog = make_program()
-    hf_modes = a.hf if bc.hf_available() else []
+    hf_modes = a.hf if a.hf and bc.hf_available() else []
     if a.hf and not hf_modes:
         res.note("transformers is not importable: no HF rows")
 
@@ -493,6 +524,14 @@ def main(argv: list[str] | None = None) -> int:
                f"{r['tok_per_s']:.0f} tok/s, acc {r['accuracy']:.3f}")
         return res.add(r)
 
+    # HF rows planned first, so the Dendrite rows they compare with run on their settings
+    plan: list[tuple[str, str, int, int]] = []  # (workload, mode, in-flight, questions)
+    for key in a.workloads:
+        if "strong" in hf_modes:
+            plan += [(key, "strong", k, max(a.hf_questions, k)) for k in a.hf_in_flight]
+    for key in a.hf_naive_workloads if "naive" in hf_modes else []:
+        if key in a.workloads:
+            plan.append((key, "naive", 1, a.hf_naive_questions))
     matched: dict[tuple[str, int], dict] = {}
     for key in a.workloads:
         wl = WORKLOADS[key]
@@ -500,19 +539,22 @@ def main(argv: list[str] | None = None) -> int:
         for k in a.in_flight:
             n = max(k, a.num_questions)
             done[(n, k, a.max_tokens)] = dendrite_row(wl, n, k, a.max_tokens, "Dendrite")
-        if hf_modes:
-            for k in sorted({1, *a.hf_in_flight} if "strong" in hf_modes else {1}):
-                n = max(a.hf_questions, k)
-                same = done.get((n, k, a.hf_max_tokens))  # a row already run on HF's settings
-                matched[(key, k)] = same or dendrite_row(wl, n, k, a.hf_max_tokens,
-                                                         "Dendrite (HF's settings)")
+        for k in sorted({k for w, _, k, _ in plan if w == key}):
+            n = max(q for w, _, kk, q in plan if w == key and kk == k)
+            same = done.get((n, k, a.hf_max_tokens))  # a row already run on HF's settings
+            matched[(key, k)] = same or dendrite_row(wl, n, k, a.hf_max_tokens,
+                                                     "Dendrite (HF's settings)")
     engine.close()
     del engine
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    if hf_modes:
+    if plan and not budget.allows():
+        for key, mode, k, _ in plan:
+            res.add({"system": f"HF {mode}", "workload": key, "in_flight": k,
+                     "max_tokens": a.hf_max_tokens, "skipped": "out of --budget"})
+    elif plan:
         t0 = time.perf_counter()
         model = bc.load_hf(model_dir, device, dtype)
         hf = HFToT(model, tokenizer, chat, device)
@@ -522,24 +564,25 @@ def main(argv: list[str] | None = None) -> int:
         hf.strong(WORKLOADS[a.workloads[0]], questions[:1], 2, a.seed)  # warm-up
         hf.naive(WORKLOADS[a.workloads[0]], questions[0], 2, a.seed)
         res.data["env"]["hf_warmup_s"] = round(time.perf_counter() - t0, 2)
-        for key in a.workloads:
-            wl = WORKLOADS[key]
-            plan = [("naive", 1)] if "naive" in hf_modes else []
-            plan += [("strong", k) for k in a.hf_in_flight] if "strong" in hf_modes else []
-            for mode, k in plan:
-                if not budget.allows():
-                    res.add({"system": f"HF {mode}", "workload": key, "in_flight": k,
-                             "max_tokens": a.hf_max_tokens, "skipped": "out of --budget"})
-                    continue
-                r = run_hf(hf, mode, wl, questions[:max(a.hf_questions, k)], labels,
-                           a.hf_max_tokens, k, a.seed, budget, device)
-                base = matched.get((key, r["in_flight"]))
-                if base and not base.get("skipped"):
-                    r["vs_dendrite"] = r["s_per_question"] / base["s_per_question"]
+        for key, mode, k, n in plan:  # strong rows first: naive ones are the slowest
+            if not budget.allows():
+                res.add({"system": f"HF {mode}", "workload": key, "in_flight": k,
+                         "max_tokens": a.hf_max_tokens, "skipped": "out of --budget"})
+                continue
+            r = run_hf(hf, mode, WORKLOADS[key], questions[:n], labels, a.hf_max_tokens, k,
+                       a.seed, budget, device)
+            base = matched.get((key, k))
+            if not r.get("skipped") and base and not base.get("skipped"):
+                # the same questions in the same batches: compare their chunks' time
+                m = len(r["chunk_s"])
+                if len(base["chunk_s"]) >= m:
+                    r["dendrite_s_same_questions"] = sum(base["chunk_s"][:m])
+                    r["vs_dendrite"] = r["wall_s"] / r["dendrite_s_same_questions"]
                     r["dendrite_row"] = base["system"]
+            if not r.get("skipped"):
                 bc.log(f"{key} HF {mode} x{k}: {r['s_per_question']:.3f} s/question "
                        f"({r.get('vs_dendrite', float('nan')):.1f}x Dendrite)")
-                res.add(r)
+            res.add(r)
     bad = [r for r in res.rows if not r.get("skipped") and r["gen_calls"] != r["gen_calls_expected"]]
     if bad:
         res.note(f"{len(bad)} row(s) ran fewer generations than the workload defines")
