@@ -16,6 +16,7 @@ from typing import Any
 
 import llguidance
 
+from .emptiness import first_mask_problem, grammar_is_empty, lark_dead_end
 from .errors import (
     ConstraintKind,
     GrammarError,
@@ -148,9 +149,47 @@ class Constraint:
                 self._check(m.get_error(), with_tokenizer=True)
             for w in m.get_grammar_warnings():
                 log.warning("grammar warning (%s): %s", self.kind, w)
+            self._check_matches_something(m, tokenizer)
             return m
 
         return tokenizer.compiled(self.key, build)
+
+    def _check_matches_something(self, m: llguidance.LLMatcher, tok: GrammarTokenizer) -> None:
+        """GrammarError if no output can start (any kind) or finish (lark)."""
+        found = first_mask_problem(m, tok.ll, tok.eos_token_ids)
+        if found is not None:
+            reason, empty = found
+            if not empty:  # llguidance failed at the first step (e.g. a limit)
+                self._check(reason, with_tokenizer=True)
+            if self.kind == "json_schema":
+                self._raise_empty_schema()
+            if self.kind == "grammar":
+                self._raise_dead_end()
+            if grammar_is_empty(self.grammar_text) is None:
+                raise GrammarError(
+                    self.kind, f"grammar matches no string this tokenizer can produce ({reason})"
+                )
+            raise GrammarError(self.kind, f"grammar matches no string ({reason})")
+        if self.kind == "grammar":
+            self._raise_dead_end()
+
+    def _raise_dead_end(self) -> None:
+        """GrammarError naming the rule or terminal that keeps a lark grammar from finishing."""
+        dead = lark_dead_end(self.spec)
+        if dead is not None:
+            message, line = dead
+            raise GrammarError("grammar", message, line=line, column=1 if line else None)
+
+    def _raise_empty_schema(self) -> None:
+        """GrammarError at the subschema that leaves a JSON schema matching nothing."""
+
+        def problem(schema: Any) -> str:
+            return _schema_problem(schema, self._json_options)
+
+        message = problem(self._schema)
+        if message:
+            path = locate_schema_error(self._schema, message, problem)
+            raise GrammarError("json_schema", message, json_path=path)
 
     def _check(self, message: str, *, with_tokenizer: bool = False) -> None:
         """Raise GrammarError for a non-empty llguidance error message."""
@@ -219,17 +258,77 @@ def _choices_limit_message(choices: tuple[str, ...], message: str) -> str:
 
 
 def _parse_schema(spec: Any) -> Any:
-    """Schema as a Python object; JSON text errors carry line:col."""
+    """Schema as a Python object; JSON text errors carry line:col.
+
+    A key repeated in one object of the text is an error: JSON parsers keep
+    only the last, so the schema would not be the one the user reads.
+    """
     if isinstance(spec, str):
+        repeated: dict[int, str] = {}
+        # Objects with a repeated key stay referenced here, so an id is never
+        # reused by a later object when a repeat discards an earlier value.
+        keep: list[dict[str, Any]] = []
+
+        def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            obj: dict[str, Any] = {}
+            for k, v in pairs:
+                if k in obj and id(obj) not in repeated:
+                    repeated[id(obj)] = k
+                    keep.append(obj)
+                obj[k] = v
+            return obj
+
         try:
-            return json.loads(spec)
+            doc = json.loads(spec, object_pairs_hook=pairs_hook)
         except json.JSONDecodeError as e:
             raise GrammarError(
                 "json_schema", f"schema is not valid JSON: {e.msg}", line=e.lineno, column=e.colno
             ) from None
+        except RecursionError:
+            raise GrammarError("json_schema", "schema is nested too deeply to parse") from None
+        if repeated:
+            path, key = _first_repeated(doc, repeated)
+            raise GrammarError(
+                "json_schema",
+                f"key {key!r} appears more than once in one object (JSON keeps only the last)",
+                json_path=path,
+            )
+        return doc
     if isinstance(spec, (Mapping, bool)):
         return dict(spec) if isinstance(spec, Mapping) else spec
     raise TypeError("json_schema must be a dict, bool or JSON str")
+
+
+def _first_repeated(doc: Any, repeated: dict[int, str]) -> tuple[str, str]:
+    """(JSON pointer, key) of the first object, in document order, with a repeated key."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:  # iterative: the text may nest deeper than Python recursion allows
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if id(node) in repeated:
+                key = repeated[id(node)]
+                return path + "/" + _escape(key), key
+            items = list(node.items())
+        elif isinstance(node, list):
+            items = list(enumerate(node))
+        else:
+            continue
+        stack.extend((v, f"{path}/{_escape(str(k))}") for k, v in reversed(items))
+    raise AssertionError("repeated key not found")  # pragma: no cover - ids come from doc
+
+
+def _escape(key: str) -> str:
+    """One JSON-pointer reference token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _schema_problem(schema: Any, options: dict[str, Any] | None) -> str:
+    """Validation error, else "grammar matches no string (...)" if so, else ''."""
+    error = _schema_error(schema, options)
+    if error:
+        return error
+    reason = grammar_is_empty(_LLM.grammar_from_json_schema(schema, overrides=options))
+    return f"grammar matches no string ({reason})" if reason else ""
 
 
 def _schema_error(schema: Any, options: dict[str, Any] | None) -> str:

@@ -4,9 +4,11 @@ llguidance reports *what* is wrong with a schema ("Invalid type: strin") but
 not *where*. We localize it with llguidance itself: descend the schema,
 replacing one subschema at a time with the always-valid `{}`; the subschema
 whose replacement changes the error contains it. At the deepest such node we
-try dropping each keyword to name the offending one. Only the validator
-decides; nothing here re-implements schema rules. Runs only on the error
-path, with a bounded number of validations.
+try dropping each keyword to name the offending one. A `$ref` at that node
+is followed when emptying its target changes the error too, so an error
+behind a chain of refs (a -> b -> bad keyword) is reported in b, not at the
+first `$ref`. Only the validator decides; nothing here re-implements schema
+rules. Runs only on the error path, with a bounded number of validations.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 # Keywords whose value is one subschema, a {name: subschema} map, or a list.
 _SINGLE = (
@@ -74,6 +77,31 @@ def _replaced(doc: Any, path: Path, value: Any = None, *, delete: bool = False) 
     return out
 
 
+def _local_ref(schema: Any, node: Any) -> Path | None:
+    """Path of the subschema a local `$ref` ("#/a/b") in `node` points at, if it resolves."""
+    ref = node.get("$ref") if isinstance(node, dict) else None
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    fragment = unquote(ref[1:])
+    if not fragment:
+        return ()
+    if not fragment.startswith("/"):
+        return None  # a named anchor, not a pointer
+    path: list[str | int] = []
+    doc = schema
+    for raw in fragment[1:].split("/"):
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict) and part in doc:
+            path.append(part)
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            path.append(int(part))
+            doc = doc[int(part)]
+        else:
+            return None
+    return tuple(path)
+
+
 def _pointer(path: Path) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
@@ -93,8 +121,8 @@ def locate_schema_error(
         return ""  # a boolean schema: the root is all there is
     path: Path = ()
     calls = 0
-    descended = True
-    while descended and calls < budget:
+    followed: set[Path] = set()
+    while calls < budget:
         descended = False
         for rel in _children(_get(schema, path)):
             calls += 1
@@ -104,6 +132,16 @@ def locate_schema_error(
                 break
             if calls >= budget:
                 break
+        if descended:
+            continue
+        target = _local_ref(schema, _get(schema, path))
+        if not target or target in followed or calls >= budget:
+            break  # the root ("#") is never replaced: it is the whole schema
+        followed.add(target)
+        calls += 1
+        if error_of(_replaced(schema, target, {})) == message:
+            break
+        path = target
     node = _get(schema, path)
     if isinstance(node, dict):
         # "type" last: dropping it silences most errors (an integer with

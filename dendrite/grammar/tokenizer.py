@@ -97,9 +97,7 @@ class GrammarTokenizer:
             # Extend llguidance's vocab to the padded width: the extra ids
             # have no bytes, so llguidance never allows them, and the mask
             # row is exactly as wide as the logits row.
-            self.ll = llguidance.LLTokenizer(
-                text, n_vocab=self.model_vocab_size, eos_token=ll_eos
-            )
+            self.ll = llguidance.LLTokenizer(text, n_vocab=self.model_vocab_size, eos_token=ll_eos)
         else:
             # A model narrower than its tokenizer: llguidance refuses to
             # shrink the vocab, so masks keep the tokenizer's width and

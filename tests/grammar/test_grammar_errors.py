@@ -130,3 +130,131 @@ def test_consuming_a_forbidden_token_raises(gtok):
     with pytest.raises(GrammarViolation, match="rejected"):
         m.consume(bad)
     assert m.is_error()
+
+
+@pytest.mark.parametrize(
+    "text,path",
+    [
+        (
+            '{"type":"object","properties":{"a":{"type":"integer","type":"strin"}}}',
+            "/properties/a/type",
+        ),
+        # Valid either way, but the reader sees "strin" first: still ambiguous, still an error.
+        (
+            '{"type":"object","properties":{"a":{"type":"strin","type":"integer"}}}',
+            "/properties/a/type",
+        ),
+        (
+            '{"anyOf":[{"type":"null"},{"items":[{"minimum":1,"minimum":2}]}]}',
+            "/anyOf/1/items/0/minimum",
+        ),
+        ('{"properties":{"a/b~c":{"enum":[1],"enum":[2]}}}', "/properties/a~1b~0c/enum"),
+        # The inner object is dropped by the outer repeat; the outer one is reported.
+        ('{"properties":{"a":{"x":1,"x":2},"a":{}}}', "/properties/a"),
+    ],
+)
+def test_repeated_keys_in_schema_text_are_named(text, path):
+    with pytest.raises(GrammarError) as ei:
+        Constraint(json_schema=text)
+    e = ei.value
+    assert e.json_path == path and e.location == "#" + path
+    assert "appears more than once" in e.message
+
+
+def test_repeated_key_error_comes_before_llguidance():
+    """Without the check, llguidance would see only the last "type" and report nothing here."""
+    with pytest.raises(GrammarError, match="more than once"):
+        Constraint(json_schema='{"type":"strin","type":"integer"}')
+    Constraint(json_schema={"type": "integer"})  # a dict cannot repeat keys
+
+
+_CHAIN = {"a": {"$ref": "#/definitions/b"}, "b": {"type": "integer", "minimum": "x"}}
+
+
+@pytest.mark.parametrize(
+    "schema,path,fragment",
+    [
+        (
+            {
+                "definitions": _CHAIN,
+                "type": "object",
+                "properties": {"p": {"$ref": "#/definitions/a"}},
+            },
+            "/definitions/b/minimum",
+            "minimum",
+        ),
+        ({"definitions": _CHAIN, "$ref": "#/definitions/a"}, "/definitions/b/minimum", "minimum"),
+        (
+            {
+                "$defs": {
+                    "a": {"$ref": "#/$defs/b"},
+                    "b": {"$ref": "#/$defs/c"},
+                    "c": {"type": "strin"},
+                },
+                "properties": {"x": {"$ref": "#/$defs/a"}},
+            },
+            "/$defs/c/type",
+            "Invalid type",
+        ),
+        (
+            {
+                "definitions": {
+                    "a": {"$ref": "#/definitions/b"},
+                    "b": {"type": "integer", "minimum": 5, "maximum": 1},
+                },
+                "properties": {"q": {"$ref": "#/definitions/a"}},
+            },
+            "/definitions/b/minimum",
+            "Unsatisfiable",
+        ),
+        # Through nested arrays and anyOf, then two refs.
+        (
+            {
+                "type": "array",
+                "items": {
+                    "type": "array",
+                    "items": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}]},
+                },
+                "$defs": {
+                    "a": {"$ref": "#/$defs/b"},
+                    "b": {"type": "array", "items": {"type": "number", "maximum": "z"}},
+                },
+            },
+            "/$defs/b/items/maximum",
+            "maximum",
+        ),
+        # A ref whose target is missing is the ref's fault.
+        (
+            {
+                "properties": {"a": {"$ref": "#/definitions/b"}},
+                "definitions": {"b": {"$ref": "#/definitions/c"}},
+            },
+            "/definitions/b/$ref",
+            "does not exist",
+        ),
+        # Escaped pointer tokens (~0 ~1) are followed too.
+        (
+            {
+                "$defs": {"a~b/c": {"type": "strin"}},
+                "properties": {"x": {"$ref": "#/$defs/a~0b~1c"}},
+            },
+            "/$defs/a~0b~1c/type",
+            "Invalid type",
+        ),
+        # The error is beside the ref, not behind it: not followed.
+        (
+            {
+                "$defs": {"a": {"$ref": "#/$defs/b", "type": "strin"}, "b": {"type": "integer"}},
+                "properties": {"x": {"$ref": "#/$defs/a"}},
+            },
+            "/$defs/a/type",
+            "Invalid type",
+        ),
+    ],
+)
+def test_errors_behind_ref_chains_point_at_the_keyword(schema, path, fragment):
+    with pytest.raises(GrammarError) as ei:
+        Constraint(json_schema=schema)
+    e = ei.value
+    assert fragment in e.message
+    assert e.json_path == path, (e.json_path, e.message)
