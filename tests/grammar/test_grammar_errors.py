@@ -232,11 +232,11 @@ _CHAIN = {"a": {"$ref": "#/definitions/b"}, "b": {"type": "integer", "minimum": 
             "/definitions/b/$ref",
             "does not exist",
         ),
-        # Escaped pointer tokens (~0 ~1) are followed too.
+        # Escaped pointer tokens (~0 ~1) in a chain are followed too.
         (
             {
-                "$defs": {"a~b/c": {"type": "strin"}},
-                "properties": {"x": {"$ref": "#/$defs/a~0b~1c"}},
+                "$defs": {"a": {"$ref": "#/$defs/a~0b~1c"}, "a~b/c": {"type": "strin"}},
+                "properties": {"x": {"$ref": "#/$defs/a"}},
             },
             "/$defs/a~0b~1c/type",
             "Invalid type",
