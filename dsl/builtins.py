@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from dendrite.program.answers import number, vote
 from dendrite.program.state import State
+from .limits import bounded_join, bounded_range, bounded_replace
 
 #: Branch values: name -> getter.
 STATE_NAMES: dict[str, Callable[[State], Any]] = {
@@ -61,7 +62,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "round": round,
     "sum": sum,
     "sorted": sorted,
-    "range": lambda *a: list(range(*a)),
+    "range": bounded_range,
     "sqrt": math.sqrt,
     "log": math.log,
     "exp": math.exp,
@@ -69,8 +70,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "upper": lambda s: str(s).upper(),
     "strip": lambda s, chars=None: str(s).strip(chars),
     "split": lambda s, sep=None: str(s).split(sep),
-    "join": lambda sep, items: str(sep).join(str(x) for x in items),
-    "replace": lambda s, old, new: str(s).replace(old, new),
+    "join": bounded_join,
+    "replace": bounded_replace,
     "contains": _contains,
     "startswith": lambda s, p: str(s).startswith(p),
     "endswith": lambda s, p: str(s).endswith(p),

@@ -22,6 +22,13 @@ branches run batched, exactly like a Python ``@dendrite.program``:
 Names are resolved at compile time; an undefined name, unknown gen option or
 function, or misplaced statement is a `ScriptNameError`/`ScriptSyntaxError`
 at its line and column.
+
+At run time every statement runs under ``Runtime.origin(site)``: the ops it
+queues remember the statement, so a generation that fails later (when some
+other line waits for it), or that is running when the run's step budget is
+spent, is reported as a `ScriptRuntimeError` at the statement that queued it.
+Limits (`dsl.limits`, `dendrite.program`) bound loops, value sizes, fork
+counts, live branches and engine steps, so no script runs forever.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from lark import Token, Tree
 
 from dendrite.program.options import GEN_OPTIONS, GenOptionError, check_gen_options
 from dendrite.program.program import Param, Program
-from dendrite.program.state import State
+from dendrite.program.runtime import OP_ERRORS, Runtime, StepBudgetExceeded
+from dendrite.program.state import MAX_FORK, State
 from . import builtins as B
+from .limits import ARITH, MAX_ITERATIONS, MAX_TOTAL_ITERATIONS, check_search_option, power
 from .errors import (
     ScriptError,
     ScriptNameError,
@@ -45,8 +54,8 @@ from .errors import (
 )
 from .strings import StringError, split_string
 
-#: Upper bound on any loop's iteration count (loops are bounded by design).
-MAX_ITERATIONS = 100_000
+#: Keywords of `Program.run`, so no script parameter may have these names.
+RESERVED_PARAMS = ("seed", "progress", "max_steps", "max_branches")
 
 _COMPARE = {
     "==": operator.eq,
@@ -58,26 +67,44 @@ _COMPARE = {
     "in": lambda a, b: a in b,
     "notin": lambda a, b: a not in b,
 }
-_ARITH = {
-    "+": operator.add,
-    "-": operator.sub,
-    "*": operator.mul,
-    "/": operator.truediv,
-    "//": operator.floordiv,
-    "%": operator.mod,
-}
+_ARITH = ARITH  # size-checked: "x" * 10**12 fails at once instead of eating memory
 
 
 class _Run:
     """The mutable context of one program invocation."""
 
-    __slots__ = ("args", "frontier", "value", "has_value")
+    __slots__ = ("args", "frontier", "value", "has_value", "rt", "iterations")
 
     def __init__(self, args: dict[str, Any], frontier: list[State]):
         self.args = args
         self.frontier = frontier
         self.value: Any = None
         self.has_value = False
+        self.rt: Runtime | None = frontier[0].runtime if frontier else None
+        self.iterations = 0  # loop iterations so far, all loops together
+
+
+class _Site:
+    """Where a statement is: the origin of the ops it queues (`Runtime.origin`).
+
+    ``wrap`` turns a failure of such an op (or of the statement itself) into
+    a `ScriptRuntimeError` at the statement, naming it (``gen 'x': ...``).
+    """
+
+    __slots__ = ("compiler", "what", "line", "column")
+
+    def __init__(self, compiler: "Compiler", what: str, line: int, column: int):
+        self.compiler, self.what, self.line, self.column = compiler, what, line, column
+
+    def wrap(self, exc: BaseException) -> ScriptError:
+        if isinstance(exc, ScriptError):
+            return exc
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, StepBudgetExceeded):
+            text = f"{type(exc).__name__}: {text}"
+        err = self.compiler.error(ScriptRuntimeError, f"{self.what}: {text}", (self.line, self.column))
+        err.__cause__ = exc
+        return err
 
 
 Eval = Callable[[_Run, "State | None"], Any]
@@ -168,6 +195,13 @@ class Compiler:
             pname = p.children[0]
             if pname in seen:
                 raise self.error(ScriptNameError, f"duplicate parameter '{pname}'", pname)
+            if pname in RESERVED_PARAMS:
+                raise self.error(
+                    ScriptNameError,
+                    f"parameter name '{pname}' is reserved (a keyword of Program.run: "
+                    f"{', '.join(RESERVED_PARAMS)})",
+                    pname,
+                )
             seen.add(str(pname))
             if len(p.children) > 1 and p.children[1] is not None:
                 dexpr = self.expr(p.children[1], empty)
@@ -205,8 +239,28 @@ class Compiler:
             if in_search and st.data in ("fork_stmt", "prune_stmt", "select_stmt", "search_stmt", "return_stmt"):
                 word = st.data.split("_")[0]
                 raise self.error(ScriptSyntaxError, f"'{word}' is not allowed in a search step", st)
-            out.append(getattr(self, st.data)(st, scope, in_search))
+            out.append(self._at_site(getattr(self, st.data)(st, scope, in_search), st))
         return out
+
+    def _at_site(self, ex: Exec, node: Tree) -> Exec:
+        """Run ``ex`` with its statement as the origin of the ops it queues; an
+        op/engine failure inside it (not already located) becomes a located error."""
+        site = _Site(self, _describe_stmt(node), *_pos(node))
+
+        def run_at(run: _Run) -> None:
+            rt = run.rt
+            prev = rt.set_origin(site) if rt is not None else None
+            try:
+                ex(run)
+            except ScriptError:
+                raise
+            except OP_ERRORS as e:
+                raise site.wrap(e) from e
+            finally:
+                if rt is not None:
+                    rt.set_origin(prev)
+
+        return run_at
 
     def pass_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
         return lambda run: None
@@ -227,7 +281,8 @@ class Compiler:
         name = str(name_tok)
         self._check_definable(name_tok)
         opts = self.options(opts_node, scope, GEN_OPTIONS, "gen option")
-        constant = {k: e.fn(None, None) for k, (e, _) in opts.items() if e.constant}
+        empty = _Run({}, [])
+        constant = {k: self._guard(e)(empty, None) for k, (e, _) in opts.items() if e.constant}
         try:
             check_gen_options(constant)
         except GenOptionError as ex:
@@ -354,6 +409,16 @@ class Compiler:
         ev = self._guard(e)
         return lambda run: ev(run, run.frontier[0] if run.frontier else None)
 
+    def _count_iteration(self, run: _Run, where: Any) -> None:
+        """Count one loop iteration of the run; past the run's total, a located error."""
+        run.iterations += 1
+        if run.iterations > MAX_TOTAL_ITERATIONS:
+            raise self.error(
+                ScriptRuntimeError,
+                f"the run's loops passed {MAX_TOTAL_ITERATIONS} iterations in all (the limit)",
+                where,
+            )
+
     def _int_bound(self, e: Expr, what: str) -> Callable[[_Run], int]:
         get = self._state_independent(e, what)
 
@@ -402,19 +467,50 @@ class Compiler:
         scope.group = label
         body = self.block(block, scope)
 
+        where = (count.line, count.column)
+
         def run_fork(run: _Run) -> None:
-            kids: list[State] = []
+            counts = []
             for s in run.frontier:
                 n = cev(run, s)
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                    raise self.error(ScriptRuntimeError, f"fork count must be a non-negative int, got {n!r}", (count.line, count.column))
-                kids.extend(s.fork(n, label=label))
+                    raise self.error(ScriptRuntimeError, f"fork count must be a non-negative int, got {n!r}", where)
+                if n > MAX_FORK:
+                    raise self.error(
+                        ScriptRuntimeError, f"fork count {n} exceeds the limit of {MAX_FORK} children per fork", where
+                    )
+                counts.append(n)
+            self._check_branches(run, counts, where)
+            kids: list[State] = []
+            for s, n in zip(run.frontier, counts):
+                try:
+                    kids.extend(s.fork(n, label=label))
+                except ValueError as ex:  # the runtime's own limit check (kept in step with ours)
+                    raise self.error(ScriptRuntimeError, str(ex), where) from ex
                 s.release()  # superseded by its children, which keep the shared KV
             run.frontier = kids
             for st in body:
                 st(run)
 
         return run_fork
+
+    def _check_branches(self, run: _Run, counts: list[int], where: tuple[int, int]) -> None:
+        """Refuse, before any fork, a fork statement that would pass the run's
+        live-branch limit at some point (forks and releases go parent by parent)."""
+        rt = run.rt
+        if rt is None:
+            return
+        live = peak = rt.live_branches
+        for s, n in zip(run.frontier, counts):
+            live += n - (1 if s._leaf else 0)  # the parent stops being a leaf (forked or released)
+            peak = max(peak, live + (1 if s._leaf and n == 0 else 0))
+        if peak > rt.max_branches:
+            raise self.error(
+                ScriptRuntimeError,
+                f"fork of {sum(counts)} branches would make {peak} live branches, over this run's "
+                f"limit of max_branches={rt.max_branches}",
+                where,
+            )
 
     def repeat_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
         count_node, block = node.children
@@ -423,6 +519,7 @@ class Compiler:
 
         def run_repeat(run: _Run) -> None:
             for _ in range(count(run)):
+                self._count_iteration(run, node)
                 for st in body:
                     st(run)
 
@@ -448,6 +545,7 @@ class Compiler:
             if n > MAX_ITERATIONS:
                 raise self.error(ScriptRuntimeError, f"loop over {n} items exceeds the limit {MAX_ITERATIONS}", (it.line, it.column))
             for v in list(items):
+                self._count_iteration(run, node)
                 for s in run.frontier:
                     s[name] = v
                 for st in body:
@@ -467,6 +565,7 @@ class Compiler:
                 if not active:
                     break
                 rest = [s for s in run.frontier if s not in active]
+                self._count_iteration(run, node)
                 run.frontier = active
                 for st in body:
                     st(run)
@@ -531,6 +630,10 @@ class Compiler:
         for k, (e, tok) in opts.items():
             if e.per_state:
                 raise self.error(ScriptSyntaxError, f"search option '{k}' must not depend on a branch's values", tok)
+            if e.constant:
+                why = self._search_option_error(k, e, _Run({}, []))
+                if why:
+                    raise self.error(ScriptSyntaxError, why, tok)
         label = str(name_tok)
         scorer = self.scorer(by_node, scope) if by_node is not None else None
         scope.groups.add(label)
@@ -550,11 +653,18 @@ class Compiler:
 
             step.batched = True  # type: ignore[attr-defined]
             kwargs = {k: ev(run, None) for k, ev in evs.items()}
+            for k, v in kwargs.items():
+                why = check_search_option(k, v)
+                if why:
+                    raise self.error(ScriptRuntimeError, why, opts[k][1])
             if scorer is not None:
                 kwargs["by"] = scorer(run)
             run.frontier = [algo(s, step=step, label=label, **kwargs) for s in run.frontier]
 
         return run_search
+
+    def _search_option_error(self, name: str, e: Expr, run: _Run) -> str | None:
+        return check_search_option(name, self._guard(e)(run, None))
 
     # ------------------------------------------------------------ pieces
 
@@ -654,7 +764,10 @@ class Compiler:
 
     def x_number(self, node: Tree, scope: _Scope) -> Expr:
         t = str(node.children[0])
-        v: Any = float(t) if any(c in t for c in ".eE") else int(t)
+        try:
+            v: Any = float(t) if any(c in t for c in ".eE") else int(t)
+        except ValueError as ex:  # more digits than Python converts (4300)
+            raise self.error(ScriptSyntaxError, f"number too long ({len(t)} digits)", node) from None
         return Expr(lambda r, s: v, False, 0, 0, constant=True)
 
     def x_string(self, node: Tree, scope: _Scope) -> Expr:
@@ -674,8 +787,12 @@ class Compiler:
         fns = [i.fn for i in items]
         const = all(i.constant for i in items)
         if const:
-            v = [f(None, None) for f in fns]
-            return Expr(lambda r, s: list(v), False, 0, 0, constant=True)
+            try:
+                v = [f(None, None) for f in fns]
+            except Exception:  # noqa: BLE001 - left to fail at run time, located by _guard
+                const = False
+            else:
+                return Expr(lambda r, s: list(v), False, 0, 0, constant=True)
         return Expr(lambda r, s: [f(r, s) for f in fns], any(i.per_state for i in items), 0, 0)
 
     def x_dict(self, node: Tree, scope: _Scope) -> Expr:
@@ -685,8 +802,12 @@ class Compiler:
         const = all(k.constant and v.constant for k, v in pairs)
         fns = [(k.fn, v.fn) for k, v in pairs]
         if const:
-            d = {k(None, None): v(None, None) for k, v in fns}
-            return Expr(lambda r, s: dict(d), False, 0, 0, constant=True)
+            try:
+                d = {k(None, None): v(None, None) for k, v in fns}
+            except Exception:  # noqa: BLE001 - left to fail at run time, located by _guard
+                const = False
+            else:
+                return Expr(lambda r, s: dict(d), False, 0, 0, constant=True)
         per = any(k.per_state or v.per_state for k, v in pairs)
         return Expr(lambda r, s: {k(r, s): v(r, s) for k, v in fns}, per, 0, 0)
 
@@ -779,7 +900,7 @@ class Compiler:
     def x_power(self, node: Tree, scope: _Scope) -> Expr:
         a, b = (self.expr(c, scope) for c in node.children)
         fa, fb = a.fn, b.fn
-        return Expr(lambda r, s: fa(r, s) ** fb(r, s), a.per_state or b.per_state, 0, 0,
+        return Expr(lambda r, s: power(fa(r, s), fb(r, s)), a.per_state or b.per_state, 0, 0,
                     constant=a.constant and b.constant)
 
     def _binary_chain(self, node: Tree, scope: _Scope, table: dict[str, Callable]) -> Expr:
@@ -852,6 +973,20 @@ class Compiler:
             return v
 
         return Expr(or_, any(e.per_state for e in exprs), 0, 0, constant=all(e.constant for e in exprs))
+
+
+def _describe_stmt(node: Tree) -> str:
+    """How an error names a statement: ``gen 'x'``, ``fork``, ``search mcts``..."""
+    kind = node.data[: -len("_stmt")] if node.data.endswith("_stmt") else node.data
+    if kind == "gen":
+        return f"gen '{node.children[0]}'"
+    if kind == "search":
+        return f"search {node.children[0]}"
+    if kind in ("let", "assign"):
+        return f"{'let ' if kind == 'let' else ''}{node.children[0]} = ..."
+    if kind == "text":
+        return "prompt text"
+    return kind
 
 
 def _fmt(v: Any) -> str:

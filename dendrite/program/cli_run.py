@@ -22,6 +22,7 @@ from dendrite.program.program import Param, Program
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``dendrite run`` (values range-checked by argparse)."""
     from dendrite.cli import positive_int, seed_int
+    from dendrite.program.runtime import DEFAULT_MAX_STEPS
 
     p.add_argument("script", help="path of a .dendrite file, or the name of a standard script "
                         "(tot, mcts, beam, self_consistency)")
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-nodes", type=positive_int, default=40,
                    help="nodes shown in the tree summary (default 40)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help="stop the run with an error after N engine steps "
+                        f"(default {DEFAULT_MAX_STEPS}, so a runaway script ends)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -213,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(args.model, device=args.device)
     progress = None if args.quiet else Progress()
     try:
-        result = program.run(engine, seed=args.seed, progress=progress, **prog_args)
+        result = program.run(engine, seed=args.seed, progress=progress,
+                             max_steps=args.max_steps, **prog_args)
         if progress is not None:
             progress.close(_RunInfo(result))
             progress = None

@@ -30,6 +30,8 @@ GEN_OPTIONS: tuple[str, ...] = SAMPLING_OPTIONS + CONSTRAINT_OPTIONS
 
 #: ``max_tokens`` when a gen names none (SGLang's default too).
 DEFAULT_MAX_TOKENS = 128
+#: Largest ``max_tokens`` a gen may ask for (more than any context window).
+MAX_GEN_TOKENS = 1 << 24
 
 
 class GenOptionError(TypeError):
@@ -88,6 +90,9 @@ def check_gen_options(options: dict[str, Any]) -> None:
     mt = options.get("max_tokens")
     if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
         raise GenOptionError(f"max_tokens must be a positive int, got {mt!r}", "max_tokens")
+    if mt is not None and mt > MAX_GEN_TOKENS:
+        raise GenOptionError(f"max_tokens={mt} exceeds the limit of {MAX_GEN_TOKENS}", "max_tokens")
+    _check_sampling(options)
     choices = options.get("choices")
     if choices is not None:
         if isinstance(choices, str) or not all(isinstance(c, str) for c in choices) or not choices:
@@ -96,6 +101,40 @@ def check_gen_options(options: dict[str, Any]) -> None:
         v = options.get(k)
         if v is not None and not isinstance(v, str):
             raise GenOptionError(f"{k} must be a string, got {type(v).__name__}", k)
+
+
+def _check_sampling(options: dict[str, Any]) -> None:
+    """Check each sampling value now, where it is given, rather than at submit.
+
+    ``SamplingParams`` is the one judge of a value (its messages name the
+    field); it is built with one option at a time so a failure belongs to
+    that option. ``stop``/``ignore_eos`` are checked here: SamplingParams
+    takes any iterable as ``stop`` and any value as ``ignore_eos``.
+    """
+    stop = options.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise GenOptionError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
+    ie = options.get("ignore_eos")
+    if ie is not None and not isinstance(ie, bool):
+        raise GenOptionError(f"ignore_eos must be true or false, got {ie!r}", "ignore_eos")
+    sids = options.get("stop_token_ids")
+    if sids is not None and (isinstance(sids, bool) or not isinstance(sids, (int, list, tuple))):
+        raise GenOptionError(f"stop_token_ids must be a list of token ids, got {sids!r}", "stop_token_ids")
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop_token_ids")
+    given = {k: options[k] for k in fields if options.get(k) is not None}
+    if not given:
+        return
+    from dendrite.sampling import SamplingParams
+
+    for k, v in given.items():
+        try:
+            SamplingParams(**{k: v})
+        except (TypeError, ValueError, OverflowError) as e:
+            raise GenOptionError(str(e), k) from None
+    tk = given.get("top_k")
+    if tk is not None and abs(tk) > 1 << 31:
+        raise GenOptionError(f"top_k must fit in 32 bits, got {tk}", "top_k")
 
 
 def make_spec(name: str, options: dict[str, Any]) -> GenSpec:

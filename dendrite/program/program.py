@@ -6,7 +6,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from dendrite.program.runtime import Runtime
+from dendrite.program.runtime import ProgressStop, Runtime
 from dendrite.program.state import State
 from dendrite.program.tree import Tree
 
@@ -118,13 +118,21 @@ class Program:
         *,
         seed: int | None = None,
         progress: Callable[[Runtime], None] | None = None,
+        max_steps: int | None = None,
+        max_branches: int | None = None,
         **args: Any,
     ) -> ProgramResult:
         """Run on ``engine``; every state gets a seed derived from ``seed`` and its path.
 
-        Reserved keywords: ``seed`` and ``progress`` (a callback after each step).
+        Reserved keywords: ``seed``, ``progress`` (a callback after each step;
+        what it raises stops the run and reaches the caller unchanged),
+        ``max_steps`` (engine steps the run may take, default
+        `dendrite.program.runtime.DEFAULT_MAX_STEPS`; past it the run fails with
+        `StepBudgetExceeded`) and ``max_branches`` (live branches at once,
+        default `MAX_BRANCHES`; a fork past it is a ValueError).
         """
-        return self.run_batch(engine, [args], seed=seed, progress=progress)[0]
+        return self.run_batch(engine, [args], seed=seed, progress=progress,
+                              max_steps=max_steps, max_branches=max_branches)[0]
 
     def run_batch(
         self,
@@ -133,14 +141,17 @@ class Program:
         *,
         seed: int | None = None,
         progress: Callable[[Runtime], None] | None = None,
+        max_steps: int | None = None,
+        max_branches: int | None = None,
     ) -> list[ProgramResult]:
         """Run several instances sharing the same engine steps.
 
         Instance ``i`` runs with seed ``seed + i``, so ``run_batch(b, seed=S)[i]``
-        draws what ``run(**b[i], seed=S + i)`` draws.
+        draws what ``run(**b[i], seed=S + i)`` draws. ``max_steps`` and
+        ``max_branches`` bound the whole batch (see `run`).
         """
         bound = [self.bind(a) for a in batch]
-        rt = Runtime(engine, progress=progress)
+        rt = Runtime(engine, progress=progress, max_steps=max_steps, max_branches=max_branches)
         roots = [
             rt.new_root(None if seed is None else int(seed) + i)
             for i in range(len(bound))
@@ -153,6 +164,8 @@ class Program:
                     [(lambda r=r, a=a: self.fn(r, **a)) for r, a in zip(roots, bound)]
                 )
             rt.drain()
+        except ProgressStop as stop:
+            raise stop.exc from None
         finally:
             rt.release_all()
         return [

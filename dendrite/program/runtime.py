@@ -10,20 +10,58 @@ Program code runs in ordinary Python. When it reads a value that is not ready
 (``s["x"]``) the runtime runs rounds until it is. With ``run_batch`` each
 program instance runs in its own thread, and rounds only start once every
 instance is waiting, so all instances share the same engine steps.
+
+Limits, so that a runaway program ends with an error instead of running
+forever: at most ``max_steps`` engine steps (`DEFAULT_MAX_STEPS`) and at
+most ``max_branches`` live branches (`MAX_BRANCHES`: states neither released
+nor forked). An op queued inside ``with rt.origin(site):`` carries ``site``;
+when the op fails (or is running when the budget runs out) the runtime raises
+``site.wrap(exc)`` instead of ``exc``, so a script's error names the line
+that queued the op, not the line that happened to wait for it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
-from dendrite.program.state import State, _GenOp, _TextOp, derive_seed
+from dendrite.program.state import MAX_FORK, State, _GenOp, _Op, _TextOp, derive_seed
 from dendrite.program.tree import Tree
+
+#: Engine steps a run may take unless told otherwise (hours of decoding on a
+#: GPU at full speed: generous, yet a runaway loop does end).
+DEFAULT_MAX_STEPS = 1_000_000
+#: Live branches (states neither released nor forked) a run may hold at once.
+MAX_BRANCHES = MAX_FORK
+
+#: Failures of an op that mean "this op/input failed", so are reported at the
+#: op's origin. Anything else (AttributeError, an engine InvariantError...) is
+#: a bug in dendrite and propagates untouched.
+OP_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, ArithmeticError, LookupError, RuntimeError, MemoryError,
+)
 
 
 class ProgramAborted(BaseException):
     """Raised inside a program thread when its batch was aborted."""
+
+
+class StepBudgetExceeded(RuntimeError):
+    """The run took its ``max_steps`` engine steps and still had work queued."""
+
+
+class ProgressStop(BaseException):
+    """Carries an exception raised by the ``progress`` callback past program code.
+
+    A callback raises to stop the run (a server's deadline or cancel); program
+    code (or a script's error handling) must neither swallow nor re-word it.
+    `Program.run_batch` re-raises ``exc`` itself."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(exc)
+        self.exc = exc
 
 
 class _Task:
@@ -64,7 +102,17 @@ class _Task:
 class Runtime:
     """Runs the op queues of all states of one or more program instances."""
 
-    def __init__(self, engine: Any, progress: Callable[["Runtime"], None] | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        progress: Callable[["Runtime"], None] | None = None,
+        *,
+        max_steps: int | None = None,
+        max_branches: int | None = None,
+    ):
+        self.max_steps = _limit("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
+        self.max_branches = _limit("max_branches", MAX_BRANCHES if max_branches is None else max_branches)
+        self.live_branches = 0  # states neither released nor forked
         self.engine = engine
         self.tree = Tree()
         self.steps = 0  # engine.step() calls made by this runtime
@@ -89,6 +137,7 @@ class Runtime:
         node.seed = s.seed
         s._root_seed = seed
         s._lazy_root = True
+        self._take_branches(None, 1)
         self._states.append(s)
         return s
 
@@ -100,6 +149,70 @@ class Runtime:
         node.seed = seed
         self._states.append(s)
         return s
+
+    # ---------------------------------------------------------- limits, origins
+
+    def _take_branches(self, parent: State | None, n: int) -> None:
+        """Count ``n`` new children of ``parent`` (None: a new root) as live, or
+        raise a ValueError naming ``n`` when that passes `max_branches`."""
+        replaces = 1 if parent is not None and n and parent._leaf else 0
+        after = self.live_branches - replaces + n
+        if after > self.max_branches:
+            what = "a new root" if parent is None else f"fork: n={n}"
+            raise ValueError(
+                f"{what} would make {after} live branches, over this run's limit of "
+                f"max_branches={self.max_branches} (release or prune branches first)"
+            )
+        if replaces:
+            parent._leaf = False
+        self.live_branches = after
+
+    def _drop_branch(self, state: State) -> None:
+        if state._leaf:
+            state._leaf = False
+            self.live_branches -= 1
+
+    def current_origin(self) -> Any:
+        """The origin ops queued now get (set by `origin`), or None."""
+        return getattr(self._local, "origin", None)
+
+    def set_origin(self, site: Any) -> Any:
+        """Make ``site`` the origin of ops queued by this thread; returns the previous one."""
+        prev = getattr(self._local, "origin", None)
+        self._local.origin = site
+        return prev
+
+    @contextmanager
+    def origin(self, site: Any) -> Iterator[None]:
+        """Ops queued inside the block carry ``site`` (see the module docstring)."""
+        prev = self.set_origin(site)
+        try:
+            yield
+        finally:
+            self._local.origin = prev
+
+    def _located(self, op: _Op | None, state: State | None, exc: BaseException) -> BaseException:
+        """``exc`` as an error about ``op``: wrapped by its origin, else with a note."""
+        if op is not None and op.origin is not None:
+            return op.origin.wrap(exc)
+        if op is not None and state is not None and hasattr(exc, "add_note"):
+            describe = getattr(op, "describe", None)
+            what = describe() if describe else type(op).__name__.strip("_").lower()
+            exc.add_note(f"(in {what} of state #{state.id})")
+        return exc
+
+    def _blame(self) -> tuple[_Op | None, State | None]:
+        """The op to report a run-wide failure at: the oldest running gen, else
+        the first queued op."""
+        for _, st, op, _ in self._inflight.values():
+            return op, st
+        for nid in sorted(self._pending):
+            st = self._pending[nid]
+            if st._queue:
+                return st._queue[0], st
+        return None, None
+
+    # ---------------------------------------------------------- queues
 
     def _enqueue(self, state: State, op) -> None:
         state._queue.append(op)
@@ -139,12 +252,17 @@ class Runtime:
         q = state._queue
         while q and state._inflight is None:
             op = q[0]
-            if state._seq is None and op.needs_seq:
-                if not state._lazy_root:
-                    break  # a child waiting for its parent's fork
-                if not isinstance(op, _TextOp):
-                    state._seq = self.engine.new_sequence("")
-            if op.start(state, self):
+            try:
+                if state._seq is None and op.needs_seq:
+                    if not state._lazy_root:
+                        break  # a child waiting for its parent's fork
+                    if not isinstance(op, _TextOp):
+                        state._seq = self.engine.new_sequence("")
+                started = op.start(state, self)
+            except OP_ERRORS as e:
+                q.popleft()  # the failed op is gone; release_all frees the rest
+                raise self._located(op, state, e) from e
+            if started:
                 q.popleft()
             else:
                 break
@@ -165,9 +283,18 @@ class Runtime:
         self._advance_all()
         if not self._inflight and not self._awaiting_prefill:
             return False
+        if self.steps >= self.max_steps:
+            op, st = self._blame()
+            raise self._located(op, st, StepBudgetExceeded(
+                f"the run used its budget of {self.max_steps} engine steps with work still "
+                f"queued (max_steps; dendrite run --max-steps)"))
         stats = getattr(self.engine, "stats", None)
         before = stats.get("steps") if isinstance(stats, dict) else None
-        finished = self.engine.step()
+        try:
+            finished = self.engine.step()
+        except OP_ERRORS as e:
+            op, st = self._blame()
+            raise self._located(op, st, e) from e
         self.steps += 1
         done_ids = {id(h) for h in finished}
         completed = 0
@@ -179,20 +306,31 @@ class Runtime:
             self._stalls += 1
             if self._stalls >= 3:
                 stuck = ", ".join(f"#{st.id}" for _, st, _, _ in self._inflight.values())
-                raise RuntimeError(
+                op, st = self._blame()
+                raise self._located(op, st, RuntimeError(
                     f"the engine ran nothing for states {stuck}: their generations can "
                     "never be scheduled (no pending token to compute logits from)"
-                )
+                ))
         else:
             self._stalls = 0
         self._advance_all()
         if self.progress is not None:
-            self.progress(self)
+            try:
+                self.progress(self)
+            except Exception as e:  # noqa: BLE001 - the callback stops the run
+                raise ProgressStop(e) from e
         return True
 
     def _complete(self, key: int) -> None:
         handle, state, op, t0 = self._inflight.pop(key)
         result = handle.result
+        if result.finish_reason == "error":
+            # The engine failed this request alone (NaN logits, a leaf too
+            # large...). Its text is not a generation: fail the op.
+            state._inflight = None
+            state._queue.popleft()
+            err = getattr(handle, "error", None) or RuntimeError("the engine failed this generation")
+            raise self._located(op, state, err) from err
         ids = list(result.token_ids)
         if result.finish_reason == "eos":
             ids += self._keep_eos(state)
@@ -258,10 +396,11 @@ class Runtime:
     def _run_until(self, cond: Callable[[], bool]) -> None:
         while not cond():
             if not self.round() and not cond():
-                raise RuntimeError(
+                op, st = self._blame()
+                raise self._located(op, st, RuntimeError(
                     "program is waiting on a state that can never finish "
                     f"({len(self._pending)} states pending, nothing in flight)"
-                )
+                ))
 
     def drain(self) -> None:
         """Run until every queued op of every state has finished."""
@@ -288,7 +427,9 @@ class Runtime:
                             raise t.exc
                 if not woke and not self.round():
                     if not any(not t.done and t.cond is not None and t.cond() for t in tasks):
-                        raise RuntimeError("program batch is stuck: nothing in flight")
+                        op, st = self._blame()
+                        raise self._located(op, st, RuntimeError(
+                            "program batch is stuck: nothing in flight"))
         except BaseException:
             for t in tasks:
                 if not t.done:
@@ -324,3 +465,12 @@ class Runtime:
             except Exception:  # noqa: BLE001 - best effort
                 st.node.released = True
         self._pending.clear()
+
+
+def _limit(name: str, value: Any) -> int:
+    """A positive int limit, or a ValueError/TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value

@@ -26,6 +26,32 @@ class StateReleasedError(RuntimeError):
     """An op was queued on a state that was released (pruned, not selected...)."""
 
 
+#: Most children one ``fork`` makes; the engine's own bound
+#: (``dendrite.engine.MAX_FORK``, not imported here: it would load torch).
+MAX_FORK = 1 << 16
+#: Most forks between a root and a state. A state's path (which seeds it)
+#: grows with its depth, so an unbounded chain of forks would cost quadratic
+#: time before any engine step could stop it.
+MAX_DEPTH = 10_000
+
+
+def fork_count(n: Any, what: str = "n") -> int:
+    """``n`` as a fork count in [0, MAX_FORK], or a TypeError/ValueError naming ``what``.
+
+    Integral floats (``2.0``) are accepted; bools, other floats, strings are not.
+    """
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise TypeError(f"fork: {what} must be an int, got {n!r} of type {type(n).__name__}")
+    n = n.__index__()
+    if n < 0:
+        raise ValueError(f"fork: {what} must be >= 0, got {n}")
+    if n > MAX_FORK:
+        raise ValueError(f"fork: {what}={n} exceeds the limit of {MAX_FORK} children per fork")
+    return n
+
+
 def derive_seed(seed: int | None, path: str) -> int | None:
     """A 63-bit seed from the run seed and a state's path in the tree."""
     if seed is None:
@@ -58,6 +84,10 @@ class _Op(abc.ABC):
     """One queued operation. ``start`` returns True when it finished at once."""
 
     needs_seq = False  # must the state's engine sequence exist to start it?
+    #: Where the op was queued from (``Runtime.origin``): something with
+    #: ``wrap(exc) -> exception`` that turns the op's failure into an error
+    #: about that place (a script's ``file:line:col``), or None.
+    origin: Any = None
 
     @abc.abstractmethod
     def start(self, state: "State", rt: "Runtime") -> bool:
@@ -90,6 +120,9 @@ class _GenOp(_Op):
     def start(self, state, rt):
         rt._submit(state, self)
         return False
+
+    def describe(self) -> str:
+        return f"gen {self.spec.name!r}"
 
     def finish(self, state: "State", result: Any, seconds: float, context: str) -> None:
         """Record a finished generation.
@@ -199,6 +232,7 @@ class State:
         self._rt = rt
         self.node = node
         self.parent = parent
+        self._depth = 0 if parent is None else parent._depth + 1
         self.seed = seed
         self._seq: Any = None
         self._queue: deque[_Op] = deque()
@@ -211,6 +245,7 @@ class State:
         self._score: float | None = None
         self._released = False  # release queued
         self._nforks = 0
+        self._leaf = True  # counted in the runtime's live branches (not forked, not released)
         self._lazy_root = False  # root whose engine sequence starts with its first prompt
         self._root_seed: int | None = None
 
@@ -219,6 +254,8 @@ class State:
     def _push(self, op: _Op) -> None:
         if self._released and (op.needs_seq or isinstance(op, _ReleaseOp)):
             raise StateReleasedError(f"state #{self.node.id} was released; it takes no more ops")
+        if op.origin is None:
+            op.origin = self._rt.current_origin()
         self._rt._enqueue(self, op)
 
     def __iadd__(self, other: "str | GenExpr | Iterable[str | GenExpr]") -> "State":
@@ -251,10 +288,20 @@ class State:
         return self
 
     def fork(self, n: int, label: str | None = None) -> "StateGroup":
-        """Queue an O(1) fork into ``n`` children; they run batched together."""
-        n = int(n)
-        if n < 0:
-            raise ValueError("fork needs n >= 0")
+        """Queue an O(1) fork into ``n`` children; they run batched together.
+
+        ``n`` is an int in [0, `MAX_FORK`]; the run's live branches (see
+        `Runtime.max_branches`) may not exceed its limit, nor the children's
+        depth `MAX_DEPTH`. Each is a ValueError (TypeError for a non-int),
+        with nothing queued.
+        """
+        n = fork_count(n)
+        if self._released:
+            raise StateReleasedError(f"state #{self.node.id} was released; it takes no more ops")
+        if n and self._depth >= MAX_DEPTH:
+            raise ValueError(f"fork: state #{self.node.id} is already {self._depth} forks deep, "
+                             f"the limit (MAX_DEPTH={MAX_DEPTH})")
+        self._rt._take_branches(self, n)
         k = self._nforks
         self._nforks += 1
         kids = [self._rt._new_child(self, label, f"{self.node.path}.{k}.{j}") for j in range(n)]
@@ -276,6 +323,7 @@ class State:
         if not self._released:
             self._push(_ReleaseOp())
             self._released = True
+            self._rt._drop_branch(self)
 
     # ---- reading (waits) ----
 
@@ -364,10 +412,7 @@ class State:
     @property
     def depth(self) -> int:
         """Number of forks between the root and this state."""
-        d, s = 0, self.parent
-        while s is not None:
-            d, s = d + 1, s.parent
-        return d
+        return self._depth
 
     @property
     def released(self) -> bool:
