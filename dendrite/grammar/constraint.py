@@ -138,7 +138,7 @@ class Constraint:
 
     def matcher(self, tokenizer: GrammarTokenizer) -> Matcher:
         """A fresh matcher at the start of the grammar (compiles on first use)."""
-        return Matcher(self._prototype(tokenizer).deep_copy(), tokenizer)
+        return Matcher(self._prototype(tokenizer).deep_copy(), tokenizer, self.key)
 
     # ------------------------------------------------------------ internals
 

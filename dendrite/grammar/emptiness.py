@@ -12,7 +12,8 @@ once per compile:
   (`a: "x" a`) still allows "x" first, so the first mask cannot tell. The
   `lark` package parses the grammar and the productive rules are found by the
   usual fixpoint; regex terminals are checked for emptiness with llguidance
-  on a 256-byte tokenizer. Grammars in llguidance's extensions of lark
+  on a 256-byte tokenizer. A reachable rule that cannot finish is reported
+  too, though start can: llguidance's masks would lead outputs into it. Grammars in llguidance's extensions of lark
   (`%json`, `<|special|>`, `[lazy]`, ...) that lark cannot read get no
   verdict here.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import llguidance
@@ -99,10 +100,14 @@ def grammar_is_empty(grammar_text: str) -> str | None:
 
 
 def lark_dead_end(text: str) -> tuple[str, int | None] | None:
-    """(why, line) when lark grammar `text` cannot derive a finite string.
+    """(why, line) when lark grammar `text` cannot finish, or can reach a dead end.
 
-    None when it can, or when the `lark` package cannot read it. Line
-    numbers are those of `text` (the special-token stand-ins keep lines).
+    "grammar matches no string" when the start rule cannot derive a finite
+    string; "grammar has a dead end" when it can but reaches a rule or
+    terminal that cannot (every output entering it would run on forever or
+    get stuck). None when neither, or when the `lark` package cannot read
+    the grammar. Line numbers are those of `text` (the special-token
+    stand-ins keep lines).
     """
     from lark.lexer import PatternRE
     from lark.load_grammar import GrammarBuilder
@@ -141,32 +146,72 @@ def lark_dead_end(text: str) -> tuple[str, int | None] | None:
             if name not in productive and any(all(map(alive, alt)) for alt in alts):
                 productive.add(name)
                 changed = True
-    if "start" in productive or "start" not in alternatives:
+    if "start" not in alternatives:
         return None
+    if "start" not in productive:
+        return _explain(
+            "grammar matches no string", ["start"], None, alternatives, alive, dead_terminals, text
+        )
 
-    # Walk down from start through dead symbols to a cycle or an empty terminal.
-    path, current = ["start"], "start"
+    # Start can finish, but a rule or terminal it reaches that cannot would
+    # let outputs into dead ends (llguidance's masks do not prune them).
+    parents: dict[str, list[str]] = {"start": ["start"]}
+    queue = ["start"]
+    while queue:
+        rule = queue.pop(0)
+        for alt in alternatives.get(rule, []):
+            for sym in alt:
+                name, is_term = sym
+                if not alive(sym):
+                    return _explain(
+                        "grammar has a dead end",
+                        parents[rule],
+                        sym,
+                        alternatives,
+                        alive,
+                        dead_terminals,
+                        text,
+                    )
+                if not is_term and name not in parents:
+                    parents[name] = [*parents[rule], name]
+                    queue.append(name)
+    return None
+
+
+def _explain(
+    prefix: str,
+    path: list[str],
+    dead: tuple[str, bool] | None,
+    alternatives: dict[str, list[list[tuple[str, bool]]]],
+    alive: Callable[[tuple[str, bool]], bool],
+    dead_terminals: dict[str, object],
+    text: str,
+) -> tuple[str, int | None]:
+    """Walk down through dead symbols to an empty terminal or a cycle.
+
+    Starts at `dead` (a dead symbol used by rule `path[-1]`), or else at the
+    first dead symbol of `path[-1]`'s first alternative (all are dead then).
+    """
+    path = list(path)
     while True:
-        name, is_term = next(s for s in alternatives[current][0] if not alive(s))
+        if dead is None:
+            dead = next(s for s in alternatives[path[-1]][0] if not alive(s))
+        name, is_term = dead
+        dead = None
         if is_term:
             shown = _terminal_name(name, dead_terminals[name])
-            trail = " -> ".join(_named([*path]) + [shown])
-            return (
-                f"grammar matches no string: terminal {shown} matches no string ({trail})",
-                _line_of(text, name),
-            )
+            trail = " -> ".join([*_named(path), shown])
+            return f"{prefix}: terminal {shown} matches no string ({trail})", _line_of(text, name)
         if name in path:
             cycle = path[path.index(name) :]
-            named = _named(cycle) or _named(path) or ["start"]
-            culprit = named[0]
-            trail = " -> ".join(_named(path) + [name if not name.startswith("__") else culprit])
+            culprit = (_named(cycle) or _named(path) or ["start"])[0]
+            trail = " -> ".join([*_named(path), name if not name.startswith("__") else culprit])
             why = (
-                f"grammar matches no string: rule {culprit!r} cannot derive a finite string "
+                f"{prefix}: rule {culprit!r} cannot derive a finite string "
                 f"(every alternative needs it again: {trail})"
             )
             return why, _line_of(text, culprit)
         path.append(name)
-        current = name
 
 
 def _named(rules: list[str]) -> list[str]:

@@ -23,9 +23,13 @@ _REGEX_CARET = re.compile(r"regex parse error:\n    ([^\n]*)\n    ( *)\^")
 class GrammarError(ValueError):
     """An invalid regex, JSON schema, lark grammar or choice list.
 
+    `str()` is one line: the kind, the location and the gist of the message
+    (llguidance's caret diagrams and grammar snippets left out; the
+    location says where).
+
     Attributes:
         kind: which spec was invalid.
-        message: llguidance's message, verbatim.
+        message: llguidance's message, verbatim (may span lines).
         location: human-readable position: a JSON pointer for schemas
             ("#/properties/age/minimum"), "line L, col C" for lark grammars,
             "offset N" (0-based, in the pattern) for regexes; None if unknown.
@@ -59,11 +63,27 @@ class GrammarError(ValueError):
         else:
             self.location = None
         where = f" at {self.location}" if self.location else ""
-        super().__init__(f"invalid {kind}{where}: {message.strip()}")
+        super().__init__(f"invalid {kind}{where}: {one_line(message)}")
 
 
 class GrammarViolation(RuntimeError):
     """A token the grammar does not allow was consumed (mask not applied)."""
+
+
+def one_line(message: str) -> str:
+    """The gist of an llguidance message in one line.
+
+    Rust regex errors end with "error: <what>" under a caret diagram; lark
+    errors start with "at L(C): <what>" above a snippet of the grammar.
+    """
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if not lines:
+        return message.strip()
+    if lines[0].startswith("regex parse error:") and lines[-1].startswith("error: "):
+        return lines[-1][len("error: ") :]
+    first = lines[0]
+    m = _LARK_POS.match(first)
+    return first[m.end() :].strip() if m else first
 
 
 def lark_position(message: str) -> tuple[int, int] | None:

@@ -4,10 +4,19 @@ A thin wrapper over `llguidance.LLMatcher` that raises instead of silently
 entering llguidance's error state, and forks with the branch: a child's
 matcher is a deep copy, so each child continues the grammar from the fork
 point independently.
+
+One error state is not raised: llguidance running out of a resource limit
+(lexer fuel, Earley items) on an *allowed* token. That is no caller bug and
+no reason to fail the engine step: the matcher stays in the error state,
+whose masks allow only EOS, so the generation ends and is reported
+incomplete. The compiled grammar it came from is dropped from the cache,
+since llguidance's lexer, shared by all its copies, stays exhausted.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,14 +30,35 @@ if TYPE_CHECKING:
     from .tokenizer import GrammarTokenizer
 
 
+log = logging.getLogger(__name__)
+
+# llguidance's messages for a resource limit hit while advancing (as opposed
+# to `token "x" doesn't satisfy the grammar`). Anchored at the start, so a
+# token's own text can never match.
+_LIMIT = re.compile(
+    r"^(?:parser error: )?"
+    r"(?:lexer error:|current row has \d+ items|too many items|fuel exhausted|DNF too large)",
+    re.IGNORECASE,
+)
+
+
+def is_limit_error(message: str) -> bool:
+    """Whether llguidance's error `message` is a resource limit, not a forbidden token."""
+    return bool(_LIMIT.match(message.strip()))
+
+
 class Matcher:
     """Grammar state of one sequence; create with `Constraint.matcher(tok)`."""
 
-    __slots__ = ("ll", "num_tokens", "tokenizer")
+    __slots__ = ("key", "ll", "num_tokens", "tokenizer")
 
-    def __init__(self, ll: llguidance.LLMatcher, tokenizer: GrammarTokenizer) -> None:
+    def __init__(
+        self, ll: llguidance.LLMatcher, tokenizer: GrammarTokenizer, key: str | None = None
+    ) -> None:
         self.ll = ll
         self.tokenizer = tokenizer
+        # The compiled grammar's cache key on `tokenizer` (dropped if exhausted).
+        self.key = key
         # Tokens consumed since the start; bounds rollback().
         self.num_tokens = 0
 
@@ -36,7 +66,7 @@ class Matcher:
 
     def fork(self) -> Matcher:
         """An independent copy at the same grammar position."""
-        child = Matcher(self.ll.deep_copy(), self.tokenizer)
+        child = Matcher(self.ll.deep_copy(), self.tokenizer, self.key)
         child.num_tokens = self.num_tokens
         return child
 
@@ -50,11 +80,13 @@ class Matcher:
         """Advance by one token; raise GrammarViolation if it is not allowed.
 
         A rejected token leaves the matcher in llguidance's (terminal) error
-        state: with masks applied this only happens on a caller bug.
+        state: with masks applied this only happens on a caller bug. A
+        resource limit hit on the way is not raised (see the module doc).
         """
         [tid] = self.tokenizer.to_ll_tokens([token_id])
         if not self.ll.consume_token(tid):
-            raise GrammarViolation(self._error(f"token {token_id} rejected"))
+            self._failed(f"token {token_id} rejected")
+            return
         self.num_tokens += 1
 
     def consume_many(self, token_ids: Sequence[int]) -> None:
@@ -65,7 +97,8 @@ class Matcher:
         """
         ids = self.tokenizer.to_ll_tokens(token_ids)
         if not self.ll.consume_tokens(ids):
-            raise GrammarViolation(self._error("tokens rejected"))
+            self._failed("tokens rejected")
+            return
         self.num_tokens += len(ids)
 
     def try_consume(self, token_ids: Sequence[int]) -> int:
@@ -139,6 +172,15 @@ class Matcher:
         bm = self.tokenizer.allocate_bitmask(1, pin_memory=False)
         self.fill_mask(bm)
         return unpack_bitmask(bm, self.tokenizer.vocab_size)[0].nonzero().flatten().tolist()
+
+    def _failed(self, what: str) -> None:
+        """Raise GrammarViolation, unless llguidance hit a resource limit."""
+        detail = self.ll.get_error()
+        if not is_limit_error(detail):
+            raise GrammarViolation(self._error(what))
+        log.warning("grammar gave up (llguidance limit): %s", self._error(what))
+        if self.key is not None:
+            self.tokenizer.forget(self.key)
 
     def _error(self, what: str) -> str:
         detail = self.ll.get_error()

@@ -157,6 +157,11 @@ class GrammarTokenizer:
                 self._cache.popitem(last=False)
         return proto
 
+    def forget(self, key: str) -> None:
+        """Drop the compiled grammar `key` (its lexer hit a limit); recompiled on next use."""
+        with self._lock:
+            self._cache.pop(key, None)
+
     def __repr__(self) -> str:
         return (
             f"GrammarTokenizer(vocab_size={self.vocab_size}, "

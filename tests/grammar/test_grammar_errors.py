@@ -258,3 +258,26 @@ def test_errors_behind_ref_chains_point_at_the_keyword(schema, path, fragment):
     e = ei.value
     assert fragment in e.message
     assert e.json_path == path, (e.json_path, e.message)
+
+
+@pytest.mark.parametrize(
+    "spec,text",
+    [
+        ({"regex": "ab(c"}, "invalid regex at offset 2: unclosed group"),
+        ({"grammar": 'start: foo\nfoo: "a" bar\n'}, 'invalid grammar at line 2, col 6: unknown name: "bar"'),
+        (
+            {"json_schema": {"$defs": {"b": {"type": "integer", "minimum": 5, "maximum": 1}},
+                             "properties": {"q": {"$ref": "#/$defs/b"}}}},
+            (
+                "invalid json_schema at #/$defs/b/minimum: "
+                "Unsatisfiable schema: minimum (5) is greater than maximum (1)"
+            ),
+        ),
+    ],
+)  # fmt: skip
+def test_str_is_one_line_and_message_is_verbatim(spec, text):
+    """str(e) drops llguidance's caret diagrams and snippets; e.message keeps them."""
+    with pytest.raises(GrammarError) as ei:
+        Constraint(**spec)
+    assert str(ei.value) == text
+    assert "\n" in ei.value.message

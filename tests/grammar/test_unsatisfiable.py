@@ -109,9 +109,8 @@ def test_lark_grammars_without_a_finite_string(gtok, grammar, line, fragment):
 @pytest.mark.parametrize(
     "grammar",
     [
-        'start: "a" | b\nb: b "c"\n',  # b is dead, but start has another way
         'start: a\na: "x" a | "y"\n',
-        'start: a*\na: "x" a\n',  # zero repetitions finish
+        'start: a*\na: "x" a | "y"\n',
         'start: <|user|> "a"\n',
         'start: %json {"type": "integer"}\n',  # lark cannot read it: no verdict, compiles
         "start: NUMBER\n%import common.NUMBER\n",
@@ -119,6 +118,36 @@ def test_lark_grammars_without_a_finite_string(gtok, grammar, line, fragment):
 )
 def test_satisfiable_lark_grammars_compile(gtok, grammar):
     Constraint(grammar=grammar).compile(gtok)
+
+
+@pytest.mark.parametrize(
+    "grammar,line,fragment",
+    [
+        ('start: "a" | b\nb: b "c"\n', 2, "rule 'b' cannot derive a finite string"),
+        ('start: a*\na: "x" a\n', 2, "rule 'a'"),  # only zero repetitions finish
+        ('start: "a" | c\nc: d\nd: d\n', 3, "start -> c -> d -> d"),
+        ('start: "a" | B\nB: /[^\\s\\S]/\n', 2, "terminal B matches no string"),
+        ('start: (a a b | ) a A\na: B\nb: b\nA: "p" B?\nB: "t"\n', 3, "rule 'b'"),
+    ],
+)
+def test_lark_grammars_with_a_dead_end(gtok, grammar, line, fragment):
+    """Start can finish, but a reachable rule cannot: llguidance's masks would lead into it."""
+    e = _rejected(gtok, grammar=grammar)
+    assert e.message.startswith("grammar has a dead end: "), e.message
+    assert fragment in e.message and e.line == line
+
+
+def test_dead_end_is_real(gtok):
+    """Why dead ends are errors: the mask allows a prefix that can never complete."""
+    import llguidance
+
+    text = 'start: (a a b | ) a A\na: B\nb: b\nA: "p" B?\nB: "t"\n'
+    m = llguidance.LLMatcher(gtok.ll, llguidance.LLMatcher.grammar_from_lark(text), log_level=0)
+    t = gtok.ll.tokenize_str("t")
+    assert m.consume_tokens(t + t)  # "tt" is allowed ...
+    assert not m.is_accepting()
+    # ... and then nothing but the dead rule b is left.
+    assert m.validate_tokens(gtok.ll.tokenize_str("p")) == 0
 
 
 def _bytes_missing_c() -> Tokenizer:
