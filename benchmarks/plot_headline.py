@@ -60,6 +60,16 @@ def bars(ax, labels: list[str], values: list[float], colors: list[str], unit: st
         ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
 
 
+SHORT = {"Engine.generate": "generate", "generate, dynamic cache": "dynamic cache",
+         "generate, static cache (compiled)": "static cache", "search.best_of_n.run": "best_of_n",
+         "generate(num_return_sequences": "num_return_seq", "prompt prefilled once": "prefill once"}
+
+
+def label(row: dict) -> str:
+    mode = next((v for k, v in SHORT.items() if row["mode"].startswith(k)), row["mode"][:20])
+    return f"{row['system'].replace(' transformers', '')}\n{mode}"
+
+
 def color(system: str) -> str:
     for k, c in COLORS.items():
         if system.startswith(k):
@@ -100,15 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         single = [r for r in ok(wall["rows"]) if r["case"] == "single"]
         if single:
             panels.append(("Single stream: ms per token (incl. host)",
-                           [f"{r['system'].replace(' transformers', '')}\n{r['mode'][:28]}"
-                            for r in single],
+                           [label(r) for r in single],
                            [r["ms_per_token"] for r in single],
                            [color(r["system"]) for r in single], "ms / token", False))
         bo = [r for r in ok(wall["rows"]) if r["case"].startswith("best_of")]
         if bo:
             panels.append((f"{bo[0]['case'].replace('_', '-')}: wall time",
-                           [f"{r['system'].replace(' transformers', '')}\n{r['mode'][:28]}"
-                            for r in bo],
+                           [label(r) for r in bo],
                            [r["wall_s"] * 1e3 for r in bo], [color(r["system"]) for r in bo],
                            "ms", False))
     if not panels:
