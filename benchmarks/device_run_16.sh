@@ -21,8 +21,9 @@
 # what it measured. Why these sizes: a 135M model decodes a ToT level of 256
 # tokens in well under a second per question on an H100, so 8 questions per row
 # give a stable per-question time; 64 at in-flight 64 is the batched regime;
-# HF eager runs ~30 ms per token for a 30-layer model, so its ToT rows are capped
-# at 64 tokens and 1-8 questions to fit the budget.
+# HF eager decode is host-bound per layer (17.8 ms/token at 16 layers in the issue-3
+# run: ~30 ms expected at 30), so its ToT rows are capped at 64 tokens and 1-8
+# questions, each compared with Dendrite on the same questions and settings.
 set -u
 MODEL=default
 DEVICE=
