@@ -190,8 +190,10 @@ def _decode_loops(graphs, runner, prompt: torch.Tensor, n: int) -> dict:
         logits = runner.run(prompt, seq.meta(len(prompt)))
         return seq, logits.argmax(-1)
 
+    from graph_variants import set_skip_redundant_plans
+
     for mode in ("sync", "sync_replan", "pipelined"):
-        graphs.set_skip_redundant_plans(mode != "sync_replan")
+        set_skip_redundant_plans(graphs, mode != "sync_replan")
         seq, tok = start()
         plans0 = graphs.planner_calls
         torch.cuda.synchronize()
@@ -205,7 +207,7 @@ def _decode_loops(graphs, runner, prompt: torch.Tensor, n: int) -> dict:
         res[f"decode_{mode}_tok_s"] = n / dt
         res[f"decode_{mode}_ms"] = 1e3 * dt / n
         res[f"decode_{mode}_planner_calls"] = graphs.planner_calls - plans0
-    graphs.set_skip_redundant_plans(True)
+    set_skip_redundant_plans(graphs, True)
 
     # Host cost (GPU idle): building the metadata, and graphs.run() up to the launch.
     seq, tok = start()
@@ -287,7 +289,7 @@ def load_runner():
 
 
 def stage_dendrite(args, res: dict) -> None:
-    from dendrite.model.cuda_graph import CudaGraphDecodeRunner
+    from graph_variants import GreedyGraphRunner
 
     res.update(env_info())
     bw = copy_bandwidth()
@@ -336,9 +338,9 @@ def stage_dendrite(args, res: dict) -> None:
     log(f"eager decode {res['eager_decode_tok_s']:.1f} tok/s")
     save(args.out, "dendrite", res)
 
-    # CUDA graph decode, bucket 1.
-    graphs = CudaGraphDecodeRunner(runner.model, runner.kv_cache, runner.backend,
-                                   max_batch_size=1, buckets=(1,))
+    # CUDA graph decode, bucket 1 (greedy tokens taken in the graph).
+    graphs = GreedyGraphRunner(runner.model, runner.kv_cache, runner.backend,
+                               max_batch_size=1, buckets=(1,), kernels=runner.kernels)
     t0 = time.perf_counter()
     graphs.capture()
     res["graph_capture_s"] = time.perf_counter() - t0
@@ -355,11 +357,11 @@ def stage_dendrite(args, res: dict) -> None:
 def _batched(runner, args) -> dict:
     """Aggregate decode tok/s at a few batch sizes (replay only), for context."""
     from dendrite.attention.base import build_attention_metadata
-    from dendrite.model.cuda_graph import CudaGraphDecodeRunner
+    from graph_variants import GreedyGraphRunner
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    graphs = CudaGraphDecodeRunner(runner.model, runner.kv_cache, runner.backend,
-                                   max_batch_size=max(sizes), buckets=sizes)
+    graphs = GreedyGraphRunner(runner.model, runner.kv_cache, runner.backend,
+                               max_batch_size=max(sizes), buckets=sizes, kernels=runner.kernels)
     graphs.capture()
     out = {}
     # Tree-search shape: every row shares a 240-token prefix (15 pages) and
@@ -386,15 +388,16 @@ def _batched(runner, args) -> dict:
 
 
 def stage_dendrite_compile(args, res: dict, mode: bool | str = True) -> None:
-    from dendrite.model.cuda_graph import CudaGraphDecodeRunner
+    from graph_variants import CompiledGraphRunner
 
     runner = load_runner()
     g = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, runner.config.vocab_size, (DECODE_PROMPT,), generator=g).cuda()
     seq = OneSeq(runner)
     runner.run(runner.run(prompt, seq.meta(DECODE_PROMPT)).argmax(-1), seq.meta(1))  # JIT
-    graphs = CudaGraphDecodeRunner(runner.model, runner.kv_cache, runner.backend,
-                                   max_batch_size=1, buckets=(1,), compile=mode)
+    graphs = CompiledGraphRunner(runner.model, runner.kv_cache, runner.backend,
+                                 max_batch_size=1, buckets=(1,), kernels=runner.kernels,
+                                 mode=mode if isinstance(mode, str) else None)
     t0 = time.perf_counter()
     graphs.capture()
     res["compile_capture_s"] = time.perf_counter() - t0

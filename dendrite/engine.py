@@ -23,6 +23,13 @@ NaN logits for it: `ModelOutputError`) finishes that request with
 `finish_reason="error"` and the exception in `handle.error`; `step()` goes on
 with the others, and `run`/`generate` raise the error of the first of their
 own requests that failed (the other requests stay submitted and runnable).
+`cancel(handle)` ends one request ("abort") and keeps its sequence.
+
+The model side of a step is the runner's: the engine hands `ModelRunner` a
+`StepPlan` (tokens, positions, page tables, copy-on-write rows, which rows
+sample) and gets the logits of the sampling rows back; whether a CUDA graph
+is replayed or the model runs eagerly is decided there. The engine samples
+them (`dendrite.sampling`, with the runner's kernel config).
 
 Threads. Public methods hold one re-entrant lock, so several threads may
 share an engine: each call runs whole, and a thread's `generate` steps every
@@ -46,13 +53,14 @@ from typing import Callable, Iterable, Sequence as Seq
 import numpy as np
 import torch
 
-from dendrite.kv import BlockPool, KVTree, OutOfPages, RadixCache, Scheduler
-from dendrite.model.runner import ModelRunner
-from dendrite.sampling import SamplerOutput, SamplingParams, sample
+from dendrite.kernels.config import KernelConfig
+from dendrite.kv import BlockPool, KVTree, RadixCache, Scheduler
+from dendrite.model.runner import ModelRunner, StepPlan
+from dendrite.sampling import Sampler, SamplerOutput, SamplingParams
 from dendrite.stopping import StopChecker
 
 __all__ = ["Engine", "Sequence", "GenHandle", "GenResult", "LeafTooLarge", "ModelOutputError",
-           "MAX_FORK"]
+           "MAX_FORK", "TopLogprobs"]
 
 #: Most children one `fork` call makes; a larger fan-out is almost surely a bug
 #: (each child is a live leaf with its own bookkeeping).
@@ -103,15 +111,27 @@ def _check_priority(value: object) -> float:
     return float(value)
 
 
+#: One generated token's alternatives: (token id, logprob) of the n best, best first.
+TopLogprobs = list[tuple[int, float]]
+
+
 @dataclass
 class GenResult:
-    """What one generation request produced."""
+    """What one generation request produced.
+
+    `logprobs[i]` is the model's logprob of `token_ids[i]` (0.0 for a token
+    the grammar forced); with `SamplingParams.logprobs = n > 0`,
+    `top_logprobs[i]` lists the n most likely tokens at that position with
+    their logprobs, best first, as OpenAI's `top_logprobs` (a forced token:
+    itself alone, at 0.0); None when not asked for.
+    """
 
     token_ids: list[int]
     text: str
     logprobs: list[float]
     finish_reason: str  # "stop" | "eos" | "length" | "grammar" | "abort" | "error"
     complete: bool  # False when cut by max_tokens (or a grammar not accepted)
+    top_logprobs: list[TopLogprobs] | None = None
 
     @property
     def cumulative_logprob(self) -> float:
@@ -128,6 +148,9 @@ class GenHandle:
     matcher: object | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    #: Per token so far, its alternatives (see `GenResult.top_logprobs`); empty
+    #: unless `params.logprobs > 0`.
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     result: GenResult | None = None
     stop: StopChecker | None = None
     error: BaseException | None = None  # why it finished with "error"
@@ -142,7 +165,6 @@ class _Launched:
     """A step whose forward and sampling are queued and whose tokens are unread."""
 
     step: int  # the engine step number, for error messages
-
     seqs: list["Sequence"]  # the step's leaves, in row order
     handles: list[GenHandle]  # the requests that sample, in row order
     tokens: torch.Tensor | None  # their sampled ids, on the device
@@ -229,14 +251,19 @@ class Sequence:
 
 
 class Engine:
-    """Batched generation over a KV tree of forkable sequences."""
+    """Batched generation over a KV tree of forkable sequences.
+
+    `model_dir`, `device`, `dtype`, `num_pages`, `page_size`, `attention`,
+    `cuda_graphs`, `cascade` and `kernels` build the engine's `ModelRunner`
+    (see there); with a ready `runner` they are not used.
+    """
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str | None = None,
                  dtype: torch.dtype | str | None = None, num_pages: int | None = None,
                  page_size: int = 16, attention: str = "auto", max_batch_tokens: int = 2048,
                  prefix_cache: bool = True, max_wait_steps: int = 64,
                  cuda_graphs: bool = True, cascade: str = "auto",
-                 lookahead: bool | None = None,
+                 lookahead: bool | None = None, kernels: KernelConfig | None = None,
                  runner: ModelRunner | None = None) -> None:
         # Sizes are checked before the model loads: a typo costs no load time.
         max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
@@ -256,8 +283,11 @@ class Engine:
                 model_dir = default_model_dir()
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
+            # Decode steps whose leaves share a long prefix replay a cascade graph
+            # ("auto": when the graph rule says it is faster; "always"; "never").
             runner = ModelRunner(model_dir, device=device, dtype=dtype, num_pages=num_pages,
-                                 page_size=page_size, attention=attention)
+                                 page_size=page_size, attention=attention, kernels=kernels,
+                                 cuda_graphs=cuda_graphs, cascade=cascade)
         self.runner = runner
         self.model_dir = Path(runner.loaded.path)
         self.tokenizer = runner.tokenizer
@@ -265,12 +295,8 @@ class Engine:
         self.page_size = runner.page_size
         self.num_pages = runner.num_pages
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
-        # Decode steps whose leaves share a long prefix replay a cascade graph
-        # ("auto": when GRAPH_CASCADE_RULE says it is faster; "always"; "never").
-        self.graphs = self._make_graph_runner(cascade) if cuda_graphs else None
-        # The graph runner pads rows into the pool's last page: keep it out of the pool.
-        usable = self.num_pages - 1 if self.graphs is not None else self.num_pages
-        self.pool = BlockPool(usable, self.page_size)
+        # (CUDA graphs pad rows into a page of their own: not the allocator's.)
+        self.pool = BlockPool(runner.allocatable_pages, self.page_size)
         self.tree = KVTree(self.pool)
         self.cache = RadixCache(self.pool) if prefix_cache else None
         self.max_batch_tokens = max_batch_tokens
@@ -279,6 +305,7 @@ class Engine:
         # the queue (FIFO among such leaves), which bounds every wait.
         self.max_wait_steps = max_wait_steps
         self.scheduler = Scheduler(token_budget=max_batch_tokens, chunk_size=max_batch_tokens)
+        self.sampler = Sampler(kernels=runner.kernels)
         self._grammar_tokenizer = None
         self._live: dict[int, Sequence] = {}  # node -> sequence (leaf handles)
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
@@ -292,20 +319,6 @@ class Engine:
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
                       "prefix_tokens_reused": 0, "fork_seconds": 0.0, "lookahead_steps": 0,
                       "lookahead_rows_wasted": 0, "errors": 0}
-
-    def _make_graph_runner(self, cascade: str):
-        """Decode steps replay captured CUDA graphs (CUDA + FlashInfer only)."""
-        from dendrite.attention.flashinfer_backend import FlashInferBackend
-
-        if self.device.type != "cuda" or not isinstance(self.runner.backend, FlashInferBackend):
-            return None
-        from dendrite.model.cuda_graph import CudaGraphDecodeRunner
-
-        graphs = CudaGraphDecodeRunner(self.runner.model, self.runner.kv_cache,
-                                       self.runner.backend, max_batch_size=64,
-                                       cascade=cascade, greedy=False)
-        graphs.capture()
-        return graphs
 
     # -- sequences -------------------------------------------------------------
     @_locked
@@ -438,6 +451,32 @@ class Engine:
         self._untrack(seq)
         self.tree.release(seq.node)
         seq.released = True
+
+    @_locked
+    def cancel(self, handle: GenHandle) -> bool:
+        """End `handle`'s request now, with `finish_reason="abort"`; False if it
+        had already finished (then nothing changes).
+
+        The result keeps the tokens generated so far, and so does the sequence,
+        which stays live and the caller's: it can be generated on, forked or
+        released as after any finished request. A step already queued for the
+        request (see `step`) drops its row when it completes.
+        """
+        if not isinstance(handle, GenHandle):
+            raise TypeError(f"cancel needs a GenHandle, got {type(handle).__name__}")
+        if handle.seq._engine is not self:
+            raise ValueError("cancel: the handle belongs to another engine")
+        if handle.done:
+            return False
+        seq = handle.seq
+        self._finish(handle, "abort", complete=False)
+        ahead = self._ahead
+        if ahead is not None and any(s is seq for s in ahead.seqs):
+            # The step launched ahead holds the last token in the cache (its
+            # placeholder was filled in); an idle branch keeps it pending, so
+            # whoever continues the branch recomputes it for fresh logits.
+            self._keep_last_token_pending(seq)
+        return True
 
     def _cache_insert(self, seq: Sequence) -> None:
         n = self.tree.num_tokens(seq.node)
@@ -580,8 +619,9 @@ class Engine:
         if fed is None:
             for s, c in plan:
                 del s.pending[:c]
-        sample_rows = [i for i, s in enumerate(seqs)
-                       if not s.pending and s.handle is not None and not s.handle.done]
+        sample_rows = np.asarray([i for i, s in enumerate(seqs) if not s.pending
+                                  and s.handle is not None and not s.handle.done],
+                                 dtype=np.int64)
         sample_handles = [seqs[i].handle for i in sample_rows]
 
         # Grammar masks are computed while the forward runs: on CUDA, on this
@@ -593,18 +633,11 @@ class Engine:
         qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=qo_indptr[1:])
         positions = np.repeat(starts - qo_indptr[:-1], counts) + np.arange(len(flat_tokens))
-        meta = self.runner.build_metadata(positions, appended.slot_mapping, qo_indptr, indptr,
-                                          indices, last_len, validate=False)
-        logit_rows = (qo_indptr[1:] - 1)[sample_rows]
-        ids = fed if fed is not None else flat_tokens
-        if (self.graphs is not None and len(sample_rows) == len(seqs)
-                and self.graphs.can_run(meta)):
-            if len(appended.copies):
-                self.runner.kv_cache.copy_pages(appended.copies)
-            # (valid until the next replay)
-            logits, _ = self.graphs.run(ids, meta, host_indices=indices)
-        else:
-            logits = self.runner.run(ids, meta, logit_rows, copies=appended.copies)
+        step = StepPlan(input_ids=fed if fed is not None else flat_tokens, positions=positions,
+                        slot_mapping=appended.slot_mapping, qo_indptr=qo_indptr,
+                        kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last_len,
+                        copies=appended.copies, sample_rows=sample_rows)
+        logits = self.runner.execute(step)  # (valid until the next execute)
         self.stats["steps"] += 1
         self.stats["forward_tokens"] += int(counts.sum())
         if not sample_handles:
@@ -619,9 +652,10 @@ class Engine:
         sample_pos = (starts + counts)[sample_rows].tolist()
         history = [h.seq.tokens for h in sample_handles] if any(
             h.params.repetition_penalty != 1.0 for h in sample_handles) else None
-        out = sample(logits, [h.params for h in sample_handles], sample_pos,
-                     prev_tokens=history, allowed=allowed)
-        return _Launched(self.stats["steps"], seqs, sample_handles, out.token_ids, out.cpu_async(), allowed)
+        out = self.sampler(logits, [h.params for h in sample_handles], sample_pos,
+                           prev_tokens=history, allowed=allowed)
+        return _Launched(self.stats["steps"], seqs, sample_handles, out.token_ids,
+                         out.cpu_async(), allowed)
 
     def _launch_ahead(self, cur: "_Launched") -> "_Launched | None":
         """Launch the step after `cur` before `cur`'s tokens are read, if it is certain.
@@ -660,8 +694,12 @@ class Engine:
         out = cur.host()
         finished = []
         fixes: list[tuple[int, int]] | None = [] if placeholders else None
-        for h, tok, lp in zip(cur.handles, out.token_ids.tolist(), out.logprobs.tolist()):
-            if h.done:  # stopped or released while this step was queued
+        top_ids = top_lps = None
+        if out.top_token_ids is not None:
+            top_ids, top_lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
+        for i, (h, tok, lp) in enumerate(zip(cur.handles, out.token_ids.tolist(),
+                                             out.logprobs.tolist())):
+            if h.done:  # stopped, cancelled or released while this step was queued
                 self.stats["lookahead_rows_wasted"] += 1
                 continue
             if math.isnan(lp):
@@ -669,7 +707,11 @@ class Engine:
                 self._reject_row(h, cur.step, placeholders=fixes is not None)
                 finished.append(h)
                 continue
-            if self._accept(h, tok, lp, placeholders=fixes):
+            top = None
+            if h.params.logprobs > 0:  # (then top_ids is set: the sampler saw this row ask)
+                n = h.params.logprobs
+                top = list(zip(top_ids[i][:n], top_lps[i][:n]))
+            if self._accept(h, tok, lp, top, placeholders=fixes):
                 finished.append(h)
         if fixes:
             nodes, toks = zip(*fixes)
@@ -903,9 +945,10 @@ class Engine:
         if self._mask_prefetch is not None:
             self._mask_prefetch[1].result()
 
-    def _accept(self, h: GenHandle, tok: int, lp: float,
+    def _accept(self, h: GenHandle, tok: int, lp: float, top: TopLogprobs | None = None,
                 placeholders: list[tuple[int, int]] | None = None) -> bool:
-        """Record a sampled token; returns True when the request finished.
+        """Record a sampled token (and its alternatives `top`, when the request
+        asks for them); returns True when the request finished.
 
         With `placeholders`, a step launched ahead already appended this token
         to the leaf (its id unknown then): a continuing leaf adds (node, id)
@@ -915,6 +958,8 @@ class Engine:
         seq = h.seq
         h.token_ids.append(tok)
         h.logprobs.append(lp)
+        if top is not None:
+            h.top_logprobs.append(top)
         if h.matcher is not None:
             h.matcher.consume(tok)
         reason = h.stop.check(h.token_ids)
@@ -926,6 +971,8 @@ class Engine:
         if reason == "eos":
             h.token_ids.pop()
             h.logprobs.pop()
+            if top is not None:
+                h.top_logprobs.pop()
             self._keep_last_token_pending(seq)
             self._finish(h, "eos", complete=self._grammar_ok(h))
             return True
@@ -962,6 +1009,8 @@ class Engine:
         for tok in forced[:room]:
             h.token_ids.append(tok)
             h.logprobs.append(0.0)
+            if h.params.logprobs > 0:  # certain under the grammar: no alternative
+                h.top_logprobs.append([(tok, 0.0)])
             h.matcher.consume(tok)
             h.seq.pending.append(tok)
         if h.matcher.is_stopped():
@@ -975,15 +1024,16 @@ class Engine:
 
     def _finish(self, h: GenHandle, reason: str, complete: bool) -> None:
         text = h.stop.final_text(h.token_ids) if h.stop else self.tokenizer.decode(h.token_ids)
+        top = list(h.top_logprobs) if h.params.logprobs > 0 else None
         h.result = GenResult(token_ids=list(h.token_ids), text=text, logprobs=list(h.logprobs),
-                             finish_reason=reason, complete=complete)
+                             finish_reason=reason, complete=complete, top_logprobs=top)
 
     # -- introspection ---------------------------------------------------------------------
     @_locked
     def memory_stats(self) -> dict:
         return {"pages_used": self.pool.used, "pages_free": self.pool.free,
                 "pages_total": self.num_pages, "high_watermark": self.pool.high_watermark,
-                "bytes_per_page": self.runner.kv_cache.nbytes // self.num_pages}
+                "bytes_per_page": self.runner.kv_bytes_per_page}
 
     @_locked
     def close(self) -> None:

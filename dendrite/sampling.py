@@ -13,7 +13,13 @@ batch composition, and a forked branch sharing the seed draws exactly what
 an unforked run draws. Rows without a seed get fresh random keys.
 
 Reported logprobs are the model's: `log_softmax` of the raw logits, before
-penalties, masks and temperature.
+penalties, masks and temperature. So are the top-n alternatives a row asks
+for (`SamplingParams.logprobs`), computed from its logits row on either path.
+
+Two paths pick the tokens: the torch ops here (the reference, and the only
+one on the CPU), and on CUDA the one-pass Triton kernel of
+dendrite/kernels/sample.py for batches it covers (masks, temperature, seeded
+noise) when the sampler's `KernelConfig` allows it. Both give the same tokens.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dendrite.kernels.config import KernelConfig
 from dendrite.transfer import to_device
 
 __all__ = [
     "Sampler",
     "SamplerOutput",
     "SamplingParams",
+    "fusable_params",
     "gumbel_noise",
     "row_keys",
     "sample",
+    "top_logprobs",
     "unpack_bitmask",
 ]
 
@@ -127,8 +136,11 @@ class SamplerOutput:
 
     token_ids: torch.Tensor  # int64 [B]
     logprobs: torch.Tensor  # float32 [B], chosen token under the model
-    top_token_ids: torch.Tensor | None = None  # int64 [B, n], n = max logprobs asked
-    top_logprobs: torch.Tensor | None = None  # float32 [B, n]
+    #: int64 [B, n], n = the most `logprobs` any row asked for (None: none
+    #: asked): row r's best `params[r].logprobs` tokens, best first; the
+    #: rest of the row is -1 (see `top_logprobs`).
+    top_token_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None  # float32 [B, n], -inf past a row's count
 
     def cpu(self) -> SamplerOutput:
         """Host copies; from CUDA all copies are queued first and waited for once."""
@@ -277,14 +289,49 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     return x
 
 
+def top_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 logprobs: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The top-n alternatives of the rows that ask (`SamplingParams.logprobs`).
+
+    Returns (ids int64 [B, n], logprobs float32 [B, n]) with n the largest
+    count asked, or (None, None) when no row asks. Row r holds its best
+    `params[r].logprobs` tokens under `log_softmax(logits[r])`, best first
+    (ties to the lower id, as `topk`); the rest of the row is (-1, -inf).
+    The log-softmax is computed for the asking rows only, unless `logprobs`
+    (the whole batch's, already computed) is given.
+    """
+    counts = [min(p.logprobs, logits.shape[1]) for p in params]
+    n = max(counts, default=0)
+    if n == 0:
+        return None, None
+    b, dev = logits.shape[0], logits.device
+    rows = [r for r, c in enumerate(counts) if c > 0]
+    idx = torch.tensor(rows, device=dev)
+    lp = logprobs[idx] if logprobs is not None else torch.log_softmax(logits[idx].float(), -1)
+    vals, ids = lp.topk(n, dim=-1)
+    # Rows asking for fewer than n keep their first counts[r] entries.
+    keep = torch.arange(n, device=dev)[None, :] < torch.tensor(
+        [counts[r] for r in rows], device=dev)[:, None]
+    out_ids = torch.full((b, n), -1, dtype=torch.int64, device=dev)
+    out_lps = torch.full((b, n), float("-inf"), dtype=torch.float32, device=dev)
+    out_ids[idx] = ids.masked_fill(~keep, -1)
+    out_lps[idx] = vals.float().masked_fill(~keep, float("-inf"))
+    return out_ids, out_lps
+
+
 # -- the sampler --------------------------------------------------------------------
 
 
 class Sampler:
-    """Stateless per row except for the random keys of unseeded rows."""
+    """Stateless per row except for the random keys of unseeded rows.
 
-    def __init__(self, seed: int | None = None) -> None:
+    `kernels.fused_sampling` lets CUDA batches take the fused kernel (the
+    engine passes its runner's config; default: allowed)."""
+
+    def __init__(self, seed: int | None = None, *, kernels: KernelConfig | None = None) -> None:
         self._rng = random.Random(seed)
+        self.kernels = kernels if kernels is not None else KernelConfig()
 
     def __call__(
         self,
@@ -334,12 +381,8 @@ class Sampler:
             tokens[rows] = (xs + gumbel_noise(keys, vocab, x.device)).argmax(dim=-1)
 
         chosen = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
-        n = max((p.logprobs for p in params), default=0)
-        top_ids = top_lps = None
-        if n > 0:
-            top_lps, top_ids = logprobs_all.topk(min(n, vocab), dim=-1)
+        top_ids, top_lps = top_logprobs(logits, params, logprobs_all)
         return SamplerOutput(tokens, chosen, top_ids, top_lps)
-
 
     def _keys(self, params: Sequence[SamplingParams],
               positions: Sequence[int] | np.ndarray | torch.Tensor,
@@ -350,20 +393,18 @@ class Sampler:
                  for r in rows]
         return row_keys(seeds, [pos[r] for r in rows])
 
-    @staticmethod
-    def _fusable(logits: torch.Tensor, params: Sequence[SamplingParams],
+    def _fusable(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                  prev_tokens: object, allowed: torch.Tensor | None) -> bool:
-        """The one-pass CUDA kernel covers masks, temperature and seeded noise;
-        penalties, top-k/p, min-p and top-n logprobs stay on the torch path."""
+        """The one-pass CUDA kernel covers masks, temperature and seeded noise
+        (top-n logprobs are added from the rows that ask); penalties, top-k/p
+        and min-p stay on the torch path."""
         if not logits.is_cuda or (allowed is not None and allowed.dtype != torch.int32):
             return False
-        vocab = logits.shape[1]
-        if any(p.repetition_penalty != 1.0 or 0 < p.top_k < vocab or p.top_p < 1.0
-               or p.min_p > 0.0 or p.logprobs > 0 for p in params):
+        if not fusable_params(params, logits.shape[1]):
             return False
         from dendrite.kernels.sample import fused_sampling_available
 
-        return fused_sampling_available()
+        return fused_sampling_available(self.kernels)
 
     def _fused(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                positions: Sequence[int] | np.ndarray | torch.Tensor,
@@ -378,8 +419,17 @@ class Sampler:
         dev = logits.device
         row_params = to_device(pack_row_params(keys, temps), dev)
         mask = allowed.to(dev, non_blocking=True) if allowed is not None else None
-        tokens, logprobs = fused_sample(logits.float(), row_params, mask)
-        return SamplerOutput(tokens, logprobs)
+        logits = logits.float()
+        tokens, logprobs = fused_sample(logits, row_params, mask)
+        top_ids, top_lps = top_logprobs(logits, params)
+        return SamplerOutput(tokens, logprobs, top_ids, top_lps)
+
+
+def fusable_params(params: Sequence[SamplingParams], vocab_size: int) -> bool:
+    """Whether the fused kernel covers every row's parameters (see `Sampler`):
+    no repetition penalty, top-k, top-p or min-p; top-n logprobs are fine."""
+    return not any(p.repetition_penalty != 1.0 or 0 < p.top_k < vocab_size or p.top_p < 1.0
+                   or p.min_p > 0.0 for p in params)
 
 
 _default_sampler = Sampler()

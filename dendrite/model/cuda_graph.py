@@ -2,9 +2,10 @@
 
 A decode step of a small model is hundreds of tiny kernels; launched from
 Python each costs more than it computes. Here the whole step -- embedding,
-every layer (K/V write + FlashInfer decode attention), final norm, logits of
-the B rows and the greedy argmax -- is captured once per bucket
-(1, 2, 4, 8, ... up to `max_batch_size`) and replayed.
+every layer (K/V write + FlashInfer decode attention), final norm and the
+logits of the B rows -- is captured once per bucket (1, 2, 4, 8, ... up to
+`max_batch_size`) and replayed. `ModelRunner` owns one and decides per step
+whether it replays or the eager path runs.
 
 What changes between replays lives in fixed-address buffers:
 
@@ -24,14 +25,9 @@ reserved "pad page" and write their K/V into it, so they never touch a real
 sequence's KV. That page must never be handed out by the page allocator
 (default: the pool's last page -- give the allocator `num_pages - 1`).
 
-`compile=True` additionally runs the captured forward through
-`torch.compile` first, so the elementwise tails (RMSNorm, RoPE, SiLU*up,
-residual adds) fuse into a few Triton kernels instead of ~40 launches per
-layer; the K/V write and the FlashInfer call are opaque custom ops over the
-whole pool (see `_ops`). It costs a compile per bucket and is opt-in.
-
-Outputs (`logits` [B, V] float32 and greedy `tokens` [B] int64) are views of
-static buffers: the next `run()` overwrites them, so consume or copy first.
+The kernels captured are those the runner's `KernelConfig` allows (fixed at
+capture). The output (`logits` [B, V] float32) is a view of a static buffer:
+the next `run()` overwrites it, so consume or copy it first.
 No host sync happens in `run()` except the backend's `PlanFence` when a
 bucket's wrapper is re-planned: it keeps FlashInfer's pinned planning buffer
 from being rewritten while the previous plan's copy out of it is still queued.
@@ -39,7 +35,6 @@ from being rewritten while the previous plan's copy out of it is still queued.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -54,13 +49,12 @@ from dendrite.attention.flashinfer_backend import (
     GraphDecodeWrapper,
 )
 from dendrite.kernels import tree_attention
+from dendrite.kernels.config import KernelConfig
 from dendrite.kernels.tree_attention import TreeAttention
 from dendrite.model.kv_cache import KVCache
 
 __all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "GRAPH_CASCADE_RULE", "GRAPH_TREE_RULE",
-           "bucket_for", "greedy_tokens", "scatter_rows", "tree_attention_supported"]
-
-log = logging.getLogger(__name__)
+           "bucket_for", "tree_attention_supported"]
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -85,138 +79,13 @@ GRAPH_TREE_RULE = CascadeRule(min_batch=2, min_shared=16, min_saved_tokens=0,
                               min_shared_ratio=0.0)
 
 
-def tree_attention_supported(backend: FlashInferBackend, kv_cache: KVCache) -> bool:
+def tree_attention_supported(backend: FlashInferBackend, kv_cache: KVCache,
+                             kernels: KernelConfig = KernelConfig()) -> bool:
     """Whether cascade graphs can use `TreeAttention` for this backend and cache."""
     return (not any(w is not None for w in (backend.sliding_windows or []))
             and tree_attention.supported(backend.num_heads, backend.num_kv_heads,
-                                         backend.head_dim, kv_cache.dtype, kv_cache.device))
-
-
-#: GraphDecodeWrapper by id, for the custom ops the compiler sees (ops take no objects).
-_WRAPPERS: dict[int, GraphDecodeWrapper] = {}
-_OPS: dict[str, Any] = {}
-
-
-def _ops() -> dict[str, Any]:
-    """Two custom ops, opaque to torch.compile, registered once.
-
-    `dendrite::kv_write(kv, rows, values)` scatters K and V rows into the
-    whole pool `kv` (viewed as [L * 2 * num_pages * page_size, Hkv, D]) in one
-    kernel, mutating it in place; `dendrite::graph_decode_attention(q, kv,
-    layer, wrapper_id)` reads it. Both take the pool itself, not per-layer
-    views: a graph input written through a view makes the compiler
-    materialize (copy) the whole layer cache every step, while a graph input
-    mutated by an op is updated in place, and the data dependency through
-    `kv` keeps the write before the read.
-    """
-    if not _OPS:
-        @torch.library.custom_op("dendrite::kv_write", mutates_args=("kv",))
-        def kv_write(kv: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-            scatter_rows(kv.view(-1, kv.shape[-2] * kv.shape[-1]), rows,
-                         values.reshape(values.shape[0], -1))
-
-        @kv_write.register_fake
-        def _(kv, rows, values):
-            return None
-
-        @torch.library.custom_op("dendrite::graph_decode_attention", mutates_args=())
-        def attention(q: torch.Tensor, kv: torch.Tensor, layer: int,
-                      wrapper_id: int) -> torch.Tensor:
-            return _WRAPPERS[wrapper_id].run(q, kv[layer, 0], kv[layer, 1])
-
-        @attention.register_fake
-        def _(q, kv, layer, wrapper_id):
-            return torch.empty_like(q)
-
-        _OPS.update(kv_write=kv_write, attention=attention)
-    return _OPS
-
-
-_ROWS_KERNEL: Any = None
-
-
-def _rows_kernel() -> Any:
-    """Triton kernel: dst[rows[i], :] = src[i, :], one program per row."""
-    global _ROWS_KERNEL
-    if _ROWS_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def kernel(dst, rows, src, n: tl.constexpr, block: tl.constexpr):
-            i = tl.program_id(0)
-            r = tl.load(rows + i).to(tl.int64)  # pools can exceed 2**31 elements
-            offs = tl.arange(0, block)
-            m = offs < n
-            x = tl.load(src + i.to(tl.int64) * n + offs, mask=m)
-            tl.store(dst + r * n + offs, x, mask=m)
-
-        _ROWS_KERNEL = kernel
-    return _ROWS_KERNEL
-
-
-def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
-    """`dst[rows] = src` for 2-D `dst` [R, n] and `src` [len(rows), n].
-
-    One small Triton launch on CUDA (PyTorch's generic `index_put_` kernel
-    takes ~3 us for a few KV rows, a tenth of a decode layer's budget);
-    `index_put_` elsewhere.
-    """
-    if dst.is_cuda and dst.is_contiguous() and rows.numel():
-        try:
-            kernel = _rows_kernel()
-        except ImportError:
-            kernel = None
-        if kernel is not None:
-            n = dst.shape[1]
-            kernel[(rows.numel(),)](dst, rows, src.contiguous(), n=n,
-                                    block=max(16, 1 << (n - 1).bit_length()))
-            return
-    dst.index_put_((rows,), src)
-
-
-def _rows(t: torch.Tensor | None, b: int) -> torch.Tensor | None:
-    return None if t is None else t[:b]
-
-
-def greedy_tokens(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """`logits.argmax(-1)` in two passes: per-chunk maxima, then the best chunk.
-
-    A single argmax over a 128K vocabulary is one long serial reduction per
-    row (~25 us at batch 1); split in chunks it spreads over the SMs. Ties
-    resolve to the lowest index, as `argmax` does.
-    """
-    b, v = logits.shape
-    n = -(-v // chunk)
-    if n * chunk != v:
-        logits = torch.nn.functional.pad(logits, (0, n * chunk - v), value=float("-inf"))
-    vals, idx = logits.view(b, n, chunk).max(dim=-1)
-    best = vals.argmax(dim=-1, keepdim=True)
-    return (best * chunk + idx.gather(-1, best)).squeeze(-1)
-
-
-class _OpaqueKV:
-    """KVCache look-alike for compiled capture: `write` goes through the custom op.
-
-    K and V of a step become one scatter: rows `(2 * layer + {0, 1}) *
-    slots_per_layer + slot` of the flattened pool, values `cat(k, v)` (the
-    compiler fuses the concatenation into the kernels producing k and v).
-    """
-
-    def __init__(self, kv_cache: KVCache) -> None:
-        self.kv = kv_cache.kv
-        self.num_kv_heads, self.head_dim = kv_cache.num_kv_heads, kv_cache.head_dim
-        self._slots = kv_cache.num_pages * kv_cache.page_size
-        self._write = _ops()["kv_write"]
-
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[layer, 0], self.kv[layer, 1]
-
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        base = 2 * layer * self._slots
-        rows = torch.cat([slot_mapping + base, slot_mapping + (base + self._slots)])
-        self._write(self.kv, rows, torch.cat([k, v]))
+                                         backend.head_dim, kv_cache.dtype, kv_cache.device,
+                                         kernels))
 
 
 def bucket_for(batch_size: int, buckets: Sequence[int]) -> int | None:
@@ -231,39 +100,20 @@ class _GraphAttention:
     """The backend the model sees while a bucket is captured.
 
     `plan()` is a no-op (the runner plans the bucket's wrapper before each
-    replay); `forward()` runs that wrapper, so the captured kernels read the
-    wrapper's fixed buffers.
+    replay); `forward()` runs that wrapper (FlashInfer's flat decode or two
+    cascade levels, or Dendrite's `TreeAttention`), so the captured kernels
+    read the wrapper's fixed buffers.
     """
 
-    def __init__(self, gw: GraphDecodeWrapper, kv: torch.Tensor | None = None) -> None:
+    def __init__(self, gw: GraphDecodeWrapper | GraphCascadeWrapper | TreeAttention) -> None:
         self.gw = gw
-        self.kv = kv  # set: go through the custom op over the whole pool (compiled capture)
-        self.wrapper_id = id(gw)
-        if kv is not None:
-            _WRAPPERS[self.wrapper_id] = gw
-            self.op = _ops()["attention"]
 
     def plan(self, meta: AttentionMetadata) -> None:  # planned outside the graph
         return None
 
     def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
-        if self.kv is not None:
-            return self.op(q, self.kv, layer, self.wrapper_id)
         return self.gw.run(q, k_cache, v_cache)
-
-
-class _GraphCascadeAttention(_GraphAttention):
-    """The backend the model sees while a bucket's cascade graph is captured
-    (FlashInfer's two levels, or Dendrite's `TreeAttention`)."""
-
-    def __init__(self, cw: GraphCascadeWrapper | TreeAttention) -> None:
-        self.cw = cw
-        self.kv = None
-
-    def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
-        return self.cw.run(q, k_cache, v_cache)
 
 
 @dataclass
@@ -271,8 +121,7 @@ class _Bucket:
     size: int
     gw: GraphDecodeWrapper | GraphCascadeWrapper | TreeAttention
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # float32 [size, V]
-    tokens: torch.Tensor  # int64 [size]
+    out: Any  # what `_forward` returned at capture: float32 logits [size, V]
 
 
 class CudaGraphDecodeRunner:
@@ -291,30 +140,24 @@ class CudaGraphDecodeRunner:
             over the batch, shared pages counted per sequence); default
             enough for every row to span `max_seq_len` tokens.
         max_seq_len: default `min(model max positions, pool size)`.
-        compile: fuse the forward with `torch.compile` before capturing;
-            a string is taken as the compile mode (e.g.
-            "max-autotune-no-cudagraphs"; never a CUDA-graph mode: the
-            runner captures the graphs itself).
-        skip_redundant_plans: reuse FlashInfer's decode schedule while no
-            row's page count changed (see `GraphDecodeWrapper`).
         cascade: "auto" (a step whose rows share a long page prefix replays
             a cascade graph when `cascade_rule` says so), "always" (whenever
-            rows share a page), "never". Not with `compile`.
+            rows share a page), "never".
         cascade_rule: `(rows, shared_tokens, own_tokens) -> bool`, default
             `GRAPH_TREE_RULE` with `tree_attention`, else `GRAPH_CASCADE_RULE`.
         tree_attention: cascade graphs run Dendrite's `TreeAttention`
             kernels (the shared pages and every row's own pages in one
             split-KV pass plus a merge) instead of FlashInfer's two levels;
-            default: where `tree_attention.supported`.
+            default: where `tree_attention_supported` (and `kernels`) allow.
+        kernels: the kernel families the captured forward may use.
     """
 
     def __init__(self, model: Any, kv_cache: KVCache, backend: FlashInferBackend, *,
                  max_batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  pad_page: int | None = None, max_pages: int | None = None,
-                 max_seq_len: int | None = None, compile: bool | str = False,
-                 skip_redundant_plans: bool = True, cascade: str = "auto",
-                 cascade_rule: Any = None, greedy: bool = True,
-                 tree_attention: bool | None = None) -> None:
+                 max_seq_len: int | None = None, cascade: str = "auto",
+                 cascade_rule: Any = None, tree_attention: bool | None = None,
+                 kernels: KernelConfig | None = None) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
@@ -337,12 +180,7 @@ class CudaGraphDecodeRunner:
                                        device=self.device)
         self.qo_indptr = torch.arange(max_batch_size + 1, dtype=torch.int32, device=self.device)
         self.kv_lens = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
-        self.compile = bool(compile)
-        self.skip_redundant_plans = skip_redundant_plans
-        mode = compile if isinstance(compile, str) else None
-        self._fwd = torch.compile(self._forward, dynamic=False, mode=mode) if compile \
-            else self._forward
-        self._model_kv = _OpaqueKV(kv_cache) if compile else kv_cache
+        self.kernels = kernels if kernels is not None else KernelConfig()
         self._graphs: dict[int, _Bucket] = {}
         self._cascade_graphs: dict[int, _Bucket] = {}  # captured on first use
         self._pool: Any = None
@@ -350,14 +188,11 @@ class CudaGraphDecodeRunner:
             raise ValueError(f"cascade must be auto, always or never, not {cascade!r}")
         self.cascade = cascade
         if tree_attention is None:
-            tree_attention = tree_attention_supported(backend, kv_cache)
+            tree_attention = tree_attention_supported(backend, kv_cache, self.kernels)
         self.tree_attention = bool(tree_attention)
         self.cascade_rule = cascade_rule or (GRAPH_TREE_RULE if self.tree_attention
                                              else GRAPH_CASCADE_RULE)
         self.stats = {"cascade_steps": 0, "flat_steps": 0}
-        # The graphs also take the greedy tokens (a caller that samples
-        # itself, like the engine, passes False and saves their kernels).
-        self.greedy = greedy
         windows = [w for w in (backend.sliding_windows or []) if w is not None]
         self._min_window = min(windows) if windows else None
 
@@ -370,7 +205,7 @@ class CudaGraphDecodeRunner:
         a tree search meets most of them, and a capture in the middle of one
         would stall it (FlashInfer's cascade graphs stay captured on first use).
         """
-        tree = self.tree_attention and self.cascade != "never" and not self.compile
+        tree = self.tree_attention and self.cascade != "never"
         for bs in sorted(self.buckets, reverse=True):
             if bs not in self._graphs:
                 self._graphs[bs] = self._capture(bs)
@@ -385,11 +220,18 @@ class CudaGraphDecodeRunner:
             kv_last_page_len=gw.last_page_len, kv_lens=self.kv_lens[:bs], is_decode=True,
             page_size=self.page_size, host=None)
 
-    def _forward(self, bs: int, meta: AttentionMetadata,
-                 attn: _GraphAttention) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(self.input_ids[:bs], meta, self._model_kv, attn)
-        logits = self.model.compute_logits(hidden)
-        return logits, (greedy_tokens(logits) if self.greedy else None)
+    def _forward(self, bs: int, meta: AttentionMetadata, attn: _GraphAttention) -> Any:
+        """What a bucket captures: the forward of its rows to float32 logits [bs, V]."""
+        hidden = self.model(self.input_ids[:bs], meta, self.kv, attn, kernels=self.kernels)
+        return self.model.compute_logits(hidden, self.kernels)
+
+    def _flat_attention(self, gw: GraphDecodeWrapper) -> _GraphAttention:
+        """The attention a flat bucket captures around its decode wrapper."""
+        return _GraphAttention(gw)
+
+    def _outputs(self, out: Any, b: int) -> Any:
+        """The first `b` rows of a bucket's captured output (what `run` returns)."""
+        return out[:b]
 
     def _capture(self, bs: int, cascade: bool = False) -> _Bucket:
         # Every row: one pad page holding one token, writing into the pad slot.
@@ -407,30 +249,29 @@ class CudaGraphDecodeRunner:
                 qo_indptr=self.qo_indptr[:bs + 1], kv_indptr=self.qo_indptr[:bs + 1],
                 kv_indices=gw.indices, kv_last_page_len=self.kv_lens[:bs],
                 kv_lens=self.kv_lens[:bs], is_decode=True, page_size=self.page_size, host=None)
-            attn = _GraphCascadeAttention(gw)
+            attn = _GraphAttention(gw)
         elif cascade:  # the shared level: the pad page, as one full page
-            gw = GraphCascadeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
+            gw = GraphCascadeWrapper(self.backend, bs, self.max_pages)
             gw.plan(pad[:1], rows, pad, ones)
-            meta, attn = self._static_meta(bs, gw.unique), _GraphCascadeAttention(gw)
+            meta, attn = self._static_meta(bs, gw.unique), _GraphAttention(gw)
         else:
-            gw = GraphDecodeWrapper(self.backend, bs, self.max_pages, self.skip_redundant_plans)
+            gw = GraphDecodeWrapper(self.backend, bs, self.max_pages)
             gw.plan(rows, pad, ones)
-            meta, attn = self._static_meta(bs, gw), _GraphAttention(
-                gw, self.kv.kv if self.compile else None)
+            meta, attn = self._static_meta(bs, gw), self._flat_attention(gw)
         # Warm up on a side stream (cuBLAS handles/workspaces, lazy inits), as
         # torch.cuda.graph's documentation asks.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(3):  # (the first call compiles when `compile`)
-                self._fwd(bs, meta, attn)
+            for _ in range(3):
+                self._forward(bs, meta, attn)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, tokens = self._fwd(bs, meta, attn)
+            out = self._forward(bs, meta, attn)
         if self._pool is None:
             self._pool = graph.pool()
-        return _Bucket(bs, gw, graph, logits, tokens)
+        return _Bucket(bs, gw, graph, out)
 
     # -- replay ---------------------------------------------------------------
     def can_run(self, meta: AttentionMetadata) -> bool:
@@ -448,15 +289,14 @@ class CudaGraphDecodeRunner:
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor | np.ndarray | Sequence[int],
-            meta: AttentionMetadata,
-            host_indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            meta: AttentionMetadata, host_indices: np.ndarray | None = None) -> torch.Tensor:
         """Replay the bucket for `meta`'s B decode rows.
 
         `input_ids` [B] (device tensor, or host ids) in `meta`'s row order.
         `host_indices`: `meta.kv_indices` on the host, if the caller has them;
         needed to consider cascade (rows sharing a page prefix).
-        Returns (`logits` float32 [B, V], greedy `tokens` int64 [B], or None
-        without `greedy`), views of static buffers valid until the next `run()`.
+        Returns `logits` float32 [B, V], a view of a static buffer valid until
+        the next `run()`.
         """
         b = meta.num_seqs
         bs = bucket_for(b, self.buckets)
@@ -484,7 +324,7 @@ class CudaGraphDecodeRunner:
                                shared, npad)
             self.stats["cascade_steps"] += 1
             bucket.graph.replay()
-            return bucket.logits[:b], _rows(bucket.tokens, b)
+            return self._outputs(bucket.out, b)
         self.stats["flat_steps"] += 1
         if npad:
             # Padding rows: one pad page each holding one token.
@@ -497,13 +337,13 @@ class CudaGraphDecodeRunner:
         else:
             bucket.gw.plan(kv_indptr, meta.kv_indices, kv_last)
         bucket.graph.replay()
-        return bucket.logits[:b], _rows(bucket.tokens, b)
+        return self._outputs(bucket.out, b)
 
     def _shared_pages(self, meta: AttentionMetadata, kv_indptr: torch.Tensor,
                       host_indices: np.ndarray | None) -> int:
         """Pages to run as the cascade's shared level this step (0: flat)."""
         b = meta.num_seqs
-        if (self.cascade == "never" or self.compile or host_indices is None or b < 2
+        if (self.cascade == "never" or host_indices is None or b < 2
                 or self._min_window is not None):
             return 0
         indptr = kv_indptr.numpy()
@@ -540,14 +380,6 @@ class CudaGraphDecodeRunner:
     def planner_calls(self) -> int:
         """FlashInfer planner calls so far, all buckets (skipped plans excluded)."""
         return sum(b.gw.plans for b in self._graphs.values())
-
-    def set_skip_redundant_plans(self, on: bool) -> None:
-        self.skip_redundant_plans = on
-        for b in self._graphs.values():
-            b.gw.skip_redundant_plans = on
-        for b in self._cascade_graphs.values():
-            if isinstance(b.gw, GraphCascadeWrapper):  # (TreeAttention has no planner to skip)
-                b.gw.skip_redundant_plans = b.gw.unique.skip_redundant_plans = on
 
     def replay(self, batch_size: int) -> None:
         """Replay a captured bucket as last prepared by `run()` (for GPU-time benchmarks)."""

@@ -1,9 +1,18 @@
-"""`ModelRunner`: model + KV pool + attention backend, one call per engine step.
+"""`ModelRunner`: model + KV pool + attention backend (+ CUDA graphs), one call per step.
 
-The engine owns the page tables (native KV tree) and passes, per step, the
-token ids, an `AttentionMetadata` and the copy-on-write rows the tree emitted;
-the runner executes the copies, plans the backend once, runs the model and
-returns float32 logits of the rows that need sampling.
+The engine owns the page tables (native KV tree) and hands the runner, per
+step, a `StepPlan` (dendrite/model/step.py): the token ids, positions, page
+tables, the copy-on-write rows the tree emitted and which rows sample.
+`execute(plan)` runs the copies, then either replays a captured CUDA graph
+(a decode step whose every row samples, on CUDA with FlashInfer, when the
+runner was built with `cuda_graphs=True`) or plans the backend once and runs
+the model eagerly, and returns the float32 logits of the sampling rows.
+Whether graphs or eager run is the runner's decision alone.
+
+The runner also holds the `KernelConfig` (dendrite/kernels/config.py) that
+every step passes down to the model and the graphs, and that the engine's
+sampler reads. `run(input_ids, meta, ...)` is the eager step on ready-made
+`AttentionMetadata`, for tests and benchmarks that drive the model directly.
 """
 
 from __future__ import annotations
@@ -21,12 +30,14 @@ from dendrite.attention.base import (
     build_attention_metadata,
 )
 from dendrite.attention.reference import ReferenceBackend
+from dendrite.kernels.config import KernelConfig
 from dendrite.model.config import ModelConfig
 from dendrite.model.kv_cache import KVCache
 from dendrite.model.loader import LoadedModel, load
 from dendrite.model.runner_args import check_runner_args
+from dendrite.model.step import StepPlan
 
-__all__ = ["ModelRunner", "default_num_pages", "make_backend"]
+__all__ = ["CASCADE_MODES", "ModelRunner", "StepPlan", "default_num_pages", "make_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,10 @@ CPU_KV_BYTES = 1 << 30
 CPU_MAX_TOKENS = 1 << 18
 #: Share of the free accelerator memory (after weights) given to the KV pool.
 GPU_KV_FRACTION = 0.85
+#: Largest decode batch replayed from a CUDA graph (bigger steps run eagerly).
+MAX_GRAPH_BATCH = 64
+#: When a replayed decode step attends as cascade (see dendrite/model/cuda_graph.py).
+CASCADE_MODES = ("auto", "always", "never")
 
 
 def make_backend(
@@ -89,7 +104,20 @@ def default_num_pages(
 
 
 class ModelRunner:
-    """Runs one batched forward per engine step over the paged KV pool."""
+    """Runs one batched forward per engine step over the paged KV pool.
+
+    Args beyond the model, device, dtype and pool shape:
+        attention: "auto", "reference", "flashinfer" or a ready backend.
+        kernels: the Triton kernel families steps may use; default
+            `KernelConfig.from_env()`.
+        cuda_graphs: capture decode steps as CUDA graphs now and replay them
+            (CUDA + FlashInfer only; elsewhere ignored). Their padding rows
+            write into the pool's last page, so the page allocator gets
+            `allocatable_pages`, one fewer.
+        cascade: how replayed decode steps whose rows share a page prefix
+            attend: "auto" (when the graph rule says it is faster), "always",
+            "never" (flat paged decode).
+    """
 
     def __init__(
         self,
@@ -99,8 +127,13 @@ class ModelRunner:
         num_pages: int | None = None,
         page_size: int = 16,
         attention: str | AttentionBackend = "auto",
+        *,
+        kernels: KernelConfig | None = None,
+        cuda_graphs: bool = False,
+        cascade: str = "auto",
     ) -> None:
         check_runner_args(model, device, dtype, num_pages, page_size, attention)  # before loading
+        kernels = _step_args(kernels, cuda_graphs, cascade)  # (the environment too)
         self.loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype)
         self.model, self.config = self.loaded.model, self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -126,10 +159,39 @@ class ModelRunner:
             if windows and getattr(self.backend, "sliding_windows", None) is None
             else None
         )
+        self.kernels = kernels
+        self.graphs = self._capture_graphs(cascade) if cuda_graphs else None
+
+    def _capture_graphs(self, cascade: str):
+        """Decode graphs for every bucket up to MAX_GRAPH_BATCH rows, or None
+        where they cannot run (not CUDA, or a backend other than FlashInfer)."""
+        if self.device.type != "cuda":
+            return None
+        from dendrite.attention.flashinfer_backend import FlashInferBackend
+
+        if not isinstance(self.backend, FlashInferBackend):
+            return None
+        from dendrite.model.cuda_graph import CudaGraphDecodeRunner
+
+        graphs = CudaGraphDecodeRunner(self.model, self.kv_cache, self.backend,
+                                       max_batch_size=MAX_GRAPH_BATCH, cascade=cascade,
+                                       kernels=self.kernels)
+        graphs.capture()
+        return graphs
 
     @property
     def num_pages(self) -> int:
         return self.kv_cache.num_pages
+
+    @property
+    def allocatable_pages(self) -> int:
+        """Pages a page allocator may hand out: all but the CUDA graphs' pad page."""
+        return self.num_pages - 1 if self.graphs is not None else self.num_pages
+
+    @property
+    def kv_bytes_per_page(self) -> int:
+        """Device bytes of one KV page (every layer, K and V)."""
+        return self.kv_cache.nbytes // self.num_pages
 
     @property
     def vocab_size(self) -> int:
@@ -161,6 +223,26 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """One engine step: copy-on-write, then the forward, then the logits of
+        `plan.sample_rows` (float32 [N, vocab_size] on the device, in that order).
+
+        Valid until the next `execute`: a replayed CUDA graph returns a view
+        of its static output buffer. The plan is trusted (the engine builds
+        it from the KV tree); `run` with `build_metadata` validates.
+        """
+        meta = self.build_metadata(plan.positions, plan.slot_mapping, plan.qo_indptr,
+                                   plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
+                                   validate=False)
+        if (self.graphs is not None and len(plan.sample_rows) == plan.num_rows
+                and self.graphs.can_run(meta)):
+            if len(plan.copies):
+                self.kv_cache.copy_pages(plan.copies)
+            return self.graphs.run(plan.input_ids, meta, host_indices=plan.kv_indices)
+        rows = (plan.qo_indptr[1:] - 1)[plan.sample_rows]
+        return self.run(plan.input_ids, meta, rows, copies=plan.copies)
+
+    @torch.inference_mode()
     def run(
         self,
         input_ids: torch.Tensor | np.ndarray | Sequence[int],
@@ -168,7 +250,7 @@ class ModelRunner:
         logits_indices: torch.Tensor | np.ndarray | Sequence[int] | None = None,
         copies: np.ndarray | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One step: copy-on-write, then forward, then logits.
+        """One eager step: copy-on-write, then forward, then logits.
 
         Args:
             input_ids: int [T] new tokens, grouped by sequence as in `meta`.
@@ -199,7 +281,7 @@ class ModelRunner:
         )
         ids = ids.to(self.device, non_blocking=True)
         self.backend.plan(meta)
-        hidden = self.model(ids, meta, self.kv_cache, self.backend)
+        hidden = self.model(ids, meta, self.kv_cache, self.backend, kernels=self.kernels)
         if logits_indices is None:
             rows = meta.last_token_indices()
         else:
@@ -209,4 +291,16 @@ class ModelRunner:
                 else logits_indices
             )
             rows = rows.to(self.device, torch.int64)
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden[rows], self.kernels)
+
+
+def _step_args(kernels: object, cuda_graphs: object, cascade: object) -> KernelConfig:
+    """The runner's kernel config (default from the environment), after checking
+    the step arguments: TypeError/ValueError naming the first bad one."""
+    if kernels is not None and not isinstance(kernels, KernelConfig):
+        raise TypeError(f"kernels must be a KernelConfig or None, got {type(kernels).__name__}")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+    if cascade not in CASCADE_MODES:
+        raise ValueError(f"cascade must be 'auto', 'always' or 'never', got {cascade!r}")
+    return kernels if kernels is not None else KernelConfig.from_env()

@@ -44,7 +44,9 @@ def _check_engine(e):
 @FUZZ
 @given(kw=sampling_kwargs())
 def test_random_sampling_params_work_or_are_rejected_cleanly(make_engine, kw):
-    e = make_engine()
+    # A small pool: a huge max_tokens that never meets EOS fills it in a few
+    # hundred steps and fails that request cleanly (LeafTooLarge).
+    e = make_engine(num_pages=8)
     try:
         params = SamplingParams(**kw)
     except (ValueError, TypeError) as exc:
@@ -55,6 +57,8 @@ def test_random_sampling_params_work_or_are_rejected_cleanly(make_engine, kw):
         r = e.generate(s, params)[0]
     except ValueError as exc:  # a stop token id past this model's vocabulary
         assert "stop_token_ids" in str(exc) and s.handle is None
+    except LeafTooLarge:
+        assert params.max_tokens > 8 * 16 and s.handle.result.finish_reason == "error"
     else:
         assert len(r.token_ids) <= params.max_tokens
         assert all(0 <= t < e.runner.vocab_size for t in r.token_ids)

@@ -82,9 +82,9 @@ def test_dispatch_and_compile():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_fused_decode_layer_matches_unfused(tmp_path, monkeypatch, family):
+def test_fused_decode_layer_matches_unfused(tmp_path, family):
     pytest.importorskip("flashinfer")
-    from dendrite.model import llama
+    from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
     from dendrite.testing import build_tiny_model
 
@@ -93,7 +93,7 @@ def test_fused_decode_layer_matches_unfused(tmp_path, monkeypatch, family):
     model_dir = build_tiny_model(tmp_path / family, family, seed=5, hidden_size=256, heads=4,
                                  kv_heads=2, num_layers=3)
     runner = ModelRunner(model_dir, device="cuda", dtype=torch.bfloat16, num_pages=64,
-                         page_size=16, attention="flashinfer")
+                         page_size=16, attention="flashinfer", kernels=KernelConfig())
     prompt = list(range(3, 40))
 
     def decode_logits() -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_fused_decode_layer_matches_unfused(tmp_path, monkeypatch, family):
         return runner.run(ids, meta)[0]
 
     fused = decode_logits()
-    monkeypatch.setattr(llama, "supported", lambda *a, **k: False)
+    runner.kernels = KernelConfig(gemv=False)  # the config each step passes down
     unfused = decode_logits()
     rel = float((fused - unfused).abs().max() / unfused.abs().max())
     assert rel < 2e-2, rel

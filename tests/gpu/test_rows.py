@@ -85,9 +85,9 @@ def test_rope_write_is_exact(hq, hkv, d, dtype):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_model_with_fused_rows_matches_unfused(tmp_path, monkeypatch, family):
+def test_model_with_fused_rows_matches_unfused(tmp_path, family):
     pytest.importorskip("flashinfer")
-    from dendrite.model import llama
+    from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
     from dendrite.testing import build_tiny_model
 
@@ -96,7 +96,7 @@ def test_model_with_fused_rows_matches_unfused(tmp_path, monkeypatch, family):
     model_dir = build_tiny_model(tmp_path / family, family, seed=7, hidden_size=256, heads=4,
                                  kv_heads=2, num_layers=3)
     runner = ModelRunner(model_dir, device="cuda", dtype=torch.bfloat16, num_pages=64,
-                         page_size=16, attention="flashinfer")
+                         page_size=16, attention="flashinfer", kernels=KernelConfig())
     prompts = [list(range(3, 40)), list(range(50, 71))]
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ def test_model_with_fused_rows_matches_unfused(tmp_path, monkeypatch, family):
         return first, runner.run(ids, meta)  # decode: one row per sequence
 
     fused = run()
-    monkeypatch.setattr(llama, "rows_supported", lambda *a, **k: False)
+    runner.kernels = KernelConfig(fused_rows=False)  # the config each step passes down
     unfused = run()
     for f, u in zip(fused, unfused):
         rel = float((f - u).abs().max() / u.abs().max())

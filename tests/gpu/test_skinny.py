@@ -109,10 +109,10 @@ def test_dispatch():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_few_row_decode_layer_matches_cublas_path(tmp_path, monkeypatch, family):
+def test_few_row_decode_layer_matches_cublas_path(tmp_path, family):
     """16 forked branches decode one token: few-row path vs cuBLAS + row kernels."""
     pytest.importorskip("flashinfer")
-    from dendrite.model import llama
+    from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
     from dendrite.testing import build_tiny_model
 
@@ -121,7 +121,7 @@ def test_few_row_decode_layer_matches_cublas_path(tmp_path, monkeypatch, family)
     model_dir = build_tiny_model(tmp_path / family, family, seed=5, hidden_size=256, heads=4,
                                  kv_heads=2, num_layers=3)
     runner = ModelRunner(model_dir, device="cuda", dtype=torch.bfloat16, num_pages=256,
-                         page_size=16, attention="flashinfer")
+                         page_size=16, attention="flashinfer", kernels=KernelConfig())
     prompts = [list(range(3 + i, 30 + 2 * i)) for i in range(16)]
 
     def decode_logits() -> torch.Tensor:
@@ -133,7 +133,7 @@ def test_few_row_decode_layer_matches_cublas_path(tmp_path, monkeypatch, family)
         return runner.run(ids, meta)
 
     fused = decode_logits()
-    monkeypatch.setattr(llama, "skinny_supported", lambda *a, **k: False)
+    runner.kernels = KernelConfig(skinny=False)  # the config each step passes down
     unfused = decode_logits()
     rel = float((fused - unfused).abs().max() / unfused.abs().max())
     assert rel < 2e-2, rel

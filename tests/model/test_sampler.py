@@ -9,9 +9,11 @@ import torch
 from dendrite.sampling import (
     Sampler,
     SamplingParams,
+    fusable_params,
     gumbel_noise,
     row_keys,
     sample,
+    top_logprobs,
     unpack_bitmask,
 )
 
@@ -216,10 +218,59 @@ def test_logprobs_are_the_models():
     out = sample(x, params, [0, 0, 0])
     lp = torch.log_softmax(x, -1)
     assert torch.allclose(out.logprobs, lp.gather(1, out.token_ids[:, None])[:, 0])
-    assert out.top_token_ids.shape == (3, 5)
+    # [B, most asked]: each row its own count of the model's best, then (-1, -inf).
+    assert out.top_token_ids.shape == out.top_logprobs.shape == (3, 5)
     ref_lp, ref_ids = lp.topk(5, dim=-1)
-    assert torch.equal(out.top_token_ids, ref_ids) and torch.allclose(out.top_logprobs, ref_lp)
+    assert torch.equal(out.top_token_ids[0], ref_ids[0])
+    assert torch.allclose(out.top_logprobs[0], ref_lp[0])
+    assert torch.equal(out.top_token_ids[1, :2], ref_ids[1, :2])
+    assert torch.allclose(out.top_logprobs[1, :2], ref_lp[1, :2])
+    assert (out.top_token_ids[1, 2:] == -1).all() and (out.top_token_ids[2] == -1).all()
+    assert torch.isneginf(out.top_logprobs[1, 2:]).all() and torch.isneginf(out.top_logprobs[2]).all()
     assert sample(x, [SamplingParams()] * 3, [0, 0, 0]).top_token_ids is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_logprobs_are_log_softmax_topk_of_the_raw_logits(seed):
+    """Penalties, masks, temperature and filters change the draw, never the
+    reported alternatives: they are the model's distribution."""
+    rng = np.random.default_rng(seed)
+    b = 6
+    x = rand_logits(b, seed=10 + seed, scale=5.0)
+    counts = [0, 1, 3, 20, V + 7, 2]  # V + 7: the whole vocabulary, no more
+    params = [SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.5])), seed=i,
+                             logprobs=n, top_k=int(rng.choice([-1, 5])),
+                             repetition_penalty=float(rng.choice([1.0, 1.3])))
+              for i, n in enumerate(counts)]
+    allowed = rng.random((b, V)) < 0.3
+    allowed[:, 0] = True
+    out = Sampler(seed=0)(x, params, list(range(b)), prev_tokens=[[1, 2, 3]] * b,
+                          allowed=_pack(allowed))
+    ref = torch.log_softmax(x, -1)
+    assert out.top_token_ids.shape == (b, V)
+    for r, n in enumerate(counts):
+        n = min(n, V)
+        want_lp, want_ids = ref[r].topk(n) if n else (ref[r, :0], ref[r, :0].long())
+        assert out.top_token_ids[r, :n].tolist() == want_ids.tolist()
+        torch.testing.assert_close(out.top_logprobs[r, :n], want_lp)
+        assert (out.top_token_ids[r, n:] == -1).all()
+    # The function on its own (the fused sampler's path: from the asking rows' logits).
+    ids, lps = top_logprobs(x, params)
+    assert torch.equal(ids, out.top_token_ids)
+    torch.testing.assert_close(lps, out.top_logprobs)
+    assert top_logprobs(x, [SamplingParams()] * b) == (None, None)
+
+
+def test_top_logprobs_do_not_turn_the_fused_sampler_off():
+    vocab = 1000
+    assert fusable_params([SamplingParams(logprobs=5), SamplingParams(seed=3)], vocab)
+    assert fusable_params([SamplingParams(temperature=0.0, logprobs=20)], vocab)
+    for kw in ({"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}, {"repetition_penalty": 1.2}):
+        assert not fusable_params([SamplingParams(logprobs=2), SamplingParams(**kw)], vocab)
+    assert fusable_params([SamplingParams(top_k=vocab)], vocab)  # top-k of everything: off
+    # The kernel needs CUDA: a CPU batch takes the torch path whatever the config.
+    logits = torch.zeros(2, vocab)
+    assert not Sampler()._fusable(logits, [SamplingParams(logprobs=1)] * 2, None, None)
 
 
 @pytest.mark.parametrize(
