@@ -24,7 +24,8 @@ transformers measured in the same process:
            wall, vs HF deepcopy of the same 500 contexts.
   cascade  attention only (plan + 16 layers), flat paged decode vs cascade
            (FlashInfer fa2 and fa3 levels) at batch 4/16/64 x shared
-           1K/4K/16K x unique 32/512 tokens; the data behind `use_cascade`.
+           1K/4K/16K x unique 32/512 tokens; the data behind the eager rule
+           (benchmarks/eager_cascade.py).
 
 Writes `tree_bench.md`, `tree_bench.json` and `tree_bench.png` to --out after
 every section (a crash or timeout keeps what was measured). `--warmup KIND`
@@ -667,14 +668,15 @@ def sec_decode(b: Bench, r: dict) -> None:
 
     With CUDA graphs the mode is the graph runner's (`never` = flat paged
     decode, `auto` = the engine default, GRAPH_CASCADE_RULE, `always`);
-    without them, the eager `CascadeBackend` ("flat" / "cascade" only).
+    without them, the eager `CascadeBackend` of benchmarks/eager_cascade.py
+    ("flat" / "cascade" only).
     """
     a = b.args
     e = b.engine
     root = e.new_sequence(rand_ids(b, a.decode_prefix, 11))
     e.flush([root])
     decode_steps(b, root, 2, 4)  # warm-up
-    graphs = e.graphs
+    graphs = e.runner.graphs
     eager_cascade = (graphs is None and cuda_ok(a)
                      and type(e.runner.backend).__name__ == "FlashInferBackend")
     modes = ("flat", "auto", "cascade") if graphs is not None else \
@@ -684,7 +686,7 @@ def sec_decode(b: Bench, r: dict) -> None:
         if graphs is not None:
             graphs.cascade = {"flat": "never", "auto": "auto", "cascade": "always"}[mode]
         elif mode == "cascade":
-            from dendrite.attention.cascade import enable_cascade
+            from eager_cascade import enable_cascade
 
             cb = enable_cascade(e, mode="always")
         stats = graphs.stats if graphs is not None else (cb.stats if cb else None)
@@ -706,7 +708,7 @@ def sec_decode(b: Bench, r: dict) -> None:
             if graphs is not None:
                 graphs.cascade = "auto"
             elif cb is not None:
-                from dendrite.attention.cascade import disable_cascade
+                from eager_cascade import disable_cascade
 
                 disable_cascade(e)
     root.release()
@@ -898,7 +900,7 @@ def sec_cascade(b: Bench, r: dict) -> None:
         r.setdefault("notes", []).append("skipped: needs CUDA + FlashInfer")
         return
     from dendrite.attention.base import build_attention_metadata
-    from dendrite.attention.cascade import CascadeBackend, use_cascade
+    from eager_cascade import CascadeBackend, use_cascade
 
     flat = e.runner.backend
     kv = e.runner.kv_cache.kv

@@ -69,7 +69,8 @@ say "benchmark rc=${PIPESTATUS[0]}"
 for k in fa3 fa2 decode; do echo "-- warmup $k:"; tail -n 3 /tmp/tree-warmup-$k.log; done >>"$LOG" 2>&1
 
 if [ $((BUDGET - SECONDS)) -gt 35 ]; then
-  (cd /tmp && timeout 30 python3 -m pytest "$REPO/tests/engine/test_cascade_rule.py" -q -p no:cacheprovider \
+  (cd /tmp && timeout 30 python3 -m pytest "$REPO/tests/engine/test_cascade_rule.py" \
+     "$REPO/tests/engine/test_eager_cascade.py" -q -p no:cacheprovider \
      -o addopts="" 2>&1 | tail -n 6) | tee -a "$LOG"
 fi
 say "end"
