@@ -199,9 +199,6 @@ class CascadeBackend:
             return self._wrapper.run(q.contiguous(), (k_cache, v_cache))
         return self.flat.forward(layer, q, k_cache, v_cache)
 
-    def window_of(self, layer: int) -> int | None:
-        return self.flat.window_of(layer)
-
     @property
     def last_step_was_cascade(self) -> bool:
         return self._cascade_now

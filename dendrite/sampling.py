@@ -307,12 +307,13 @@ def top_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams],
         return None, None
     b, dev = logits.shape[0], logits.device
     rows = [r for r, c in enumerate(counts) if c > 0]
-    idx = torch.tensor(rows, device=dev)
+    # (Asynchronous copies: a pageable one would wait for the queued forward.)
+    idx = to_device(np.asarray(rows, dtype=np.int64), dev)
     lp = logprobs[idx] if logprobs is not None else torch.log_softmax(logits[idx].float(), -1)
     vals, ids = lp.topk(n, dim=-1)
     # Rows asking for fewer than n keep their first counts[r] entries.
-    keep = torch.arange(n, device=dev)[None, :] < torch.tensor(
-        [counts[r] for r in rows], device=dev)[:, None]
+    asked = to_device(np.asarray([counts[r] for r in rows], dtype=np.int64), dev)
+    keep = torch.arange(n, device=dev)[None, :] < asked[:, None]
     out_ids = torch.full((b, n), -1, dtype=torch.int64, device=dev)
     out_lps = torch.full((b, n), float("-inf"), dtype=torch.float32, device=dev)
     out_ids[idx] = ids.masked_fill(~keep, -1)

@@ -278,9 +278,6 @@ class FlashInferBackend:
             raise RuntimeError("FlashInferBackend.forward called before plan()")
         return w.run(q.contiguous(), (k_cache, v_cache))
 
-    def window_of(self, layer: int) -> int | None:
-        return self.sliding_windows[layer] if self.sliding_windows is not None else None
-
 
 class GraphDecodeWrapper:
     """A FlashInfer decode wrapper in CUDA-graph mode, for one fixed batch size.
