@@ -70,6 +70,16 @@ def resolve_model(spec: str) -> Path:
     return path
 
 
+def model_warning(spec: str, model_dir: Path) -> str | None:
+    """A note when ``--model default`` fell back to the tiny random model."""
+    from dendrite.default_model import TINY_NAME
+
+    if spec == "default" and model_dir.name.startswith(TINY_NAME):
+        return ("--model default fell back to the tiny random-weight model (SmolLM2 is not "
+                "installed here): these figures are not those of a real model")
+    return None
+
+
 def resolve_device(spec: str | None) -> torch.device:
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = bc.Budget(a.budget)
     res = bc.Results("tot_gsm8k", a.out, a, bc.env_info(model_dir, device, dtype))
     res.render = render
+    if warning := bc.model_warning(a.model, model_dir):
+        res.note(warning)
     need = max([a.num_questions, a.hf_questions, a.hf_naive_questions, *a.in_flight,
                 *a.hf_in_flight])
     questions, labels = load_questions(a.data, need)

@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = bc.Budget(a.budget)
     res = bc.Results("wall", a.out, a, bc.env_info(model_dir, device, dtype))
     res.render = render
+    if warning := bc.model_warning(a.model, model_dir):
+        res.note(warning)
     env = res.data["env"]
     env["copy_bandwidth_Bps"] = copy_bandwidth(device)
     env["weight_bytes_per_token"], env["weight_bytes"] = weight_bytes_per_token(model_dir, dtype)

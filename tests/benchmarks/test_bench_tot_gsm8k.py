@@ -150,3 +150,11 @@ def test_bad_arguments_exit_2_naming_the_flag(args, message, capsys):
 def test_a_model_dir_without_config_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=f"--model {tmp_path}: no config.json there"):
         bc.resolve_model(str(tmp_path))
+
+
+def test_default_model_falling_back_to_tiny_is_noted(tmp_path):
+    from dendrite.default_model import TINY_NAME
+
+    assert "not those of a real model" in bc.model_warning("default", tmp_path / TINY_NAME)
+    assert bc.model_warning("default", tmp_path / "smollm2-135m-instruct-b179c9523d0e") is None
+    assert bc.model_warning(str(tmp_path / TINY_NAME), tmp_path / TINY_NAME) is None  # asked for
