@@ -28,7 +28,7 @@ def _bfs(
     step: Any,
     scorer: CachedScorer,
     label: str,
-    level_prompts: Sequence[str | None] | None,
+    level_prompts: str | Sequence[str | None] | None,
 ) -> list[State]:
     """The BFS levels shared by `tot_bfs` and `tot_frontier`; returns the last level.
 
@@ -42,7 +42,7 @@ def _bfs(
     if keep is not None and int(keep) < 1:
         raise ValueError(f"keep must be >= 1 or None (keep every thought), got {keep}")
     steps: list[BatchStep] = [as_batch_step(st) for st in _per_level(step, depth, "step")]
-    texts = _per_level(list(level_prompts) if level_prompts is not None else None, depth, "level_prompts")
+    texts = _per_level(level_prompts, depth, "level_prompts")  # one text: the same each level
     if prompt:
         s += prompt
     frontier = [s]
@@ -68,15 +68,16 @@ def tot_bfs(
     step: Any = None,
     by: Any = None,
     label: str = "thought",
-    level_prompts: Sequence[str | None] | None = None,
+    level_prompts: str | Sequence[str | None] | None = None,
 ) -> State:
     """Breadth-first ToT: each level expands every kept state into ``width``
     thoughts (all batched) and keeps the ``keep`` best by ``by`` across the level.
 
     ``keep=None`` keeps every thought (no scoring until the last level).
-    ``step`` may be a list with one step per level; ``level_prompts`` (one
-    text or None per level) is appended to every state of a level before it
-    forks, e.g. the next chat turn, so its children share that text's KV.
+    ``step`` may be a list with one step per level; ``level_prompts`` (a list
+    with one text or None per level, or one text for every level) is appended
+    to every state of a level before it forks, e.g. the next chat turn, so its
+    children share that text's KV.
     Returns the best state of the last level.
     """
     scorer = CachedScorer(by)
@@ -98,7 +99,7 @@ def tot_frontier(
     step: Any = None,
     by: Any = None,
     label: str = "thought",
-    level_prompts: Sequence[str | None] | None = None,
+    level_prompts: str | Sequence[str | None] | None = None,
 ) -> StateGroup:
     """`tot_bfs` that returns the whole last level instead of its best state:
     for voting over the leaves (SGLang's tree-of-thought benchmarks).

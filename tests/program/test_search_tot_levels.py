@@ -116,6 +116,13 @@ def test_tot_bfs_per_level_prompts_inline(engine):
     assert set(caps) >= {"first", "second"}
 
 
+def test_one_level_prompt_string_repeats_every_level(engine):
+    r = S.tot_frontier.run(engine, prompt="Q", width=1, depth=3, step=gen_step("x", 1),
+                           level_prompts=" NEXT:", seed=0)
+    (leaf,) = r.value
+    assert leaf.text.count(" NEXT:") == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
