@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from dendrite.model.kv_cache import KVCache
 from dendrite.model.loader import LoadedModel, load
 from dendrite.model.runner_args import check_runner_args
 from dendrite.model.step import StepPlan
+
+if TYPE_CHECKING:
+    from dendrite.model.cuda_graph import CudaGraphDecodeRunner
 
 __all__ = ["CASCADE_MODES", "ModelRunner", "StepPlan", "default_num_pages", "make_backend"]
 
@@ -109,7 +113,9 @@ class ModelRunner:
     Args beyond the model, device, dtype and pool shape:
         attention: "auto", "reference", "flashinfer" or a ready backend.
         kernels: the Triton kernel families steps may use; default
-            `KernelConfig.from_env()`.
+            `KernelConfig.from_env()`. Held as `self.kernels` and passed to
+            every eager step; CUDA graphs keep the config they were captured
+            with.
         cuda_graphs: capture decode steps as CUDA graphs now and replay them
             (CUDA + FlashInfer only; elsewhere ignored). Their padding rows
             write into the pool's last page, so the page allocator gets
@@ -160,9 +166,10 @@ class ModelRunner:
             else None
         )
         self.kernels = kernels
-        self.graphs = self._capture_graphs(cascade) if cuda_graphs else None
+        self.graphs: CudaGraphDecodeRunner | None = (
+            self._capture_graphs(cascade) if cuda_graphs else None)
 
-    def _capture_graphs(self, cascade: str):
+    def _capture_graphs(self, cascade: str) -> CudaGraphDecodeRunner | None:
         """Decode graphs for every bucket up to MAX_GRAPH_BATCH rows, or None
         where they cannot run (not CUDA, or a backend other than FlashInfer)."""
         if self.device.type != "cuda":
@@ -181,6 +188,7 @@ class ModelRunner:
 
     @property
     def num_pages(self) -> int:
+        """Pages in the KV pool."""
         return self.kv_cache.num_pages
 
     @property
@@ -195,6 +203,7 @@ class ModelRunner:
 
     @property
     def vocab_size(self) -> int:
+        """Rows of the logits: the model's vocabulary size."""
         return self.config.vocab_size
 
     def build_metadata(

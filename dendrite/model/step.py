@@ -45,8 +45,10 @@ class StepPlan:
 
     @property
     def num_rows(self) -> int:
+        """B, the sequences of the step."""
         return len(self.qo_indptr) - 1
 
     @property
     def num_tokens(self) -> int:
+        """T, the new tokens of the step."""
         return int(self.qo_indptr[-1])
