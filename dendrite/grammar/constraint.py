@@ -21,6 +21,7 @@ from .errors import (
     ConstraintKind,
     GrammarError,
     lark_position,
+    panic_message,
     regex_offset,
     strip_regex_wrapper,
 )
@@ -125,7 +126,7 @@ class Constraint:
             except ValueError as e:  # not a JSON object / bad options
                 raise GrammarError("json_schema", str(e)) from None
         self.key = f"{self.kind}\0{self.grammar_text}"
-        self._check(_LLM.validate_grammar(self.grammar_text))
+        self._check(_validate(self.grammar_text))
 
     # ------------------------------------------------------------------ API
 
@@ -144,12 +145,18 @@ class Constraint:
 
     def _prototype(self, tokenizer: GrammarTokenizer) -> llguidance.LLMatcher:
         def build() -> llguidance.LLMatcher:
-            m = _LLM(tokenizer.ll, self.grammar_text, log_level=0)
-            if m.is_error():
-                self._check(m.get_error(), with_tokenizer=True)
-            for w in m.get_grammar_warnings():
-                log.warning("grammar warning (%s): %s", self.kind, w)
-            self._check_matches_something(m, tokenizer)
+            try:
+                m = _LLM(tokenizer.ll, self.grammar_text, log_level=0)
+                if m.is_error():
+                    self._check(m.get_error(), with_tokenizer=True)
+                for w in m.get_grammar_warnings():
+                    log.warning("grammar warning (%s): %s", self.kind, w)
+                self._check_matches_something(m, tokenizer)
+            except BaseException as e:  # noqa: BLE001 - only llguidance's panics, below
+                panic = panic_message(e)
+                if panic is None:
+                    raise
+                raise GrammarError(self.kind, panic) from None
             return m
 
         return tokenizer.compiled(self.key, build)
@@ -334,6 +341,17 @@ def _schema_problem(schema: Any, options: dict[str, Any] | None) -> str:
 def _schema_error(schema: Any, options: dict[str, Any] | None) -> str:
     """llguidance's validation message for `schema` ('' when valid)."""
     try:
-        return _LLM.validate_grammar(_LLM.grammar_from_json_schema(schema, overrides=options))
+        return _validate(_LLM.grammar_from_json_schema(schema, overrides=options))
     except ValueError as e:
         return str(e)
+
+
+def _validate(grammar_text: str) -> str:
+    """llguidance's validation message ('' when valid); a panic becomes its message."""
+    try:
+        return _LLM.validate_grammar(grammar_text)
+    except BaseException as e:  # noqa: BLE001 - only llguidance's panics, below
+        panic = panic_message(e)
+        if panic is None:
+            raise
+        return panic

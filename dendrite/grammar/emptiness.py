@@ -28,6 +28,7 @@ from typing import ClassVar
 import llguidance
 import torch
 
+from .errors import panic_message
 from .masks import unpack_bitmask
 
 # llguidance's special-token syntax: <|name|> and <[id, id-id, ...]>.
@@ -92,10 +93,15 @@ def grammar_is_empty(grammar_text: str) -> str | None:
     for another reason (that is for validation to report).
     """
     tok = byte_tokenizer()
-    m = llguidance.LLMatcher(tok, grammar_text, log_level=0)
-    if m.is_error():
+    try:
+        m = llguidance.LLMatcher(tok, grammar_text, log_level=0)
+        if m.is_error():
+            return None
+        found = first_mask_problem(m, tok, [_ByteTokens.eos_token_id])
+    except BaseException as e:  # noqa: BLE001 - a panic is no verdict; anything else is raised
+        if panic_message(e) is None:
+            raise
         return None
-    found = first_mask_problem(m, tok, [_ByteTokens.eos_token_id])
     return found[0] if found is not None and found[1] else None
 
 

@@ -70,6 +70,21 @@ class GrammarViolation(RuntimeError):
     """A token the grammar does not allow was consumed (mask not applied)."""
 
 
+def panic_message(e: BaseException) -> str | None:
+    """One line for a Rust panic inside llguidance, None for any other exception.
+
+    pyo3 raises panics as `PanicException`, a BaseException that cannot be
+    imported by name; llguidance panics on some invalid input (e.g. when an
+    error message it formats cuts a UTF-8 character in two).
+    """
+    if type(e).__name__ != "PanicException":
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "panic"
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"llguidance failed on it (internal error: {first})"
+
+
 def one_line(message: str) -> str:
     """The gist of an llguidance message in one line.
 
