@@ -251,8 +251,6 @@ def test_python_program_failure_names_the_gen(nan_engine):
 @pytest.mark.parametrize("count, needle", [
     ("10**20", "fork count 100000000000000000000 exceeds the limit of 65536 children per fork"),
     ("65537", "fork count 65537 exceeds the limit of 65536"),
-    ("-1", "fork count must be a non-negative int, got -1"),
-    ("2.0", "fork count must be a non-negative int, got 2.0"),
 ])
 def test_fork_count_limit_is_located_at_the_count(dsl, engine, clean, tmp_path, count, needle):
     path = write(tmp_path, f'program p():\n    "Q"\n    fork {count} as a:\n        gen x(max_tokens=2)\n'
