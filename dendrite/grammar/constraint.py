@@ -127,6 +127,8 @@ class Constraint:
                 raise GrammarError("json_schema", str(e)) from None
         self.key = f"{self.kind}\0{self.grammar_text}"
         self._check(_validate(self.grammar_text))
+        if self.kind != "choices":  # a non-empty choice list always matches
+            self._check_matches_something()
 
     # ------------------------------------------------------------------ API
 
@@ -151,7 +153,7 @@ class Constraint:
                     self._check(m.get_error(), with_tokenizer=True)
                 for w in m.get_grammar_warnings():
                     log.warning("grammar warning (%s): %s", self.kind, w)
-                self._check_matches_something(m, tokenizer)
+                self._check_tokenizer_can_start(m, tokenizer)
             except BaseException as e:  # noqa: BLE001 - only llguidance's panics, below
                 panic = panic_message(e)
                 if panic is None:
@@ -161,24 +163,37 @@ class Constraint:
 
         return tokenizer.compiled(self.key, build)
 
-    def _check_matches_something(self, m: llguidance.LLMatcher, tok: GrammarTokenizer) -> None:
-        """GrammarError if no output can start (any kind) or finish (lark)."""
-        found = first_mask_problem(m, tok.ll, tok.eos_token_ids)
-        if found is not None:
-            reason, empty = found
-            if not empty:  # llguidance failed at the first step (e.g. a limit)
-                self._check(reason, with_tokenizer=True)
-            if self.kind == "json_schema":
-                self._raise_empty_schema()
-            if self.kind == "grammar":
-                self._raise_dead_end()
-            if grammar_is_empty(self.grammar_text) is None:
-                raise GrammarError(
-                    self.kind, f"grammar matches no string this tokenizer can produce ({reason})"
-                )
-            raise GrammarError(self.kind, f"grammar matches no string ({reason})")
+    def _check_matches_something(self) -> None:
+        """GrammarError if the spec matches no string at all, or (lark) has a dead end.
+
+        Tokenizer-free (llguidance on a byte tokenizer, the `lark` package) so
+        it fails where other spec errors do; both checks are cached by text,
+        so a spec seen before costs nothing here.
+        """
         if self.kind == "grammar":
             self._raise_dead_end()
+        reason = grammar_is_empty(self.grammar_text)
+        if reason is None:
+            return
+        if self.kind == "json_schema":
+            self._raise_empty_schema()
+        raise GrammarError(self.kind, f"grammar matches no string ({reason})")
+
+    def _check_tokenizer_can_start(self, m: llguidance.LLMatcher, tok: GrammarTokenizer) -> None:
+        """GrammarError if no output can start with this tokenizer's tokens.
+
+        The spec matches some string (checked when it was built), so an empty
+        first mask means its strings cannot be spelled in this vocabulary.
+        """
+        found = first_mask_problem(m, tok.ll, tok.eos_token_ids)
+        if found is None:
+            return
+        reason, empty = found
+        if not empty:  # llguidance failed at the first step (e.g. a limit)
+            self._check(reason, with_tokenizer=True)
+        raise GrammarError(
+            self.kind, f"grammar matches no string this tokenizer can produce ({reason})"
+        )
 
     def _raise_dead_end(self) -> None:
         """GrammarError naming the rule or terminal that keeps a lark grammar from finishing."""

@@ -2,20 +2,23 @@
 
 llguidance accepts grammars whose language is empty (a regex like
 `[^\\s\\S]`, a `$ref` to itself, a lark rule that only ever recurses) and
-only fails once generation starts, or never finishes. Two checks, both run
-once per compile:
+only fails once generation starts, or never finishes. Two checks, run when a
+Constraint is built (tokenizer-free, cached by grammar text):
 
-* `first_mask_problem`: compute the first mask on a copy of a fresh matcher.
-  Nothing allowed and not accepting means no string can start; llguidance
-  says so itself ("NoExtension...") when its lexer or parser has no way on.
+* `grammar_is_empty`: the first mask of a fresh matcher on a 256-byte
+  tokenizer (`first_mask_problem`). Nothing allowed and the empty output not
+  accepted means no string can start; llguidance says so itself
+  ("NoExtension...") when its lexer or parser has no way on. With a model's
+  tokenizer, at compile, the same check finds grammars whose strings that
+  vocabulary cannot spell.
 * `lark_dead_end`: a lark start rule that cannot derive a finite string
   (`a: "x" a`) still allows "x" first, so the first mask cannot tell. The
   `lark` package parses the grammar and the productive rules are found by the
-  usual fixpoint; regex terminals are checked for emptiness with llguidance
-  on a 256-byte tokenizer. A reachable rule that cannot finish is reported
-  too, though start can: llguidance's masks would lead outputs into it. Grammars in llguidance's extensions of lark
-  (`%json`, `<|special|>`, `[lazy]`, ...) that lark cannot read get no
-  verdict here.
+  usual fixpoint; regex terminals are checked with `grammar_is_empty`. A
+  reachable rule that cannot finish is reported too, though start can:
+  llguidance's masks would lead outputs into it. Grammars in llguidance's
+  extensions of lark that lark cannot read (`%json`, `[lazy]`, ...) get no
+  verdict here; special tokens (`<|eot|>`) are read as literals.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def first_mask_problem(
     return None
 
 
+@functools.lru_cache(maxsize=512)
 def grammar_is_empty(grammar_text: str) -> str | None:
     """llguidance's reason when `grammar_text` matches no byte string, else None.
 
@@ -105,6 +109,7 @@ def grammar_is_empty(grammar_text: str) -> str | None:
     return found[0] if found is not None and found[1] else None
 
 
+@functools.lru_cache(maxsize=256)
 def lark_dead_end(text: str) -> tuple[str, int | None] | None:
     """(why, line) when lark grammar `text` cannot finish, or can reach a dead end.
 

@@ -1,8 +1,10 @@
 """Grammars that match no string are rejected before generation, with a reason and a place.
 
 llguidance accepts many of them and only fails at the first mask (or never
-finishes): the compile step checks the first mask and, for lark grammars,
-that the start rule can derive a finite string.
+finishes). Building a Constraint checks, without a tokenizer, the first mask
+on a byte tokenizer and, for lark grammars, that the start rule and every
+rule it reaches can derive a finite string; compiling checks the first mask
+with the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -13,29 +15,22 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from dendrite.grammar import Constraint, GrammarError, GrammarTokenizer
 
 
-def _rejected(gtok, **spec) -> GrammarError:
-    """The GrammarError from building + compiling `spec` (either step may raise)."""
+def _rejected(**spec) -> GrammarError:
+    """The GrammarError from building `spec`: these checks need no tokenizer."""
     with pytest.raises(GrammarError) as ei:
-        Constraint(**spec).compile(gtok)
+        Constraint(**spec)
     return ei.value
 
 
 @pytest.mark.parametrize(
     "pattern", [r"[^\s\S]", r"a[^\s\S]b", r"(a|[^\s\S])[^\s\S]", r"x{2}[^\s\S]{1}", r"[^\s\S]+"]
 )
-def test_empty_regexes(gtok, pattern):
-    e = _rejected(gtok, regex=pattern)
+def test_empty_regexes(pattern):
+    e = _rejected(regex=pattern)
     assert e.kind == "regex"
     assert "grammar matches no string" in e.message
     assert "NoExtension" in e.message  # llguidance's own word for it
     assert "\n" not in str(e)
-
-
-def test_rejected_grammar_is_not_cached(hf_tokenizer, eos_id):
-    tok = GrammarTokenizer(hf_tokenizer, eos_id)
-    with pytest.raises(GrammarError):
-        Constraint(regex=r"[^\s\S]").compile(tok)
-    assert len(tok._cache) == 0
 
 
 @pytest.mark.parametrize(
@@ -67,14 +62,14 @@ def test_satisfiable_regexes_are_not_flagged(gtok, pattern, accepts):
         ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "/$defs/a/$ref", "matches"),
     ],
 )
-def test_unsatisfiable_schemas(gtok, schema, path, fragment):
-    e = _rejected(gtok, json_schema=schema)
+def test_unsatisfiable_schemas(schema, path, fragment):
+    e = _rejected(json_schema=schema)
     assert e.kind == "json_schema" and fragment in e.message
     assert e.json_path == path and e.location == "#" + path
 
 
-def test_first_mask_schema_error_says_matches_no_string(gtok):
-    e = _rejected(gtok, json_schema={"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})
+def test_first_mask_schema_error_says_matches_no_string():
+    e = _rejected(json_schema={"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})
     assert e.message.startswith("grammar matches no string")
     assert str(e).startswith("invalid json_schema at #/$defs/a/$ref: grammar matches no string")
 
@@ -96,8 +91,8 @@ def test_first_mask_schema_error_says_matches_no_string(gtok):
         ('start: <|user|> a\na: "b" a\n', 2, "rule 'a'"),
     ],
 )
-def test_lark_grammars_without_a_finite_string(gtok, grammar, line, fragment):
-    e = _rejected(gtok, grammar=grammar)
+def test_lark_grammars_without_a_finite_string(grammar, line, fragment):
+    e = _rejected(grammar=grammar)
     assert e.kind == "grammar"
     assert e.message.startswith("grammar matches no string"), e.message
     assert fragment in e.message
@@ -130,9 +125,9 @@ def test_satisfiable_lark_grammars_compile(gtok, grammar):
         ('start: (a a b | ) a A\na: B\nb: b\nA: "p" B?\nB: "t"\n', 3, "rule 'b'"),
     ],
 )
-def test_lark_grammars_with_a_dead_end(gtok, grammar, line, fragment):
+def test_lark_grammars_with_a_dead_end(grammar, line, fragment):
     """Start can finish, but a reachable rule cannot: llguidance's masks would lead into it."""
-    e = _rejected(gtok, grammar=grammar)
+    e = _rejected(grammar=grammar)
     assert e.message.startswith("grammar has a dead end: "), e.message
     assert fragment in e.message and e.line == line
 
@@ -160,10 +155,13 @@ def _bytes_missing_c() -> Tokenizer:
 
 
 def test_grammar_the_tokenizer_cannot_produce():
+    """Found at compile, with the tokenizer; the rejected grammar is not cached."""
     hf = _bytes_missing_c()
     tok = GrammarTokenizer(hf, hf.token_to_id("<eos>"))
-    with pytest.raises(GrammarError, match="matches no string this tokenizer can produce"):
-        Constraint(regex="c+").compile(tok)
-    with pytest.raises(GrammarError, match=r"grammar matches no string \("):
-        Constraint(regex=r"a[^\s\S]").compile(tok)  # empty for every tokenizer
+    c = Constraint(regex="c+")  # fine without a tokenizer
+    with pytest.raises(GrammarError, match="matches no string this tokenizer can produce") as ei:
+        c.compile(tok)
+    assert ei.value.kind == "regex" and "\n" not in str(ei.value)
+    assert len(tok._cache) == 0
     Constraint(regex="a|c").compile(tok)  # "a" can be produced
+    assert len(tok._cache) == 1
