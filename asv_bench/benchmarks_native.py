@@ -40,7 +40,7 @@ class Fork:
         self.kids.append(self.tree.fork(self.root, 1)[0])
 
     def track_fork_native_ns(self, context):
-        return _native.bench_fork_ns(self.tree._native, self.root, 10000, 7)
+        return _native.bench_fork_ns(self.tree, self.root, 10000, 7)
 
     track_fork_native_ns.unit = "ns"
 

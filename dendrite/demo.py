@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         kids.append(tree.fork(root, 1)[0])
         lat_ns.append(time.perf_counter_ns() - t)
     used_fork = pool.used
-    native_ns = _native.bench_fork_ns(tree._native, root, 10000, 5)
+    native_ns = _native.bench_fork_ns(tree, root, 10000, 5)
 
     copies = 0
     if args.write:

@@ -7,6 +7,8 @@
 #include <string>
 
 #include "errors.h"
+#include "kv_tree.h"
+#include "radix_cache.h"
 
 namespace dendrite {
 
@@ -18,7 +20,9 @@ BlockPool::BlockPool(int32_t num_pages, int32_t page_size, int32_t cow_headroom)
     throw std::invalid_argument("cow_headroom must be in [0, num_pages]");
   // Slots (page * page_size + offset) are exported as int32.
   if (static_cast<int64_t>(num_pages) * page_size > INT32_MAX)
-    throw std::invalid_argument("num_pages * page_size must fit in int32");
+    throw std::invalid_argument("BlockPool: num_pages * page_size = " + std::to_string(num_pages) +
+                                " * " + std::to_string(page_size) +
+                                " must be < 2**31 (slot ids are int32)");
   refcount_.assign(static_cast<size_t>(num_pages), 0);
   free_list_.resize(static_cast<size_t>(num_pages));
   for (int32_t i = 0; i < num_pages; ++i) free_list_[static_cast<size_t>(i)] = num_pages - 1 - i;
@@ -109,6 +113,46 @@ void BlockPool::drop_ref(int32_t page) noexcept {
 int32_t BlockPool::refcount(int32_t page) const {
   check_page(page);
   return refcount_[static_cast<size_t>(page)];
+}
+
+namespace {
+
+// Drops expired registrations, then appends `user`: the list stays as long
+// as the live users plus those that died since the last registration.
+template <typename T>
+void register_weak(std::vector<std::weak_ptr<T>>& users, const std::shared_ptr<T>& user) {
+  users.erase(std::remove_if(users.begin(), users.end(),
+                             [](const std::weak_ptr<T>& w) { return w.expired(); }),
+              users.end());
+  users.push_back(user);
+}
+
+template <typename T>
+std::vector<std::shared_ptr<T>> lock_all(const std::vector<std::weak_ptr<T>>& users) {
+  std::vector<std::shared_ptr<T>> out;
+  for (const auto& w : users)
+    if (auto s = w.lock()) out.push_back(std::move(s));
+  return out;
+}
+
+}  // namespace
+
+void BlockPool::add_user(const std::shared_ptr<KVTree>& tree) {
+  if (!tree || tree->pool().get() != this)
+    throw std::invalid_argument("BlockPool.add_user: the KVTree uses another pool");
+  register_weak(tree_users_, tree);
+}
+
+void BlockPool::add_user(const std::shared_ptr<RadixCache>& cache) {
+  if (!cache || cache->pool().get() != this)
+    throw std::invalid_argument("BlockPool.add_user: the RadixCache uses another pool");
+  register_weak(cache_users_, cache);
+}
+
+std::vector<std::shared_ptr<KVTree>> BlockPool::live_trees() const { return lock_all(tree_users_); }
+
+std::vector<std::shared_ptr<RadixCache>> BlockPool::live_caches() const {
+  return lock_all(cache_users_);
 }
 
 }  // namespace dendrite

@@ -6,12 +6,20 @@
 // pages are kept back for copy-on-write copies so that a batch of forked
 // children can always make their first write even when the pool is nearly
 // full. Allocation is all-or-nothing: OutOfPages leaves the pool untouched.
+//
+// The pool also knows its users (the KVTrees and RadixCaches built on it, as
+// registered by their creator) so a consistency check can find every holder
+// of page references without the caller listing them.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace dendrite {
+
+class KVTree;
+class RadixCache;
 
 class BlockPool {
  public:
@@ -51,6 +59,17 @@ class BlockPool {
   const std::vector<int32_t>& debug_refcounts() const { return refcount_; }
   const std::vector<int32_t>& debug_free_list() const { return free_list_; }
 
+  // Registers a structure built on this pool (invalid_argument if it uses
+  // another pool). Weak: a registration keeps nothing alive. Whoever creates
+  // users under shared ownership registers them (the Python bindings do);
+  // the structures cannot do it themselves, a constructor has no weak_ptr
+  // to itself.
+  void add_user(const std::shared_ptr<KVTree>& tree);
+  void add_user(const std::shared_ptr<RadixCache>& cache);
+  // Registered users still alive, in registration order.
+  std::vector<std::shared_ptr<KVTree>> live_trees() const;
+  std::vector<std::shared_ptr<RadixCache>> live_caches() const;
+
  private:
   void check_page(int32_t page) const;
   int32_t pop_free();
@@ -62,6 +81,8 @@ class BlockPool {
   // LIFO stack: recently freed pages are reused first (warm in caches);
   // initially ordered so allocation hands out 0, 1, 2, ...
   std::vector<int32_t> free_list_;
+  std::vector<std::weak_ptr<KVTree>> tree_users_;
+  std::vector<std::weak_ptr<RadixCache>> cache_users_;
 };
 
 }  // namespace dendrite

@@ -129,6 +129,31 @@ TEST(pool_out_of_pages_is_all_or_nothing) {
   CHECK(pool.used() == 4 && out.size() == 4);
 }
 
+TEST(pool_slot_overflow_is_rejected) {
+  CHECK_THROWS(std::invalid_argument, BlockPool(2, 1 << 30, 0));  // 2**31 slots
+  BlockPool ok(1, INT32_MAX, 0);  // 2**31 - 1 slots: the last one is INT32_MAX - 1
+  CHECK(ok.page_size() == INT32_MAX);
+}
+
+TEST(pool_knows_its_live_users) {
+  auto pool = std::make_shared<BlockPool>(16, 4);
+  auto other = std::make_shared<BlockPool>(16, 4);
+  auto t1 = std::make_shared<KVTree>(pool);
+  auto t2 = std::make_shared<KVTree>(pool);
+  auto c = std::make_shared<RadixCache>(pool);
+  pool->add_user(t1);
+  pool->add_user(t2);
+  pool->add_user(c);
+  CHECK(pool->live_trees().size() == 2 && pool->live_trees()[0] == t1);
+  CHECK(pool->live_caches().size() == 1 && pool->live_caches()[0] == c);
+  CHECK(other->live_trees().empty());
+  CHECK_THROWS(std::invalid_argument, other->add_user(t1));  // built on `pool`
+  t1.reset();  // a registration keeps nothing alive
+  CHECK(pool->live_trees().size() == 1 && pool->live_trees()[0] == t2);
+  c.reset();
+  CHECK(pool->live_caches().empty());
+}
+
 // ---- KVTree ------------------------------------------------------------------
 
 TEST(tree_fork_touches_no_refcounts) {

@@ -47,5 +47,5 @@ class DeviceKV:
         np.testing.assert_array_equal(got, kv_values(tree.tokens(node)))
 
     def check_all(self, tree: KVTree) -> None:
-        for h in tree._native.debug_live_nodes():
+        for h in tree.debug_live_nodes():
             self.check_sequence(tree, int(h))

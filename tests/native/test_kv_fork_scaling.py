@@ -30,6 +30,6 @@ def test_fork_time_flat_from_1k_to_128k():
     small, big = context(tree, 1024), context(tree, 128 * 1024)
     # Interleave and take the best of several medians to resist CI noise;
     # a per-page cost would make the 128K figure ~128x the 1K one.
-    t_small = min(_native.bench_fork_ns(tree._native, small, 2000, 5) for _ in range(3))
-    t_big = min(_native.bench_fork_ns(tree._native, big, 2000, 5) for _ in range(3))
+    t_small = min(_native.bench_fork_ns(tree, small, 2000, 5) for _ in range(3))
+    t_big = min(_native.bench_fork_ns(tree, big, 2000, 5) for _ in range(3))
     assert t_big < 3.0 * t_small + 200.0, (t_small, t_big)

@@ -102,7 +102,7 @@ class KVMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.tree.num_live_nodes)
     @rule(data=st.data())
     def release_subtree(self, data):
-        live = [int(h) for h in self.tree._native.debug_live_nodes()]
+        live = [int(h) for h in self.tree.debug_live_nodes()]
         self.tree.release_subtree(self.pick(data, live))
         self.prune()
 
