@@ -235,7 +235,7 @@ def test_wrong_shape_names_tensor_file_expected_and_got(model_dir):
     load_error(model_dir, ModelLoadError, UP, str(model_dir / WEIGHTS), "(64, 64)", "(128, 64)")
 
 
-def test_wrong_shape_in_a_fused_slice_and_the_embedding(model_dir):
+def test_wrong_shape_in_a_fused_qkv_slice(model_dir):
     edit_weights(model_dir, model__layers__0__self_attn__k_proj__weight=torch.zeros(33, 64))
     load_error(model_dir, ModelLoadError, "model.layers.0.self_attn.k_proj.weight", "(33, 64)",
                "(32, 64)", WEIGHTS)
