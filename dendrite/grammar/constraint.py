@@ -1,10 +1,10 @@
 """`Constraint`: one regex / JSON schema / lark grammar / choice list.
 
-Building a Constraint validates the spec with llguidance (tokenizer-free
-checks); `compile(tokenizer)` adds the tokenizer-dependent checks and caches
-the compiled grammar on the tokenizer. Both raise `GrammarError` and allocate
-nothing the engine owns, so a request can be rejected before it touches the
-KV pool.
+Building a Constraint validates the spec with llguidance and checks that it
+matches some string (tokenizer-free; see `emptiness`); `compile(tokenizer)`
+adds the tokenizer-dependent checks and caches the compiled grammar on the
+tokenizer. Both raise `GrammarError` and allocate nothing the engine owns, so
+a request can be rejected before it touches the KV pool.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ rules. Runs only on the error path, with a bounded number of validations.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -68,13 +67,26 @@ def _get(doc: Any, path: Path) -> Any:
 
 
 def _replaced(doc: Any, path: Path, value: Any = None, *, delete: bool = False) -> Any:
-    out = copy.deepcopy(doc)
-    parent = _get(out, path[:-1])
+    """`doc` with the node at `path` set to `value` (or deleted); `doc` is unchanged.
+
+    Only the containers along `path` are copied (shallowly): no recursion, so
+    schemas nested thousands deep are fine, and each try is O(depth).
+    """
+    out = _shallow(doc)
+    parent = out
+    for p in path[:-1]:
+        child = _shallow(parent[p])
+        parent[p] = child
+        parent = child
     if delete:
         del parent[path[-1]]
     else:
         parent[path[-1]] = value
     return out
+
+
+def _shallow(node: Any) -> Any:
+    return dict(node) if isinstance(node, dict) else list(node)
 
 
 def _local_ref(schema: Any, node: Any) -> Path | None:

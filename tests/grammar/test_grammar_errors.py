@@ -296,3 +296,16 @@ def test_llguidance_panic_is_a_located_grammar_error():
     assert "llguidance failed on it (internal error:" in e.message
     assert e.json_path == "/properties/x/multipleOf"
     assert "\n" not in str(e)
+
+
+def test_deeply_nested_schemas_are_grammar_errors():
+    """Past llguidance's nesting limit: a GrammarError, located without Python recursion."""
+    inner: dict = {"type": "integer"}
+    for _ in range(3000):
+        inner = {"type": "array", "items": inner}
+    with pytest.raises(GrammarError, match="recursion limit") as ei:
+        Constraint(json_schema=inner)
+    assert ei.value.json_path.startswith("/items/items/")
+    text = '{"type":"array","items":' * 5000 + "{}" + "}" * 5000
+    with pytest.raises(GrammarError, match="nested too deeply"):
+        Constraint(json_schema=text)
