@@ -715,7 +715,9 @@ PYBIND11_MODULE(_native, m) {
         return check_invariants(*pool, t, c);
       },
       py::arg("pool"), py::arg("trees"), py::arg("caches"),
-      "Native cross-check of refcounts, free list and structure; returns problems found.");
+      "Native cross-check of refcounts, free list and each structure's validate(): the\n"
+      "problems found (empty when consistent). dendrite.kv.check_invariants is the full\n"
+      "check, recomputed in Python from the raw arrays.");
 
   m.def(
       "run_fuzz",
