@@ -77,11 +77,12 @@ def check_invariants(pool: BlockPool, trees: Optional[Iterable[KVTree]] = None,
     lists page ids referenced directly by the caller (one reference per
     occurrence). O(pages + nodes); meant for tests.
     """
-    live_users = [*pool.debug_trees(), *pool.debug_caches()]
-    trees = pool.debug_trees() if trees is None else list(trees)
-    caches = pool.debug_caches() if caches is None else list(caches)
+    live_trees, live_caches = pool.debug_trees(), pool.debug_caches()
+    trees = live_trees if trees is None else list(trees)
+    caches = live_caches if caches is None else list(caches)
+    checked: list[KVTree | RadixCache] = [*trees, *caches]
     foreign = [f"{type(u).__name__} #{i} uses another pool"
-               for i, u in enumerate([*trees, *caches]) if u.pool is not pool]
+               for i, u in enumerate(checked) if u.pool is not pool]
     if foreign:  # their page arrays do not even have this pool's length
         raise InvariantError("\n".join(foreign))
     problems: list[str] = []
@@ -111,10 +112,10 @@ def check_invariants(pool: BlockPool, trees: Optional[Iterable[KVTree]] = None,
 
     for t in trees:
         problems += _check_tree_structure(t, rc)
-    # Only when every holder of references was checked: a tree left out (or
-    # kept alive by a Scheduler alone) may legitimately hold the pages.
+    # Only when every holder of references was checked: a tree or cache the
+    # caller left out of `trees`/`caches` may legitimately hold the pages.
     # pybind11 hands back the existing wrapper of a live object, so `is` works.
-    checked_all = all(any(u is x for x in [*trees, *caches]) for u in live_users)
+    checked_all = all(any(u is x for x in checked) for u in [*live_trees, *live_caches])
     if (all(t.num_live_nodes == 0 for t in trees) and all(c.num_entries == 0 for c in caches)
             and extra_refs is None and pool.used != 0 and checked_all):
         problems.append(f"nothing holds pages but {pool.used} pages are used")
