@@ -86,7 +86,7 @@ def bounded_range(*args: Any) -> list[int]:
 def bounded_replace(s: Any, old: Any, new: Any) -> str:
     s, old, new = str(s), str(old), str(new)
     hits = s.count(old) if old else len(s) + 1
-    check_size(len(s) + hits * len(new), "replace()")
+    check_size(len(s) + hits * (len(new) - len(old)), "replace()")
     return s.replace(old, new)
 
 
