@@ -766,7 +766,7 @@ class Compiler:
         t = str(node.children[0])
         try:
             v: Any = float(t) if any(c in t for c in ".eE") else int(t)
-        except ValueError as ex:  # more digits than Python converts (4300)
+        except ValueError:  # more digits than Python converts (4300)
             raise self.error(ScriptSyntaxError, f"number too long ({len(t)} digits)", node) from None
         return Expr(lambda r, s: v, False, 0, 0, constant=True)
 

@@ -17,7 +17,10 @@ Public API: `program` / `Program` / `ProgramResult`, `State` (``s += text``,
 ``s.gen``, ``s.fork``, ``s[name]``, ``s.text``, ``s.logprob``, ``s.score``,
 ``s.release``), `gen` (SGLang's ``s += gen(...)``), `select`, `prune`,
 `score` (logprob, sum_logprob, length_penalty, capture, judge), `Runtime`,
-`Tree`, and `load_script` for ``.dendrite`` files.
+`Tree`, and `load_script` for ``.dendrite`` files. Limits: `MAX_FORK`
+children per fork, `MAX_DEPTH` forks deep, ``run(max_branches=)`` live
+branches (default `MAX_BRANCHES`) and ``run(max_steps=)`` engine steps
+(default `DEFAULT_MAX_STEPS`, past it `StepBudgetExceeded`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ import types as _types
 from dendrite.program import score
 from dendrite.program.options import GEN_OPTIONS, GenOptionError
 from dendrite.program.program import Param, Program, ProgramResult, program
-from dendrite.program.runtime import Runtime
+from dendrite.program.runtime import DEFAULT_MAX_STEPS, MAX_BRANCHES, Runtime, StepBudgetExceeded
 from dendrite.program.select import prune, select
-from dendrite.program.state import GenExpr, State, StateGroup, StateReleasedError, gen
+from dendrite.program.state import (
+    MAX_DEPTH,
+    MAX_FORK,
+    GenExpr,
+    State,
+    StateGroup,
+    StateReleasedError,
+    gen,
+)
 from dendrite.program.tree import Node, Segment, Tree
 
 
@@ -50,9 +61,13 @@ def load_script(path: str, name: str | None = None) -> Program:
 
 
 __all__ = [
+    "DEFAULT_MAX_STEPS",
     "GEN_OPTIONS",
     "GenExpr",
     "GenOptionError",
+    "MAX_BRANCHES",
+    "MAX_DEPTH",
+    "MAX_FORK",
     "Node",
     "Param",
     "Program",
@@ -62,6 +77,7 @@ __all__ = [
     "State",
     "StateGroup",
     "StateReleasedError",
+    "StepBudgetExceeded",
     "Tree",
     "gen",
     "dsl_module",

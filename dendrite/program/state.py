@@ -296,7 +296,7 @@ class State:
         with nothing queued.
         """
         n = fork_count(n)
-        if self._released:
+        if n and self._released:
             raise StateReleasedError(f"state #{self.node.id} was released; it takes no more ops")
         if n and self._depth >= MAX_DEPTH:
             raise ValueError(f"fork: state #{self.node.id} is already {self._depth} forks deep, "
