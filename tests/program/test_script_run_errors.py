@@ -304,6 +304,10 @@ def test_step_budget_cli(cli_env, tmp_path):
     path = write(tmp_path, RUNAWAY)
     first = cli(path, cli_env, "--max-steps", "5")
     assert first.startswith(f"{path}:5:13: gen 'x': the run used its budget of 5 engine steps")
+    bad = subprocess.run([*CLI, "run", str(path), "--max-steps", "0"], env=cli_env,
+                         capture_output=True, encoding="utf-8", timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.splitlines()[-1].startswith("dendrite run: error: argument --max-steps: "), bad.stderr
 
 
 def test_chain_of_forks_that_never_waits_ends_at_the_depth_limit(dsl, engine, clean, tmp_path):
