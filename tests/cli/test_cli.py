@@ -33,7 +33,7 @@ FLAGS = {
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
                  "--top-k", "--seed", "--device", "--chat"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
-            "--device", "--json", "--max-nodes", "--quiet"},
+            "--device", "--json", "--max-nodes", "--max-steps", "--quiet"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
 }
 
@@ -263,7 +263,7 @@ def test_run_standard_script_with_every_flag(env, model, tmp_path):
     out = dendrite("run", "tot", "--model", str(model), "--device", "cpu", "--program", "tot",
                    "--arg", "question=What is 2+3?", "--arg", "width=2", "--arg", "depth=1",
                    "--arg", "step_tokens=3", "--seed", "1", "--tree", str(html),
-                   "--max-nodes", "2", env={**env, "DENDRITE_MODEL": "/nope"})
+                   "--max-nodes", "2", "--max-steps", "1000", env={**env, "DENDRITE_MODEL": "/nope"})
     assert out.returncode == 0, out.stderr
     assert re.search(r"^tree: \d+ nodes, depth 1", out.stdout, re.M)
     assert "engine steps" in out.stdout
