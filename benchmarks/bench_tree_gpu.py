@@ -9,11 +9,16 @@ transformers measured in the same process:
            one-page copy-on-write a child pays at its first write) vs
            `copy.deepcopy` of an HF DynamicCache of the same length.
   tot      Tree-of-Thought, BFS, branching 4, beam 4, depth 3, 32 tokens per
-           node, 512-token prompt: level 1 = 4 children of the root, levels 2
-           and 3 = 4 children of each of the 4 best nodes (by mean token
+           node, a 512-token prompt: level 1 = 4 children of the root, levels
+           2 and 3 = 4 children of each of the 4 best nodes (by mean token
            logprob of the path) = 16 each; 36 nodes, 1152 sampled tokens.
-           Dendrite forks and generates each level in one batched run; HF
-           re-prefills every node's full context and generates its 32 tokens.
+           Dendrite (the headline): `dendrite.search.tot_bfs.run`, the program
+           API users call, on a text prompt of random words fitted to 512
+           tokens (the exact count is recorded); each level forks and
+           generates as one batch. Second row: the same search written by hand
+           on the engine API (fork + `Engine.generate` per level), on the same
+           prompt ids. HF re-prefills every node's full context and generates
+           its 32 tokens.
   decode   decode step time with 1/4/16/64 branches over a 4K shared prefix,
            flat paged decode and cascade attention (engine steps, wall); HF:
            a forward step at batch 1 and 16 over 4K-token DynamicCaches.
@@ -235,11 +240,16 @@ class Bench:
                 f" ms)", f"{fmt(h.get('deepcopy_ms'), '.3f')} ms{note}",
                 f"{fmt(ratio, ',.0f')}x", "", "")
         tot = s.get("tot", {})
-        dt, ht = tot.get("dendrite_s"), tot.get("hf_s")
+        dt, ht, hand = tot.get("dendrite_s"), tot.get("hf_s"), tot.get("hand_s")
         r = ht / dt if dt and ht else None
-        row(f"ToT BFS 4x4x3 ({tot.get('nodes', '?')} nodes x {a.tot_tokens} tok, "
-            f"{a.tot_prompt}-tok prompt)", f"{fmt(dt, '.3f')} s", f"{fmt(ht, '.2f')} s",
+        shape = f"{a.tot_width}x{a.tot_keep}x{a.tot_depth}"
+        row(f"ToT BFS {shape}, `dendrite.search.tot_bfs` ({tot.get('nodes', '?')} nodes x "
+            f"{a.tot_tokens} tok, {tot.get('prompt_tokens', a.tot_prompt)}-tok prompt)",
+            f"{fmt(dt, '.3f')} s", f"{fmt(ht, '.2f')} s",
             f"{fmt(r, '.1f')}x", ">= 20x", "yes" if r and r >= 20 else ("no" if r else ""))
+        if hand is not None:
+            row("same, hand-written loop (engine API)", f"{fmt(hand, '.3f')} s",
+                f"{fmt(ht, '.2f')} s", f"{fmt(ht / hand if ht else None, '.1f')}x", "", "")
         dec = s.get("decode", {})
         base = dec.get("flat", {}).get("1", {}).get("step_ms")
         hf1, hf16 = dec.get("hf", {}).get("1"), dec.get("hf", {}).get("16")
@@ -341,7 +351,7 @@ class Bench:
         ax1.grid(True, which="both", alpha=0.3)
         ax1.legend()
         names, vals = [], []
-        for label, key in (("HF re-prefill", "hf_s"), ("Dendrite", "dendrite_s")):
+        for label, key in (("HF re-prefill", "hf_s"), ("Dendrite tot_bfs", "dendrite_s")):
             if tot.get(key):
                 names.append(label)
                 vals.append(tot[key])
@@ -513,49 +523,137 @@ def hf_generate_node(b: Bench, ctx: list[int], n: int, seed: int) -> tuple[list[
     return toks.tolist(), lps.tolist()
 
 
-def sec_hf_tot(b: Bench, r: dict) -> None:
+def sec_hf_tot(b: Bench, r: dict, prompt: list[int]) -> None:
+    """HF's side of the ToT row: each node `generate`s on its whole context
+    (prompt + path, re-prefilled), one node at a time; same prompt ids."""
     a = b.args
-    prompt = rand_ids(b, a.tot_prompt, 7)
     hf_generate_node(b, prompt[:64], 4, 0)  # warm-up (lazy inits, kernels)
     sync(a)
     t0 = time.perf_counter()
     frontier: list[tuple[list[int], list[float]]] = [([], [])]
-    nodes = 0
+    levels, tokens = [], 0
     for level in range(a.tot_depth):
         kids = []
         for path, lps in frontier:
             for _ in range(a.tot_width):
-                toks, new = hf_generate_node(b, prompt + path, a.tot_tokens, seed=1000 + nodes)
+                toks, new = hf_generate_node(b, prompt + path, a.tot_tokens,
+                                             seed=1000 + sum(levels) + len(kids))
                 kids.append((path + toks, lps + new))
-                nodes += 1
-                r["hf_tokens"] = r.get("hf_tokens", 0) + len(toks)
+                tokens += len(toks)
+        levels.append(len(kids))
         kids.sort(key=lambda k: -float(np.mean(k[1])))
         frontier = kids[:a.tot_keep]
     sync(a)
     r["hf_s"] = time.perf_counter() - t0
-    r["hf_nodes"] = nodes
-    log(f"hf ToT: {r['hf_s']:.2f} s for {nodes} nodes")
+    r.update(hf_nodes=sum(levels), hf_levels=levels, hf_tokens=tokens)
+    log(f"hf ToT: {r['hf_s']:.2f} s for {sum(levels)} nodes")
+
+
+#: Words of the ToT prompt (any text does: the weights are random; what
+#: matters is its length in tokens, which `tot_prompt` fits).
+PROMPT_WORDS = ("the a tree of thought search forks every branch and keeps best path "
+                "step level node token model prompt answer question reason plan check "
+                "value score cache page shared prefix child parent leaf depth width").split()
+
+
+def tot_prompt(b: Bench, n: int, seed: int) -> tuple[str, list[int]]:
+    """A text prompt the engine encodes (BOS included) to ``n`` tokens, and its ids.
+
+    The program API takes text, so the prompt is random words, cut to the
+    last word that fits and padded with "." (one token each with the
+    benchmark's tokenizer). The result records the exact count; should a
+    tokenizer merge the dots, the prompt stays a few tokens short of ``n``.
+    """
+    e = b.engine
+    words = np.random.default_rng(seed).choice(PROMPT_WORDS, size=max(n, 8)).tolist()
+    count = lambda k: len(e.encode(" ".join(words[:k])))
+    lo, hi = 0, len(words)  # largest k with count(k) <= n (count grows with k)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= n else (lo, mid - 1)
+    text = " ".join(words[:lo])
+    ids = e.encode(text)
+    while len(ids) < n:
+        more = e.encode(text + ".")
+        if len(more) != len(ids) + 1:
+            break
+        text, ids = text + ".", more
+    return text, ids
+
+
+def tree_levels(tree) -> list[int]:
+    """Nodes per depth below the roots of a program's tree record."""
+    depth: dict[int, int] = {}
+    for node in tree:  # ids grow in creation order: a parent comes before its children
+        depth[node.id] = 0 if node.parent is None else depth[node.parent] + 1
+    out = [0] * max(depth.values(), default=0)
+    for d in depth.values():
+        if d:
+            out[d - 1] += 1
+    return out
+
+
+def library_tot(b: Bench, prompt: str, width: int, keep: int, depth: int, ntok: int,
+                seed: int) -> dict:
+    """One `dendrite.search.tot_bfs` run through the program API, as a user runs it.
+
+    Scored by its default (`dendrite.score.logprob`: mean token logprob of
+    the path); each thought is one generation of exactly ``ntok`` tokens at
+    temperature 1 (no stop string, EOS ignored). Peak pages are read after
+    every engine step (the progress callback).
+    """
+    from dendrite.search import tot_bfs
+
+    e = b.engine
+    used0 = e.pool.used
+    peak = [used0]
+
+    def progress(_rt) -> None:
+        peak[0] = max(peak[0], e.pool.used)
+
+    step = dict(max_tokens=ntok, stop=None, temperature=1.0, ignore_eos=True)
+    sync(b.args)
+    t0 = time.perf_counter()
+    res = tot_bfs.run(e, prompt=prompt, width=width, keep=keep, depth=depth, step=step,
+                      seed=seed, progress=progress)
+    sync(b.args)
+    dt = time.perf_counter() - t0
+    best = res.value
+    return {"s": dt, "levels": tree_levels(res.tree), "tokens": res.gen_tokens,
+            "engine_steps": res.steps, "peak_pages": peak[0] - used0,
+            "peak_pages_read": "after every engine step",
+            "pages_left": e.pool.used - used0, "best_mean_logprob": best.logprob,
+            "best_path_tokens": best.num_gen_tokens}
 
 
 def dendrite_tot(b: Bench, prompt: list[int], width: int, keep: int, depth: int, ntok: int,
-                 seed0: int) -> tuple[float, int, int]:
+                 seed0: int) -> dict:
+    """The same search written by hand on the engine API (fork, generate, release).
+
+    Before the program API existed this was the benchmark's Dendrite side; it
+    stays as a second row so the runtime's cost over the bare engine shows.
+    """
     from dendrite.sampling import SamplingParams
 
     e = b.engine
+    used0 = e.pool.used
+    steps0 = e.stats["steps"]
     sync(b.args)
     t0 = time.perf_counter()
     root = e.new_sequence(prompt)
     frontier = [(root, [])]
-    nodes = 0
+    levels, tokens, peak = [], 0, 0
     for level in range(depth):
         kids = []
         for seq, lps in frontier:
             kids += [(k, lps) for k in seq.fork(width)]
             seq.release()  # its children keep the shared KV
         params = [SamplingParams(temperature=1.0, max_tokens=ntok, ignore_eos=True,
-                                 seed=seed0 + nodes + i) for i in range(len(kids))]
+                                 seed=seed0 + sum(levels) + i) for i in range(len(kids))]
         results = e.generate([k for k, _ in kids], params)
-        nodes += len(kids)
+        levels.append(len(kids))
+        tokens += sum(len(res.token_ids) for res in results)
+        peak = max(peak, e.pool.used - used0)
         scored = [(k, lps + res.logprobs) for (k, lps), res in zip(kids, results)]
         scored.sort(key=lambda x: -float(np.mean(x[1])))
         for k, _ in scored[keep:]:
@@ -563,31 +661,56 @@ def dendrite_tot(b: Bench, prompt: list[int], width: int, keep: int, depth: int,
         frontier = scored[:keep]
     sync(b.args)
     dt = time.perf_counter() - t0
-    peak = e.pool.used
+    best = float(np.mean(frontier[0][1])) if frontier else None
     for k, _ in frontier:
         k.release()
-    return dt, nodes, peak
+    return {"s": dt, "levels": levels, "tokens": tokens,
+            "engine_steps": e.stats["steps"] - steps0, "peak_pages": peak,
+            "peak_pages_read": "after each level's generate",
+            "pages_left": e.pool.used - used0, "best_mean_logprob": best}
 
 
 def sec_tot(b: Bench, r: dict) -> None:
+    """ToT BFS through `dendrite.search.tot_bfs` (the headline), the hand-written
+    engine loop, and HF re-prefilling every node, on the same prompt ids."""
     a = b.args
-    e = b.engine
-    dendrite_tot(b, rand_ids(b, 64, 3), 2, 2, 1, 4, 0)  # warm-up: kernels, lazy inits
-    steps0 = e.stats["steps"]
-    dt, nodes, peak = dendrite_tot(b, rand_ids(b, a.tot_prompt, 7), a.tot_width, a.tot_keep,
-                                   a.tot_depth, a.tot_tokens, 1000)
-    r.update(dendrite_s=dt, nodes=nodes, engine_steps=e.stats["steps"] - steps0,
-             dendrite_tokens=nodes * a.tot_tokens,
-             peak_pages=peak, definition=(
+    shape = (a.tot_width, a.tot_keep, a.tot_depth, a.tot_tokens)
+    text, ids = tot_prompt(b, a.tot_prompt, 7)
+    warm_text, warm_ids = tot_prompt(b, 64, 3)
+    library_tot(b, warm_text, 2, 2, 1, 4, 0)  # warm-up: kernels, lazy inits, graph buckets
+    dendrite_tot(b, warm_ids, 2, 2, 1, 4, 0)
+    lib = [library_tot(b, text, *shape, seed=1000 + i) for i in range(a.tot_reps)]
+    hand = [dendrite_tot(b, ids, *shape, seed0=1000 + 100 * i) for i in range(a.tot_reps)]
+
+    def summary(runs: list[dict]) -> dict:
+        out = dict(runs[0])
+        out["s"] = statistics.median(x["s"] for x in runs)
+        out["runs_s"] = [round(x["s"], 4) for x in runs]
+        return out
+
+    lib_s, hand_s = summary(lib), summary(hand)
+    r.update(api="dendrite.search.tot_bfs", dendrite_s=lib_s["s"], nodes=sum(lib_s["levels"]),
+             levels=lib_s["levels"], engine_steps=lib_s["engine_steps"],
+             dendrite_tokens=lib_s["tokens"], peak_pages=lib_s["peak_pages"], library=lib_s,
+             hand=hand_s, hand_s=hand_s["s"], prompt_tokens=len(ids), prompt_text=text,
+             definition=(
                  f"BFS ToT: branching {a.tot_width}, keep top {a.tot_keep} per level by mean "
                  f"token logprob of the path, depth {a.tot_depth}, {a.tot_tokens} sampled tokens "
-                 f"per node, {a.tot_prompt}-token prompt"))
-    log(f"dendrite ToT: {dt:.3f} s, {nodes} nodes, {r['engine_steps']} steps")
+                 f"per node (temperature 1, EOS ignored), a {len(ids)}-token prompt (BOS "
+                 f"included; random words, asked for {a.tot_prompt}); Dendrite: "
+                 f"`dendrite.search.tot_bfs.run` (program API, text prompt), median of "
+                 f"{a.tot_reps}; hand-written loop: fork + one `Engine.generate` per level on "
+                 f"the same token ids; HF: `generate` on each node's full context, one run"))
+    log(f"dendrite ToT (tot_bfs): {lib_s['s']:.3f} s {lib_s['runs_s']}, {r['nodes']} nodes "
+        f"{lib_s['levels']}, {lib_s['engine_steps']} steps; hand-written loop "
+        f"{hand_s['s']:.3f} s {hand_s['runs_s']}, {hand_s['engine_steps']} steps; "
+        f"prompt {len(ids)} tokens")
     if b.hf is not None:
-        sec_hf_tot(b, r)
+        sec_hf_tot(b, r, ids)
         if r.get("hf_s"):
-            r["speedup"] = r["hf_s"] / dt
-            log(f"ToT speedup {r['speedup']:.1f}x")
+            r["speedup"] = r["hf_s"] / r["dendrite_s"]
+            r["hand_speedup"] = r["hf_s"] / r["hand_s"]
+            log(f"ToT speedup {r['speedup']:.1f}x (hand-written loop {r['hand_speedup']:.1f}x)")
 
 
 def sec_fork(b: Bench, r: dict) -> None:
@@ -1146,6 +1269,7 @@ def parse() -> argparse.Namespace:
     a.fork_reps = 200 if big else 50
     a.tot_prompt, a.tot_tokens = (512, 32) if big else (64, 8)
     a.tot_width, a.tot_keep, a.tot_depth = 4, 4, 3
+    a.tot_reps = 3 if big else 1
     a.branches = [1, 4, 16, 64] if big else [1, 4, 16]
     a.decode_prefix, a.decode_steps = (4096, 24) if big else (256, 8)
     a.hf_decode_steps = 8 if big else 3
@@ -1169,7 +1293,7 @@ def main() -> None:
         return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --device cpu --tiny for a smoke test")
-    if a.device == "cpu":
+    if a.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     b = Bench(a)
     b.dtype = torch.bfloat16 if cuda_ok(a) else torch.float32
