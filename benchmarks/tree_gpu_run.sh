@@ -62,7 +62,9 @@ fi
 LEFT=$((BUDGET - SECONDS))
 say "benchmark: ${LEFT}s left"
 export TREE_BENCH_COMMAND="bash benchmarks/tree_gpu_run.sh (python3 benchmarks/bench_tree_gpu.py --out \$OUT)"
-# TREE_BENCH_ARGS: extra benchmark arguments, e.g. "--skip tot,decode,kv,mcts".
+# TREE_BENCH_ARGS: extra benchmark arguments, e.g. "--skip tot,decode,kv,mcts", or
+# "--skip fork,decode,kv,mcts,grammar,cascade" for the ToT row alone (dendrite.search.tot_bfs,
+# the hand-written engine loop, HF).
 (cd $RUNDIR && timeout -k 10 $((LEFT - 5)) python3 "$B" --out "$OUT" --budget-s $((LEFT - 45)) \
    ${TREE_BENCH_ARGS:-}) 2>&1 | tee -a "$LOG"
 say "benchmark rc=${PIPESTATUS[0]}"
