@@ -112,7 +112,7 @@ def measure(
     batch: int,
     steps: int,
     seed: int,
-    parallel: bool,
+    pool_threads: int,
 ):
     """Per-step fill_masks times (ns) and per-token consume+forced times (ns)."""
     gen = torch.Generator().manual_seed(seed)
@@ -124,7 +124,7 @@ def measure(
     advance_ns: list[int] = []
     for _ in range(steps):
         t0 = time.perf_counter_ns()
-        fill_masks(matchers, bitmask, parallel=parallel)
+        fill_masks(matchers, bitmask, threads=pool_threads)
         fill_ns.append(time.perf_counter_ns() - t0)
         logits = torch.randn(batch, gtok.vocab_size, generator=gen) * 2.0 + bias
         apply_masks(logits, bitmask)
@@ -190,6 +190,10 @@ def main() -> None:
     # CPU, and idle OpenMP workers spinning after each op starve the mask
     # pool's threads (a 10x distortion measured on 16 cores).
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    # llguidance's own default size: 80% of the CPUs, at most 32.
+    ap.add_argument("--pool-threads", type=int,
+                    default=max(1, min(32, (os.cpu_count() or 1) * 4 // 5)),
+                    help="llguidance pool threads of the 'pool' rows (fill_masks threads=)")
     ap.add_argument("--apply-device", help="also time apply_masks there (e.g. cuda)")
     args = ap.parse_args()
     if args.threads:
@@ -232,11 +236,11 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             # "pool": llguidance's parallel executor; "inline": one matcher
             # after another on the calling thread. Same seed, same states.
-            for parallel in (False, True) if batch > 1 else (False,):
-                fill, adv = measure(c, gtok, batch, args.steps, seed=batch, parallel=parallel)
+            for pool in (0, args.pool_threads) if batch > 1 else (0,):
+                fill, adv = measure(c, gtok, batch, args.steps, seed=batch, pool_threads=pool)
                 fill = fill[10:]  # drop the first steps (lazy lexer-state build-up)
                 med, p99 = pct(fill, 0.5), pct(fill, 0.99)
-                mode = "pool" if parallel else "inline"
+                mode = f"pool of {pool}" if pool else "inline"
                 print(
                     f"| {name} | {batch} | {mode} | {compile_ms[name]:.1f} | {med:.1f} | {p99:.1f} "
                     f"| {med / batch:.1f} | {statistics.median(adv) / 1000:.1f} |",

@@ -45,10 +45,9 @@ import os
 import threading
 import time
 from itertools import chain
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence as Seq
 
 import numpy as np
 import torch
@@ -58,6 +57,9 @@ from dendrite.kv import BlockPool, KVTree, RadixCache, Scheduler
 from dendrite.model.runner import ModelRunner, StepPlan
 from dendrite.sampling import Sampler, SamplerOutput, SamplingParams
 from dendrite.stopping import StopChecker
+
+if TYPE_CHECKING:
+    from dendrite.grammar import MaskWorker, Matcher
 
 __all__ = ["Engine", "Sequence", "GenHandle", "GenResult", "LeafTooLarge", "ModelOutputError",
            "MAX_FORK", "TopLogprobs"]
@@ -145,7 +147,7 @@ class GenHandle:
     seq: "Sequence"
     params: SamplingParams
     constraint: object | None = None
-    matcher: object | None = None
+    matcher: Matcher | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     #: Per token so far, its alternatives (see `GenResult.top_logprobs`); empty
@@ -308,8 +310,10 @@ class Engine:
         self.sampler = Sampler(kernels=runner.kernels)
         self._grammar_tokenizer = None
         self._live: dict[int, Sequence] = {}  # node -> sequence (leaf handles)
-        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dendrite-mask")
-        self._mask_prefetch: tuple[list[GenHandle], Future] | None = None
+        # Grammar masks (built with the grammar tokenizer, on first use): on
+        # CUDA computed on this thread after the asynchronous launch, on the
+        # CPU on the worker's thread while the forward holds this one.
+        self._mask_worker: MaskWorker | None = None
         self._inline_masks = self.device.type == "cuda"
         # Steady decode launches step k+1 before reading step k's tokens (see
         # `_launch_ahead`); default on CUDA, where the host then prepares a
@@ -368,6 +372,17 @@ class Engine:
                                                        sorted(self.eos_token_ids),
                                                        vocab_size=self.runner.vocab_size)
         return self._grammar_tokenizer
+
+    @property
+    def _masks(self) -> MaskWorker:
+        """The grammar mask worker, made on the first constrained step."""
+        if self._mask_worker is None:
+            from dendrite.grammar import MaskWorker
+
+            # Pinned on CUDA, so the sampler's copy to the GPU is asynchronous.
+            self._mask_worker = MaskWorker(pin_memory=self.device.type == "cuda",
+                                           threads=self.runner.kernels.grammar_threads)
+        return self._mask_worker
 
     def _admit(self, ids: list[int]) -> tuple[int, list[int]]:
         # Keep at least one token out of the match: the last prompt token must
@@ -627,7 +642,9 @@ class Engine:
         # Grammar masks are computed while the forward runs: on CUDA, on this
         # thread right after the (asynchronous) launch; on the CPU, where the
         # forward holds this thread, on a worker thread.
-        mask_future = None if self._inline_masks else self._start_masks(sample_handles)
+        constrained = any(h.matcher is not None for h in sample_handles)
+        mask_future = self._masks.start(sample_handles) \
+            if constrained and not self._inline_masks else None
 
         indptr, indices, last_len = self.tree.export_csr(nodes)
         qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
@@ -645,7 +662,7 @@ class Engine:
                 mask_future.result()
             return _Launched(self.stats["steps"], seqs, [], None, None, None)
         if self._inline_masks:
-            allowed = self._masks_now(sample_handles)
+            allowed = self._masks.fill(sample_handles) if constrained else None
         else:
             allowed = mask_future.result() if mask_future is not None else None
         # A sampled row's new token goes right after its cached ones.
@@ -718,7 +735,8 @@ class Engine:
             self.tree.set_last_tokens(np.asarray(nodes, dtype=np.int64),
                                       np.asarray(toks, dtype=np.int32))
         if cur.allowed is not None and not self._inline_masks:
-            self._prefetch_masks(cur.handles)
+            # The next step's masks, now that this step's tokens are consumed.
+            self._masks.prefetch([h for h in cur.handles if not h.done])
         return finished
 
     def _reject_row(self, h: GenHandle, step: int, placeholders: bool) -> None:
@@ -869,81 +887,10 @@ class Engine:
         seq.swapped = seq.handle is None or seq.handle.done
         self.stats["preemptions"] += 1
 
-    def _empty_masks(self, rows: int) -> torch.Tensor:
-        """All-allowed packed masks. Pinned on CUDA, so the sampler's copy to the
-        GPU is asynchronous: a pageable copy would block the host until the
-        forward finished and leave the sampler's kernels to launch behind it."""
-        return torch.full((rows, self.grammar_tokenizer.mask_words), -1, dtype=torch.int32,
-                          pin_memory=self.runner.device.type == "cuda")
-
-    def _fill_job(self, matchers: list) -> Future:
-        """Masks of `matchers` (rows in order) filled on the worker thread."""
-        from dendrite.grammar import fill_masks
-
-        def work() -> torch.Tensor:
-            bitmask = self._empty_masks(len(matchers))
-            fill_masks(matchers, bitmask)
-            return bitmask
-
-        return self._mask_pool.submit(work)
-
-    def _masks_now(self, handles: list[GenHandle]) -> torch.Tensor | None:
-        """Packed allowed-token masks of `handles`, computed on this thread.
-
-        Used on CUDA once the forward is queued: the GPU is busy for the whole
-        computation, and no hand-off to a worker thread (which would wait for
-        the GIL while this thread prepares the step) is paid.
-        """
-        rows = [i for i, h in enumerate(handles) if h.matcher is not None]
-        if not rows:
-            return None
-        from dendrite.grammar import fill_masks
-
-        bitmask = self._empty_masks(len(handles))
-        fill_masks([handles[i].matcher for i in rows], bitmask, rows)
-        return bitmask
-
-    def _prefetch_masks(self, handles: list[GenHandle]) -> None:
-        """Start the next step's masks now that this step's tokens are consumed.
-
-        The worker then has the rest of this step and the next step's
-        scheduling and forward launch to fill them in, instead of only the
-        forward launch. A prefetched row stays valid until its matcher
-        consumes again, which only happens after the mask has been used.
-        """
-        live = [h for h in handles if h.matcher is not None and not h.done]
-        self._mask_prefetch = (live, self._fill_job([h.matcher for h in live])) if live else None
-
-    def _start_masks(self, handles: list[GenHandle]) -> Future | None:
-        """Future of the packed allowed-token masks for `handles` (-1 rows: free)."""
-        rows = [i for i, h in enumerate(handles) if h.matcher is not None]
-        if not rows:
-            return None
-        prefetched, self._mask_prefetch = self._mask_prefetch, None
-        if prefetched is not None and len(rows) == len(handles) and \
-                [id(h) for h in prefetched[0]] == [id(h) for h in handles]:
-            return prefetched[1]  # the steady state: same branches, same order
-        have = {id(h): j for j, h in enumerate(prefetched[0])} if prefetched else {}
-        hit = [i for i in rows if id(handles[i]) in have]
-        missing = [i for i in rows if id(handles[i]) not in have]
-        missing_job = self._fill_job([handles[i].matcher for i in missing]) if missing else None
-
-        def assemble() -> torch.Tensor:
-            # Runs after the jobs above on the same single worker thread.
-            out = self._empty_masks(len(handles))
-            if hit:
-                src = prefetched[1].result()
-                out[hit] = src[[have[id(handles[i])] for i in hit]]
-            if missing_job is not None:
-                out[missing] = missing_job.result()
-            return out
-
-        return self._mask_pool.submit(assemble)
-
     def _settle_masks(self) -> None:
-        """Wait for a prefetch in flight: its matchers may be touched next."""
-        if self._mask_prefetch is not None:
-            self._mask_prefetch[1].result()
+        """Wait for a mask prefetch in flight: its matchers may be touched next."""
+        if self._mask_worker is not None:
+            self._mask_worker.settle()
 
     def _accept(self, h: GenHandle, tok: int, lp: float, top: TopLogprobs | None = None,
                 placeholders: list[tuple[int, int]] | None = None) -> bool:
@@ -1039,5 +986,5 @@ class Engine:
     def close(self) -> None:
         for seq in list(self._live.values()):
             self.release(seq)
-        self._mask_prefetch = None
-        self._mask_pool.shutdown(wait=True)
+        if self._mask_worker is not None:
+            self._mask_worker.close()

@@ -44,7 +44,6 @@ __all__ = [
     "row_keys",
     "sample",
     "top_logprobs",
-    "unpack_bitmask",
 ]
 
 _M64 = (1 << 64) - 1
@@ -213,27 +212,6 @@ def gumbel_noise(keys: Sequence[int], vocab_size: int, device: torch.device | st
 # -- masks and processors -----------------------------------------------------------
 
 
-def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Allowed-token mask as bool [B, vocab].
-
-    Accepts llguidance's packed layout (int32 [B, ceil(V'/32)], bit `j` of word
-    `w` allows token `32 w + j`) or a bool [B, V']. Tokens past the mask's
-    width are disallowed, as llguidance.torch does.
-    """
-    if mask.dtype == torch.bool:
-        allowed = mask
-    elif mask.dtype == torch.int32:
-        shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
-        allowed = ((mask[:, :, None] >> shifts) & 1).bool().reshape(mask.shape[0], -1)
-    else:
-        raise TypeError(f"allowed-token mask must be bool or packed int32, not {mask.dtype}")
-    width = allowed.shape[1]
-    if width >= vocab_size:
-        return allowed[:, :vocab_size]
-    pad = torch.zeros(allowed.shape[0], vocab_size - width, dtype=torch.bool, device=mask.device)
-    return torch.cat([allowed, pad], dim=1)
-
-
 def _apply_repetition_penalty(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -354,7 +332,8 @@ class Sampler:
                 (prompt + generated, as transformers); only read for rows
                 with a penalty != 1.
             allowed: optional allowed-token mask, packed int32 [B, ceil(V'/32)]
-                (llguidance) or bool [B, V'].
+                (llguidance, see `dendrite.grammar.unpack_bitmask`) or bool [B, V'];
+                ids past its width are disallowed.
         """
         b, vocab = logits.shape
         if len(params) != b:
@@ -367,6 +346,9 @@ class Sampler:
         if prev_tokens is not None:
             x = _apply_repetition_penalty(x, params, prev_tokens)
         if allowed is not None:
+            # (Imported here: unmasked sampling needs no llguidance.)
+            from dendrite.grammar.masks import unpack_bitmask
+
             x = x.masked_fill(
                 ~unpack_bitmask(allowed.to(x.device, non_blocking=True), vocab), float("-inf")
             )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import llguidance
 
 from .errors import GrammarViolation
+from .masks import fill_masks, unpack_bitmask
 
 if TYPE_CHECKING:
     import torch
@@ -161,14 +162,10 @@ class Matcher:
 
     def fill_mask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write this matcher's allowed-token bits into `bitmask[row]` (CPU int32)."""
-        from .masks import fill_masks
-
         fill_masks([self], bitmask, [row])
 
     def allowed_tokens(self) -> list[int]:
         """Allowed next token ids (debugging and tests; use masks in the engine)."""
-        from .masks import unpack_bitmask
-
         bm = self.tokenizer.allocate_bitmask(1, pin_memory=False)
         self.fill_mask(bm)
         return unpack_bitmask(bm, self.tokenizer.vocab_size)[0].nonzero().flatten().tolist()

@@ -6,8 +6,10 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
-from dendrite.grammar import Constraint, GrammarError
+from dendrite.grammar import Constraint, GrammarError, fill_masks
+from dendrite.kernels.config import KernelConfig
 from dendrite.sampling import SamplingParams
 
 SCHEMA = {
@@ -139,3 +141,63 @@ def test_inline_masks_equal_worker_masks(make_engine):
         return [h.result.token_ids for h in hs]
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["worker", "inline"])
+def test_engine_masks_are_fill_masks_of_the_rows_matchers(make_engine, inline):
+    """Each step's masks, from either engine path (worker thread with prefetch,
+    or the stepping thread after the launch), are exactly `fill_masks` of the
+    sampled rows' matchers at that point, -1 rows for unconstrained requests:
+    through forks, a request joining mid-run and one leaving."""
+    e = make_engine()
+    e._inline_masks = inline
+    sampler, handles, constrained_rows = e.sampler, {}, []
+
+    def checking_sampler(logits, params, positions, *, prev_tokens=None, allowed=None):
+        matchers = [handles[p.seed].matcher for p in params]
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if rows:
+            want = e.grammar_tokenizer.allocate_bitmask(len(params), pin_memory=False)
+            fill_masks([matchers[i] for i in rows], want, rows)
+            assert allowed is not None and torch.equal(allowed, want)
+            constrained_rows.append((len(rows), len(params)))
+        else:
+            assert allowed is None
+        return sampler(logits, params, positions, prev_tokens=prev_tokens, allowed=allowed)
+
+    e.sampler = checking_sampler
+
+    def submit(seq, seed, constraint=None, max_tokens=24):
+        h = e.submit(seq, SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens),
+                     constraint=constraint)
+        handles[seed] = h
+        return h
+
+    c = Constraint(json_schema=SCHEMA)
+    hs = [submit(k, i, c) for i, k in enumerate(e.new_sequence("Person as JSON: ").fork(3))]
+    hs.append(submit(e.new_sequence("Free: "), 3, max_tokens=6))  # unconstrained row
+    for _ in range(3):
+        e.step()
+    hs.append(submit(e.new_sequence("Another: "), 4, Constraint(regex=r"[a-z ]{20}")))
+    e.run(hs)
+    assert any(n < total for n, total in constrained_rows)  # mixed steps were checked
+    assert max(n for n, _ in constrained_rows) == 4  # and the late request's
+
+
+def test_grammar_threads_come_from_the_runners_config(make_engine, monkeypatch):
+    """KernelConfig.grammar_threads (default from DENDRITE_GRAMMAR_THREADS) sizes
+    the llguidance pool of the engine's mask fills; the tokens do not change."""
+    c = Constraint(json_schema=SCHEMA)
+
+    def run(e) -> list[list[int]]:
+        hs = [e.submit(k, SamplingParams(temperature=1.0, seed=i, max_tokens=32), constraint=c)
+              for i, k in enumerate(e.new_sequence("Person as JSON: ").fork(4))]
+        e.run(hs)
+        return [h.result.token_ids for h in hs]
+
+    one = make_engine()
+    monkeypatch.setenv("DENDRITE_GRAMMAR_THREADS", "2")
+    pooled = make_engine()
+    assert run(pooled) == run(one)
+    assert (one._masks.threads, pooled._masks.threads) == (0, 2)
+    assert make_engine(kernels=KernelConfig(grammar_threads=3))._masks.threads == 3

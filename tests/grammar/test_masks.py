@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+
 import pytest
 import torch
 from grammar_sampling import MODEL_VOCAB
@@ -15,6 +18,14 @@ from dendrite.grammar import (
     grammar_status,
     unpack_bitmask,
 )
+from dendrite.grammar.matcher import Matcher
+
+
+@dataclass
+class Row:
+    """A step's row, as the engine's request handles are to `MaskWorker`."""
+
+    matcher: Matcher | None
 
 
 def _reference_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -32,6 +43,15 @@ def test_unpack_matches_reference_including_sign_bit_and_padding():
     bm[0, 0] = -1  # all bits, including the sign bit
     for vocab in (100, 128, 150):  # narrower, exact, wider than 4 words
         assert torch.equal(unpack_bitmask(bm, vocab), _reference_allowed(bm, vocab))
+
+
+def test_unpack_takes_bool_masks_and_refuses_other_dtypes():
+    allowed = torch.tensor([[True, False, True], [False, True, True]])
+    assert torch.equal(unpack_bitmask(allowed, 2), allowed[:, :2])
+    wider = unpack_bitmask(allowed, 5)  # ids past the mask: never allowed
+    assert torch.equal(wider[:, :3], allowed) and not wider[:, 3:].any()
+    with pytest.raises(TypeError, match="packed int32 or bool, not torch.int64"):
+        unpack_bitmask(torch.zeros(1, 2, dtype=torch.int64), 64)
 
 
 def test_apply_masks_sets_disallowed_to_neg_inf_and_keeps_the_rest():
@@ -124,25 +144,93 @@ def test_compiled_once_per_spec_and_tokenizer(hf_tokenizer, eos_id):
     assert m2.num_tokens == 0 and not m2.is_accepting() and m1.is_accepting()
 
 
-def test_mask_worker_overlaps_and_matches_inline(gtok):
+def _array_matchers(gtok, n: int) -> list[Matcher]:
+    """`n` matchers of one grammar, each at a different position."""
     c = Constraint(json_schema={"type": "array", "items": {"type": "integer"}})
-    ms = [c.matcher(gtok) for _ in range(16)]
+    ms = [c.matcher(gtok) for _ in range(n)]
     for i, m in enumerate(ms[1:], 1):
         m.consume_many(gtok.ll.tokenize_str("[" + "1," * i))
+    return ms
+
+
+def _expected(gtok, matchers: list[Matcher | None]) -> torch.Tensor:
+    """fill_masks of the constrained rows; unconstrained rows all-allowed."""
+    bm = gtok.allocate_bitmask(len(matchers), pin_memory=False)
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    fill_masks([matchers[i] for i in rows], bm, rows)
+    return bm
+
+
+def test_llguidance_pool_matches_the_calling_thread(gtok):
+    ms = _array_matchers(gtok, 16)
     inline = gtok.allocate_bitmask(16)
-    fill_masks(ms, inline, parallel=False)
+    fill_masks(ms, inline)
     pooled = gtok.allocate_bitmask(16)
-    fill_masks(ms, pooled, parallel=True)
+    fill_masks(ms, pooled, threads=2)
     assert torch.equal(inline, pooled)
-    bg = gtok.allocate_bitmask(16)
+    assert not torch.equal(inline[0], inline[1])  # the rows differ: a real check
+
+
+def test_threads_must_be_a_count(gtok):
+    m = Constraint(regex="a").matcher(gtok)
+    with pytest.raises(ValueError, match="fill_masks: threads must be >= 0"):
+        fill_masks([m], gtok.allocate_bitmask(1), threads=-1)
+    with pytest.raises(TypeError, match="fill_masks: threads must be an int"):
+        fill_masks([m], gtok.allocate_bitmask(1), threads=True)
+    with pytest.raises(TypeError, match="MaskWorker: threads must be an int"):
+        MaskWorker(threads=1.5)
+
+
+def test_mask_worker_fills_on_its_thread_while_the_caller_works(gtok):
+    ms = _array_matchers(gtok, 16)
+    rows = [Row(m) for m in ms]
     with MaskWorker() as worker:
-        fut = worker.submit(ms, bg)
-        # Main thread keeps working (stands in for the GPU forward).
+        fut = worker.start(rows)
+        # The calling thread keeps working (stands in for the CPU forward).
         x = torch.randn(256, 256)
         for _ in range(5):
             x = x @ x.T / 256
-        fut.result(timeout=30)
-    assert torch.equal(inline, bg)
+        bitmask = fut.result(timeout=30)
+        assert any(t.name.startswith("dendrite-mask") for t in threading.enumerate())
+        assert torch.equal(bitmask, _expected(gtok, ms))
+        assert torch.equal(worker.fill(rows), bitmask)  # on the calling thread
+
+
+def test_mask_worker_reuses_prefetched_rows_of_the_same_owners(gtok):
+    """A step's masks: prefetched rows of the same owners, fresh rows for new
+    owners, -1 for unconstrained rows; equal to fill_masks of the matchers."""
+    ms = [Constraint(regex=r).matcher(gtok) for r in ("[0-9]+", "[a-z]+", "yes|no")]
+    a, b, c = (Row(m) for m in ms)
+    free = Row(None)
+    with MaskWorker(threads=2) as worker:
+        assert worker.start([free]) is None and worker.fill([free]) is None
+        # Steady state: the prefetched future itself.
+        worker.prefetch([a, b])
+        steady = worker.start([a, b]).result(timeout=30)
+        assert torch.equal(steady, _expected(gtok, ms[:2]))
+        # Rows reordered, an unconstrained row and a new owner mixed in.
+        worker.prefetch([a, b])
+        mixed = worker.start([b, free, c, a]).result(timeout=30)
+        assert torch.equal(mixed, _expected(gtok, [ms[1], None, ms[2], ms[0]]))
+        assert (mixed[1] == -1).all() and len({tuple(r.tolist()) for r in mixed}) == 4
+        assert torch.equal(worker.fill([b, free, c, a]), mixed)
+
+
+def test_mask_worker_never_serves_a_row_prefetched_for_another_owner(gtok):
+    """The engine gives a resumed grammar (same matcher) a new request handle
+    and may advance the matcher by forced tokens in between: a prefetch keyed
+    by the matcher would then hand out the stale mask."""
+    m = Constraint(regex="ab[0-9]").matcher(gtok)
+    before = _expected(gtok, [m])
+    first, second = Row(m), Row(m)
+    with MaskWorker() as worker:
+        worker.prefetch([first])
+        worker.settle()  # done: the matcher may be touched now
+        m.consume_many(m.forced_tokens())
+        assert m.num_tokens > 0
+        now = worker.start([second]).result(timeout=30)
+    assert torch.equal(now, _expected(gtok, [m]))
+    assert not torch.equal(now, before)
 
 
 def test_status_rules(gtok):
@@ -161,7 +249,7 @@ def test_same_matcher_in_two_rows_in_parallel(gtok):
     m = Constraint(regex="[0-9]+ ?").matcher(gtok)
     other = Constraint(regex="[a-z]").matcher(gtok)
     inline = gtok.allocate_bitmask(3, pin_memory=False)
-    fill_masks([m, other, m], inline, rows=[2, 1, 0], parallel=False)
+    fill_masks([m, other, m], inline, rows=[2, 1, 0])
     pooled = gtok.allocate_bitmask(3, pin_memory=False)
-    fill_masks([m, other, m], pooled, rows=[2, 1, 0], parallel=True)
+    fill_masks([m, other, m], pooled, rows=[2, 1, 0], threads=2)
     assert torch.equal(inline, pooled) and torch.equal(pooled[0], pooled[2])

@@ -83,10 +83,10 @@ def test_batched_masks_alias_per_row(single, eos_id, extra_id):
     c = Constraint(regex="[0-9]+")
     closed, open_ = c.matcher(single), c.matcher(single)
     closed.consume(single.ll.tokenize_str("7")[0])
-    for parallel in (False, True):
+    for threads in (0, 2):  # the calling thread, llguidance's pool
         bm = single.allocate_bitmask(4, pin_memory=False)
         bm[:] = 0
-        fill_masks([open_, closed, open_], bm, rows=[3, 0, 1], parallel=parallel)
+        fill_masks([open_, closed, open_], bm, rows=[3, 0, 1], threads=threads)
         allowed = unpack_bitmask(bm, single.vocab_size)
         for row, want in ((0, True), (1, False), (3, False)):
             assert bool(allowed[row, eos_id]) == bool(allowed[row, extra_id]) == want

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dendrite.grammar import unpack_bitmask
 from dendrite.sampling import (
     Sampler,
     SamplingParams,
@@ -14,7 +15,6 @@ from dendrite.sampling import (
     row_keys,
     sample,
     top_logprobs,
-    unpack_bitmask,
 )
 
 V = 300
