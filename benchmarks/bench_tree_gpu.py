@@ -551,9 +551,11 @@ def sec_hf_tot(b: Bench, r: dict, prompt: list[int]) -> None:
 
 #: Words of the ToT prompt (any text does: the weights are random; what
 #: matters is its length in tokens, which `tot_prompt` fits).
-PROMPT_WORDS = ("the a tree of thought search forks every branch and keeps best path "
-                "step level node token model prompt answer question reason plan check "
-                "value score cache page shared prefix child parent leaf depth width").split()
+PROMPT_WORDS = ("the", "a", "tree", "of", "thought", "search", "forks", "every", "branch",
+                "and", "keeps", "best", "path", "step", "level", "node", "token", "model",
+                "prompt", "answer", "question", "reason", "plan", "check", "value", "score",
+                "cache", "page", "shared", "prefix", "child", "parent", "leaf", "depth",
+                "width")
 
 
 def tot_prompt(b: Bench, n: int, seed: int) -> tuple[str, list[int]]:
@@ -611,7 +613,7 @@ def library_tot(b: Bench, prompt: str, width: int, keep: int, depth: int, ntok: 
     def progress(_rt) -> None:
         peak[0] = max(peak[0], e.pool.used)
 
-    step = dict(max_tokens=ntok, stop=None, temperature=1.0, ignore_eos=True)
+    step = {"max_tokens": ntok, "stop": None, "temperature": 1.0, "ignore_eos": True}
     sync(b.args)
     t0 = time.perf_counter()
     res = tot_bfs.run(e, prompt=prompt, width=width, keep=keep, depth=depth, step=step,
