@@ -169,10 +169,10 @@ def dendrite_best_of(engine, prompt: str, n: int, tokens: int, reps: int, device
 
 def dendrite_dsl(engine, script: str, args: dict[str, Any], reps: int, device,
                  seed: int) -> dict[str, Any]:
-    import dendrite.program as dp
+    import dendrite.dsl as dsl
 
-    path = dp.dsl_module().standard_script(script)
-    prog = dp.load_script(str(path))
+    path = dsl.standard_script(script)
+    prog = dsl.load_script(str(path))
     clear = (lambda: engine.cache.clear()) if engine.cache is not None else None
     prog.run(engine, seed=seed, **args)  # warm-up (grammar compile, graph buckets)
     ts, r = timed(lambda: prog.run(engine, seed=seed, **args), reps, device, clear)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 
 from dendrite.kv import BlockPool, KVTree, OutOfPages, RadixCache, Scheduler, check_invariants
-from dendrite.program import program  # the callable module: @dendrite.program
+
 
 _LAZY = {
     "Engine": "dendrite.engine",
@@ -35,12 +35,12 @@ _LAZY = {
     "select": "dendrite.program",
     "prune": "dendrite.program",
     "score": "dendrite.program",
-    "load_script": "dendrite.program",
+    "load_script": "dendrite.dsl",
     "search": "dendrite.search",
 }
 
 __all__ = ["BlockPool", "KVTree", "OutOfPages", "RadixCache", "Scheduler", "check_invariants",
-           "program", *_LAZY]
+           *_LAZY]
 __version__ = "0.1.0"
 
 

@@ -21,7 +21,7 @@ from dendrite.program.program import Param, Program
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``dendrite run`` (values range-checked by argparse)."""
-    from dendrite.cli import positive_int, seed_int
+    from dendrite.cli_common import positive_int, seed_int
     from dendrite.program.runtime import DEFAULT_MAX_STEPS
 
     p.add_argument("script", help="path of a .dendrite file, or the name of a standard script "
@@ -65,10 +65,10 @@ def resolve_script(name: str) -> Path:
         raise IsADirectoryError(f"{name}: is a directory, not a .dendrite script")
     if p.exists():
         return p
-    from dendrite.program import dsl_module
+    import dendrite.dsl as dsl
 
     try:
-        return dsl_module().standard_script(name)
+        return dsl.standard_script(name)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such script: {name}") from None
 
@@ -170,7 +170,7 @@ def _jsonable(value: Any) -> Any:
 def run_script_main(argv: Sequence[str]) -> int:
     """Entry point of ``dendrite run``; returns the process exit status (the
     rule of `dendrite.cli`: 2 bad command line, 1 failed run, 130 interrupted)."""
-    from dendrite.cli import run_command
+    from dendrite.cli_common import run_command
 
     try:
         args = _parser().parse_args(list(argv))
@@ -181,10 +181,9 @@ def run_script_main(argv: Sequence[str]) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[Path, Program, dict[str, Any]]:
     """The script, its program and the program's arguments, or a UsageError."""
-    from dendrite.cli import UsageError
-    from dendrite.program import dsl_module
+    from dendrite.cli_common import UsageError
+    import dendrite.dsl as dsl
 
-    dsl = dsl_module()
     try:
         path = resolve_script(args.script)
         program = dsl.load(path, name=args.program)
@@ -203,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     Everything the command line names (script, --arg, --tree, --model,
     --device) is checked before the model loads."""
-    from dendrite.cli import check_device, check_model_dir, check_output_file
+    from dendrite.cli_common import check_device, check_model_dir, check_output_file
 
     path, program, prog_args = _load(args)
     if args.tree:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags of ``dendrite demo`` (sizes range-checked by argparse)."""
-    from dendrite.cli import non_negative_int, positive_int
+    from dendrite.cli_common import non_negative_int, positive_int
 
     ap.add_argument("--context", type=positive_int, default=128 * 1024,
                     help="context tokens (default 131072)")
@@ -29,7 +29,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``dendrite demo [flags]``; returns the exit status (`dendrite.cli`'s rule)."""
-    from dendrite.cli import run_command
+    from dendrite.cli_common import run_command
 
     ap = argparse.ArgumentParser(prog="dendrite demo", usage="%(prog)s [options]",
                                  description=__doc__.splitlines()[0])

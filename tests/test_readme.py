@@ -41,7 +41,7 @@ def model_env(tmp_path_factory):
 
 
 def test_python_dsl_example_runs(model_env, tmp_path):
-    dsl = [b for b in _blocks("python") if "@dendrite.program" in b]
+    dsl = [b for b in _blocks("python") if "@program" in b]
     assert len(dsl) == 1
     assert len(dsl[0].strip().splitlines()) <= 12
     script = tmp_path / "example.py"

@@ -7,12 +7,11 @@
         select answer by logprob
         return text_answer
 
-Installed, this package is ``dendrite.dsl``; its modules import each other
-relatively so it also works as the checkout's top-level ``dsl``.
-`load(path)` / `loads(source)` compile a script to the same
-`dendrite.program.Program` objects ``@dendrite.program`` makes; errors are
+`load(path)` (also `load_script`, as ``dendrite.load_script``) / `loads(source)` compile a script to the same
+`dendrite.program.Program` objects the ``@program`` decorator makes; errors are
 `ScriptError`s with ``file:line:col`` and a caret. The grammar is
-``dsl/dendrite.lark``; standard scripts live in ``dsl/programs/``.
+``dendrite/dsl/dendrite.lark``; standard scripts live in ``dendrite/dsl/programs/``
+(shipped as package data).
 """
 
 from __future__ import annotations
@@ -57,8 +56,12 @@ def load(path: str | Path, name: str | None = None):
     return loads(p.read_text(), filename=str(path), name=name)
 
 
+#: ``dendrite.load_script(path)``: the name the top-level package exports.
+load_script = load
+
+
 def standard_script(name: str) -> Path:
-    """Path of a shipped script: ``standard_script("tot")`` -> dsl/programs/tot.dendrite."""
+    """Path of a shipped script: ``standard_script("tot")`` -> dendrite/dsl/programs/tot.dendrite."""
     p = PROGRAMS_DIR / (name if name.endswith(".dendrite") else name + ".dendrite")
     if not p.exists():
         have = ", ".join(sorted(x.stem for x in PROGRAMS_DIR.glob("*.dendrite")))
@@ -74,6 +77,7 @@ __all__ = [
     "ScriptRuntimeError",
     "ScriptSyntaxError",
     "load",
+    "load_script",
     "loads",
     "loads_all",
     "parse",

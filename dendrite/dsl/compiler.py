@@ -3,7 +3,7 @@
 A script runs over a *frontier*: the list of states the next statement applies
 to (at first, the program's root state). Statements queue ops on every state
 of the frontier through the ordinary State API, so generations of all
-branches run batched, exactly like a Python ``@dendrite.program``:
+branches run batched, exactly like a Python ``@program`` (`dendrite.program.program`):
 
 * ``"text {x}"``        ``s += text`` on every state (``{expr}`` interpolates).
 * ``gen x(opts)``       ``s.gen("x", **opts)``; ``x`` becomes a capture.
@@ -27,7 +27,7 @@ At run time every statement runs under ``Runtime.origin(site)``: the ops it
 queues remember the statement, so a generation that fails later (when some
 other line waits for it), or that is running when the run's step budget is
 spent, is reported as a `ScriptRuntimeError` at the statement that queued it.
-Limits (`dsl.limits`, `dendrite.program`) bound loops, value sizes, fork
+Limits (`dendrite.dsl.limits`, `dendrite.program`) bound loops, value sizes, fork
 counts, live branches and engine steps, so no script runs forever.
 """
 

@@ -1,6 +1,6 @@
 """Parse .dendrite source into a lark tree, turning lark's errors into ScriptErrors.
 
-The grammar lives in ``dsl/dendrite.lark``; indentation is handled by lark's
+The grammar lives in ``dendrite/dsl/dendrite.lark``; indentation is handled by lark's
 ``Indenter`` post-lexer. Only lark's own error objects are used for positions
 (``UnexpectedInput.line``/``.column``); this module just words them for people.
 """

@@ -1,8 +1,9 @@
 """The Python DSL: programs over lazily-run, batched states.
 
     import dendrite
+    from dendrite.program import program
 
-    @dendrite.program
+    @program
     def best_of(s, question: str, n: int = 4):
         s += f"Question: {question}\\nAnswer:"
         kids = s.fork(n)
@@ -13,20 +14,17 @@
 
     result = best_of.run(engine, question="...", seed=0)
 
-Public API: `program` / `Program` / `ProgramResult`, `State` (``s += text``,
+Public API: `program` (the decorator, a plain function) / `Program` / `ProgramResult`, `State` (``s += text``,
 ``s.gen``, ``s.fork``, ``s[name]``, ``s.text``, ``s.logprob``, ``s.score``,
 ``s.release``), `gen` (SGLang's ``s += gen(...)``), `select`, `prune`,
 `score` (logprob, sum_logprob, length_penalty, capture, judge), `Runtime`,
-`Tree`, and `load_script` for ``.dendrite`` files. Limits: `MAX_FORK`
+and `Tree` (``.dendrite`` scripts: `dendrite.dsl`, a layer above). Limits: `MAX_FORK`
 children per fork, `MAX_DEPTH` forks deep, ``run(max_branches=)`` live
 branches (default `MAX_BRANCHES`) and ``run(max_steps=)`` engine steps
 (default `DEFAULT_MAX_STEPS`, past it `StepBudgetExceeded`).
 """
 
 from __future__ import annotations
-
-import sys as _sys
-import types as _types
 
 from dendrite.program import score
 from dendrite.program.options import GEN_OPTIONS, GenOptionError
@@ -43,21 +41,6 @@ from dendrite.program.state import (
     gen,
 )
 from dendrite.program.tree import Node, Segment, Tree
-
-
-def dsl_module():
-    """The script-language package: ``dendrite.dsl`` when installed, else the
-    source checkout's top-level ``dsl/`` (always the same one per process)."""
-    try:
-        from dendrite import dsl
-    except ImportError:
-        import dsl
-    return dsl
-
-
-def load_script(path: str, name: str | None = None) -> Program:
-    """Compile a ``.dendrite`` file into a `Program` (its first, or ``name``d, program)."""
-    return dsl_module().load(path, name=name)
 
 
 __all__ = [
@@ -80,28 +63,8 @@ __all__ = [
     "StepBudgetExceeded",
     "Tree",
     "gen",
-    "dsl_module",
-    "load_script",
     "program",
     "prune",
     "score",
     "select",
 ]
-
-
-_decorator = program
-
-
-class _CallableModule(_types.ModuleType):
-    """This package is itself the decorator: ``@dendrite.program`` works whether
-    ``dendrite.program`` names the package or was imported from it."""
-
-    def __call__(self, fn=None, *, name=None):
-        return _decorator(fn, name=name)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
-# ``from dendrite.program import program`` and ``import dendrite.program as dp``
-# must both give this (callable) package, so ``dp.State``, ``dp.select`` etc.
-# work either way: the name ``program`` is the package itself.
-program = _sys.modules[__name__]

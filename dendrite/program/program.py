@@ -1,4 +1,4 @@
-"""`@dendrite.program`: a Python function over a state, runnable on an engine."""
+"""`@program` (`dendrite.program.program`): a Python function over a state, runnable on an engine."""
 
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ class Program:
 
 
 def program(fn: Callable[..., Any] | None = None, *, name: str | None = None):
-    """Decorator: ``@dendrite.program`` or ``@dendrite.program(name="x")``."""
+    """Decorator making a `Program`: ``@program`` or ``@program(name="x")``
+    (``from dendrite.program import program``)."""
     if fn is None:
         return lambda f: Program(f, name=name)
     return Program(fn, name=name)

@@ -13,13 +13,30 @@ import abc
 
 import hashlib
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from dendrite.program.options import GenSpec, make_spec
 from dendrite.program.tree import Node, Segment
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dendrite.program.runtime import Runtime
+
+class _Runtime(Protocol):
+    """What a `State` needs of the runtime that drives it.
+
+    `dendrite.program.runtime.Runtime` implements it; declared here, below the
+    runtime, so that this module does not import the one that imports it."""
+
+    engine: Any
+    _awaiting_prefill: set[int]
+
+    def current_origin(self) -> Any: ...
+    def constraint(self, kind: str, spec: Any) -> Any: ...
+    def wait(self, cond: Callable[[], bool]) -> None: ...
+    def _enqueue(self, state: "State", op: Any) -> None: ...
+    def _submit(self, state: "State", op: Any) -> None: ...
+    def _release_seq(self, state: "State") -> None: ...
+    def _take_branches(self, parent: "State | None", n: int) -> None: ...
+    def _new_child(self, parent: "State", label: str | None, path: str) -> "State": ...
+    def _drop_branch(self, state: "State") -> None: ...
 
 
 class StateReleasedError(RuntimeError):
@@ -90,7 +107,7 @@ class _Op(abc.ABC):
     origin: Any = None
 
     @abc.abstractmethod
-    def start(self, state: "State", rt: "Runtime") -> bool:
+    def start(self, state: "State", rt: "_Runtime") -> bool:
         """Begin the operation on ``state``."""
 
 
@@ -224,7 +241,7 @@ class State:
 
     def __init__(
         self,
-        rt: "Runtime",
+        rt: "_Runtime",
         node: Node,
         parent: "State | None" = None,
         seed: int | None = None,
@@ -419,7 +436,8 @@ class State:
         return self._released
 
     @property
-    def runtime(self) -> "Runtime":
+    def runtime(self) -> Any:
+        """The `dendrite.program.runtime.Runtime` that runs this state."""
         return self._rt
 
     def __repr__(self) -> str:

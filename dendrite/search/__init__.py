@@ -1,4 +1,4 @@
-"""The search library, each algorithm a short `@dendrite.program`.
+"""The search library, each algorithm a short `@program` (`dendrite.program.program`).
 
 Every search takes a state ``s`` (call it inline: ``best = tot_bfs(s, ...)``)
 or runs standalone (``tot_bfs.run(engine, prompt="...")``), a ``step``

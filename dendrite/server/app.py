@@ -309,9 +309,8 @@ def create_app(engine: Any, config: ServerConfig | None = None,
     # -- programs ---------------------------------------------------------------------
     @app.post("/v1/programs/run")
     async def run_program(req: ProgramRun, request: Request, key: str = Depends(owner)) -> Any:
-        from dendrite.program import dsl_module
+        import dendrite.dsl as dsl
 
-        dsl = dsl_module()
         try:
             program = dsl.loads(req.script, filename="<script>", name=req.program)
         except dsl.ScriptError as e:

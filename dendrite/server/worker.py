@@ -495,7 +495,7 @@ class EngineWorker:
             raise ApiError(499, "cancelled") from None
         finally:
             self._in_program = False
-        from dendrite.program.cli_run import _jsonable, format_value
+        from dendrite.cli_run import _jsonable, format_value
 
         return {"result": _jsonable(result.value), "text": format_value(result.value),
                 "steps": result.steps, "nodes": len(result.tree),

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dendrite.program import dsl_module
+import dendrite.dsl as dsl
 
-dsl = dsl_module()
 DOC = Path(__file__).resolve().parents[2] / "docs" / "programs.md"
 
 

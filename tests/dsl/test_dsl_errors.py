@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dendrite.program import dsl_module
+import dendrite.dsl as dsl
 
-dsl = dsl_module()  # dendrite.dsl when installed, else the checkout's dsl/
 ScriptError, ScriptNameError, ScriptSyntaxError = dsl.ScriptError, dsl.ScriptNameError, dsl.ScriptSyntaxError
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from lark import Tree
 
-from dendrite.program import Program, dsl_module
+import dendrite.dsl as dsl
+from dendrite.program import Program
 
-dsl = dsl_module()  # dendrite.dsl when installed, else the checkout's dsl/
 ScriptRuntimeError = dsl.ScriptRuntimeError
 split_string = dsl.split_string
 

@@ -39,6 +39,6 @@ def engine(make_engine):
 
 @pytest.fixture(scope="session")
 def dsl():
-    from dendrite.program import dsl_module
+    import dendrite.dsl
 
-    return dsl_module()
+    return dendrite.dsl

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import dendrite.program as dp
-from dendrite.program.cli_run import run_script_main
+from dendrite.cli_run import run_script_main
 
 SMALL = {
     "tot": dict(question="What is 2+3?", width=2, k=1, depth=2, step_tokens=4),

@@ -178,10 +178,19 @@ def test_program_decorator_forms():
     assert f.name == "named" and f.__doc__ == "doc"
     assert [(p.name, p.required) for p in f.params] == [("a", True), ("b", False)]
     assert f.bind({"a": 1}) == {"a": 1, "b": "x"}
+    import importlib
+    import types
+
     import dendrite
 
-    deco = getattr(dendrite, "program")
-    assert callable(deco)
+    # the package is a plain module; its `program` is the decorator function,
+    # even once the submodule of the same name has been imported
+    importlib.import_module("dendrite.program.program")
+    assert type(dendrite.program) is types.ModuleType and not callable(dendrite.program)
+    from dendrite.program import program
+
+    assert isinstance(program, types.FunctionType)
+    assert isinstance(program(lambda s: None), dp.Program)
 
 
 def test_a_branch_goes_on_after_eos(engine):

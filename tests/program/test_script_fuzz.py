@@ -1,6 +1,6 @@
 """Fuzz: mutated shipped scripts either run or fail with a located ScriptError.
 
-Each example takes a script of dsl/programs, applies one to three random
+Each example takes a script of dendrite/dsl/programs, applies one to three random
 mutations (delete / duplicate / swap tokens or lines; replace a number with
 0, -1, 10**20, NaN or a string), compiles it and runs it on the tiny model
 with a small step budget and branch limit. Whatever happens must be a clean
@@ -19,9 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dendrite.program import dsl_module
+import dendrite.dsl as dsl
 
-dsl = dsl_module()
 SCRIPTS = {p.stem: p.read_text() for p in sorted(dsl.PROGRAMS_DIR.glob("*.dendrite"))}
 
 #: Tokens for mutation: strings, numbers, names, two-char operators, line breaks

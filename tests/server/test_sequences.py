@@ -150,13 +150,13 @@ SCRIPT = '''program best_of(question, n=3):
 
 
 def test_program_runs_remotely(a, srv):
-    from dendrite.program import dsl_module
+    import dendrite.dsl as dsl
 
     r = a.post("/v1/programs/run", json={"script": SCRIPT, "args": {"question": "2+2?"},
                                          "seed": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    want = dsl_module().loads(SCRIPT)
+    want = dsl.loads(SCRIPT)
     direct = srv.on_engine(lambda e: want.run(e, seed=5, question="2+2?").value)
     assert body["result"] == direct and body["gen_tokens"] > 0
     assert live_pages_match(srv)[0] == live_pages_match(srv)[1]
