@@ -12,8 +12,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,59 @@ def test_native_table_lists_the_core_headers_and_bindings():
     on_disk.add("native/bindings.cpp")
     assert named == on_disk, (f"native table: missing {sorted(on_disk - named)}, "
                               f"stale {sorted(named - on_disk)}")
+
+
+def _draw_design():
+    """docs/draw_design.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("draw_design", ROOT / "docs" / "draw_design.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("draw_design", module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["draw_design"])
+    return sys.modules["draw_design"]
+
+
+def _imported_modules(path: str) -> set[str]:
+    """Dotted `dendrite...` names `path` imports anywhere (lazy imports and
+    TYPE_CHECKING blocks included), relative imports resolved."""
+    tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
+    dotted = path.removesuffix(".py").replace("/", ".")
+    package = dotted.removesuffix(".__init__") if path.endswith("__init__.py") \
+        else dotted.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return {name for name in out if name == "dendrite" or name.startswith("dendrite.")}
+
+
+def test_layer_picture_is_true_every_import_points_down():
+    dd = _draw_design()
+    order = {layer.key: i for i, layer in enumerate(dd.LAYERS)}
+    files = dd.module_files()
+    by_name = {f.removesuffix(".pyi").removesuffix(".py").replace("/", ".")
+               .removesuffix(".__init__"): f for f in files}
+
+    def owner(name: str) -> str | None:
+        while name and name not in by_name:
+            name = name.rpartition(".")[0]
+        return by_name.get(name)
+
+    upward = []
+    for f in files:
+        if not f.endswith(".py"):
+            continue
+        low = order[dd.layer_of(f).key]
+        for name in _imported_modules(f):
+            g = owner(name)
+            if g is not None and g != f and order[dd.layer_of(g).key] > low:
+                upward.append(f"{f} -> {g}")
+    assert not upward, f"imports against the layer order of docs/layers.png: {upward}"
 
 
 def _code_defaults(obj: object) -> dict[str, object]:
