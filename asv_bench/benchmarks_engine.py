@@ -12,7 +12,7 @@ import torch
 
 from dendrite.engine import Engine
 from dendrite.sampling import SamplingParams
-from dendrite.testing import build_tiny_model
+from dendrite.tiny_model import build_tiny_model
 
 PROMPT = "Question: Natalia sold clips to 48 of her friends in April, and then she sold"
 

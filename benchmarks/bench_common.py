@@ -61,7 +61,7 @@ def resolve_model(spec: str) -> Path:
 
         return Path(default_model_dir())
     if spec == "tiny":
-        from dendrite.testing import build_tiny_model
+        from dendrite.tiny_model import build_tiny_model
 
         return build_tiny_model(Path(tempfile.gettempdir()) / "dendrite-bench-tiny-llama", "llama")
     path = Path(spec)

@@ -123,7 +123,7 @@ def stage_build(args, res: dict) -> None:
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
-    from dendrite.testing import BOS, EOS, build_tokenizer
+    from dendrite.tiny_model import BOS, EOS, build_tokenizer
 
     out = MODEL_DIR
     build_tokenizer(out)

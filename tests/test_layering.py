@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kv", ("dendrite.kv",)),
     ("model/kernels/attention", ("dendrite.model", "dendrite.kernels", "dendrite.attention",
                                  "dendrite.transfer", "dendrite.default_model",
-                                 "dendrite.testing")),
+                                 "dendrite.tiny_model")),
     ("sampling/grammar", ("dendrite.sampling", "dendrite.grammar", "dendrite.stopping")),
     ("engine", ("dendrite.engine",)),
     ("program", ("dendrite.program", "dendrite.tree_view")),

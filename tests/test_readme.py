@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dendrite.testing import build_tiny_model
+from dendrite.tiny_model import build_tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

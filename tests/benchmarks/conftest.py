@@ -18,7 +18,7 @@ if str(BENCH) not in sys.path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("bench-model") / "llama", "llama")
 

@@ -13,7 +13,7 @@ import bench_wall as W
 def test_weight_bytes_count_every_weight_once_but_a_gathered_embedding(tmp_path):
     from safetensors import safe_open
 
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     for tied in (False, True):
         d = build_tiny_model(tmp_path / f"m{tied}", "llama", tie_word_embeddings=tied)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dendrite.testing import build_tiny_model
+from dendrite.tiny_model import build_tiny_model
 
 CLI = [sys.executable, "-m", "dendrite.cli"]
 

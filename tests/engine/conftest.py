@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dendrite.engine import Engine
-from dendrite.testing import build_tiny_model
+from dendrite.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("m"), "llama", seed=4, hidden_size=256,
                             heads=4, kv_heads=2, num_layers=2, dtype="bfloat16")

@@ -22,7 +22,7 @@ def test_chunks_planned_ahead_of_the_gpu(tmp_path, prefill_backend):
     pytest.importorskip("flashinfer")
     from dendrite.attention.flashinfer_backend import FlashInferBackend
     from dendrite.model.runner import ModelRunner
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     from gpu_helpers import Pager
 

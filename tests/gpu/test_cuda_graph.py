@@ -18,7 +18,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from dendrite.testing import build_tiny_model  # noqa: E402
+from dendrite.tiny_model import build_tiny_model  # noqa: E402
 
 from gpu_helpers import Pager, rel_err, report  # noqa: E402
 

@@ -16,7 +16,7 @@ def test_lookahead_equals_sync_on_cuda(tmp_path, cascade):
     pytest.importorskip("flashinfer")
     from dendrite.engine import Engine
     from dendrite.sampling import SamplingParams
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     d = build_tiny_model(tmp_path / "m", "llama", seed=4, hidden_size=256, heads=4, kv_heads=2,
                          num_layers=2, dtype="bfloat16")

@@ -26,7 +26,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from dendrite.testing import LLAMA3_ROPE_SCALING, build_tiny_model  # noqa: E402
+from dendrite.tiny_model import LLAMA3_ROPE_SCALING, build_tiny_model  # noqa: E402
 
 from gpu_helpers import (  # noqa: E402
     hf_greedy,

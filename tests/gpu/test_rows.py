@@ -89,7 +89,7 @@ def test_model_with_fused_rows_matches_unfused(tmp_path, family):
     pytest.importorskip("flashinfer")
     from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     from gpu_helpers import Pager
 

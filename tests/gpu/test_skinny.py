@@ -114,7 +114,7 @@ def test_few_row_decode_layer_matches_cublas_path(tmp_path, family):
     pytest.importorskip("flashinfer")
     from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     from gpu_helpers import Pager
 

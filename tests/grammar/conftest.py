@@ -9,7 +9,7 @@ import torch
 from grammar_sampling import MODEL_VOCAB, Gen, closing_bias, run
 
 from dendrite.grammar import GrammarTokenizer
-from dendrite.testing import EOS, build_tokenizer
+from dendrite.tiny_model import EOS, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from dendrite.grammar import (
     unpack_bitmask,
 )
 from dendrite.grammar import tokenizer as tokenizer_module
-from dendrite.testing import SPECIAL_TOKENS
+from dendrite.tiny_model import SPECIAL_TOKENS
 
 
 @pytest.fixture

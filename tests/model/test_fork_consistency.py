@@ -15,7 +15,7 @@ from model_paging import Pager, run_step
 
 from dendrite.model.runner import ModelRunner
 from dendrite.sampling import Sampler, SamplingParams
-from dendrite.testing import build_tiny_model
+from dendrite.tiny_model import build_tiny_model
 
 N = 32
 PAGE = 4

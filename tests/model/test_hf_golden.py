@@ -15,7 +15,7 @@ import torch
 from model_paging import Pager, run_step
 
 from dendrite.model.runner import ModelRunner
-from dendrite.testing import LLAMA3_ROPE_SCALING, build_tiny_model
+from dendrite.tiny_model import LLAMA3_ROPE_SCALING, build_tiny_model
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

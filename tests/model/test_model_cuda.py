@@ -21,7 +21,7 @@ def test_greedy_matches_transformers_on_cuda(variant, tmp_path):
     from test_hf_golden import PROMPTS, VARIANTS, dendrite_greedy, hf_greedy
 
     from dendrite.model.runner import ModelRunner
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     d = build_tiny_model(tmp_path / variant, **VARIANTS[variant])
     runner = ModelRunner(
@@ -41,7 +41,7 @@ def test_fork_consistency_on_cuda(tmp_path):
     import test_fork_consistency as t
 
     from dendrite.model.runner import ModelRunner
-    from dendrite.testing import build_tiny_model
+    from dendrite.tiny_model import build_tiny_model
 
     d = build_tiny_model(tmp_path / "f", "qwen3", seed=21)
     runner = ModelRunner(

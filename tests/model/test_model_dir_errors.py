@@ -30,7 +30,7 @@ from dendrite.model import (
     load,
 )
 from dendrite.model.devices import device_memory
-from dendrite.testing import LLAMA3_ROPE_SCALING, build_tiny_model
+from dendrite.tiny_model import LLAMA3_ROPE_SCALING, build_tiny_model
 
 WEIGHTS = "model.safetensors"
 UP = "model.layers.1.mlp.up_proj.weight"

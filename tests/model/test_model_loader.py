@@ -20,7 +20,7 @@ from dendrite.model import (
     load_config,
 )
 from dendrite.model.runner import ModelRunner
-from dendrite.testing import LLAMA3_ROPE_SCALING, build_tiny_model
+from dendrite.tiny_model import LLAMA3_ROPE_SCALING, build_tiny_model
 
 
 @pytest.fixture(scope="module")

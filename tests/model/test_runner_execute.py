@@ -12,7 +12,7 @@ import torch
 from dendrite.kernels.config import KernelConfig
 from dendrite.kv import BlockPool, KVTree
 from dendrite.model.runner import ModelRunner, StepPlan
-from dendrite.testing import build_tiny_model
+from dendrite.tiny_model import build_tiny_model
 
 PAGE = 4
 

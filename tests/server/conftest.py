@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from dendrite.testing import build_tiny_model  # noqa: E402
+from dendrite.tiny_model import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
