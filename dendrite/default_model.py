@@ -98,6 +98,7 @@ def find_gguf(package: str = PACKAGE, name: str = GGUF_NAME) -> Path | None:
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

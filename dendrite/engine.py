@@ -121,22 +121,27 @@ TopLogprobs = list[tuple[int, float]]
 class GenResult:
     """What one generation request produced.
 
-    `logprobs[i]` is the model's logprob of `token_ids[i]` (0.0 for a token
-    the grammar forced); with `SamplingParams.logprobs = n > 0`,
+    `logprobs[i]` is the model's logprob of `token_ids[i]`, sampled or not:
+    a token the grammar forced (appended without sampling) is scored from
+    the logits of the forward that consumes it, so the request finishes only
+    once its forced tokens have run (NaN for one that never ran: a request
+    cancelled, released or failed first). With `SamplingParams.logprobs = n > 0`,
     `top_logprobs[i]` lists the n most likely tokens at that position with
-    their logprobs, best first, as OpenAI's `top_logprobs` (a forced token:
-    itself alone, at 0.0); None when not asked for.
+    their logprobs, best first, as OpenAI's `top_logprobs`; None when not
+    asked for.
     """
 
     token_ids: list[int]
     text: str
     logprobs: list[float]
-    finish_reason: str  # "stop" | "eos" | "length" | "grammar" | "abort" | "error"
+    #: "stop" | "eos" | "length" | "grammar" | "abort" | "error" | "scored" (`submit_score`)
+    finish_reason: str
     complete: bool  # False when cut by max_tokens (or a grammar not accepted)
     top_logprobs: list[TopLogprobs] | None = None
 
     @property
     def cumulative_logprob(self) -> float:
+        """Sum of the generated tokens' logprobs."""
         return float(sum(self.logprobs))
 
 
@@ -156,9 +161,16 @@ class GenHandle:
     result: GenResult | None = None
     stop: StopChecker | None = None
     error: BaseException | None = None  # why it finished with "error"
+    #: Tokens appended without sampling whose logprobs are not known yet:
+    #: (index in `token_ids`, absolute position in the sequence).
+    owed: list[tuple[int, int]] = field(default_factory=list)
+    #: (finish_reason, complete) of a request that ended while `owed` was not
+    #: empty: it finishes so once the forward scoring those tokens has run.
+    finishing: tuple[str, bool] | None = None
 
     @property
     def done(self) -> bool:
+        """Whether the generation has finished (its result is set)."""
         return self.result is not None
 
 
@@ -172,6 +184,12 @@ class _Launched:
     tokens: torch.Tensor | None  # their sampled ids, on the device
     host: Callable[[], SamplerOutput] | None  # waits for the host copies
     allowed: torch.Tensor | None  # the grammar masks used
+    #: Owed tokens this step scores: (handle, index in its token_ids), and
+    #: their logprobs (float32 [M]) and top alternatives (ids, logprobs
+    #: [M, n], or None when no such request asks), on the device.
+    scored: list[tuple[GenHandle, int]] = field(default_factory=list)
+    scored_lps: torch.Tensor | None = None
+    scored_top: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Sequence:
@@ -194,10 +212,12 @@ class Sequence:
     # -- content ---------------------------------------------------------
     @property
     def num_cached(self) -> int:
+        """Tokens already in the KV cache."""
         return self._engine.tree.num_tokens(self.node)
 
     @property
     def num_tokens(self) -> int:
+        """All tokens: cached plus pending (appended, not yet prefilled)."""
         return self.num_cached + len(self.pending)
 
     @property
@@ -205,20 +225,23 @@ class Sequence:
         """Pending tokens the next steps may prefill. An idle sequence keeps its
         last token pending: whoever generates next (it, or a forked child)
         runs that token and gets the next-token logits from it."""
-        if self.handle is not None and not self.handle.done:
+        if self.handle is not None and not self.handle.done and self.handle.finishing is None:
             return len(self.pending)
         return max(len(self.pending) - 1, 0)
 
     @property
     def tokens(self) -> list[int]:
+        """The sequence's token ids, cached then pending."""
         return self._engine.tree.tokens(self.node).tolist() + self.pending
 
     @property
     def text(self) -> str:
+        """The sequence's tokens decoded (special tokens kept)."""
         return self._engine.tokenizer.decode(self.tokens, skip_special_tokens=False)
 
     @property
     def priority(self) -> float:
+        """Scheduling priority: higher runs first and is preempted last."""
         return self._priority
 
     @priority.setter
@@ -230,9 +253,11 @@ class Sequence:
 
     # -- tree operations ---------------------------------------------------
     def append_text(self, text: str) -> None:
+        """Append `text` (encoded without special tokens) to the pending tokens."""
         self.append_tokens(self._engine.tokenizer.encode(text, add_special_tokens=False))
 
     def append_tokens(self, ids: Iterable[int]) -> None:
+        """Append token ids to the pending tokens (prefilled by the next step)."""
         self._engine._append_tokens(self, ids)
 
     def fork(self, n: int) -> list["Sequence"]:
@@ -978,12 +1003,14 @@ class Engine:
     # -- introspection ---------------------------------------------------------------------
     @_locked
     def memory_stats(self) -> dict:
+        """KV page counts (used, free, total, high watermark) and bytes per page."""
         return {"pages_used": self.pool.used, "pages_free": self.pool.free,
                 "pages_total": self.num_pages, "high_watermark": self.pool.high_watermark,
                 "bytes_per_page": self.runner.kv_bytes_per_page}
 
     @_locked
     def close(self) -> None:
+        """Release every live sequence and stop the grammar mask worker."""
         for seq in list(self._live.values()):
             self.release(seq)
         if self._mask_worker is not None:

@@ -67,10 +67,12 @@ class AttentionMetadata:
 
     @property
     def num_tokens(self) -> int:
+        """Query tokens in the step (all sequences together)."""
         return int(self.positions.shape[0])
 
     @property
     def num_seqs(self) -> int:
+        """Sequences (query rows) in the step."""
         return int(self.qo_indptr.shape[0]) - 1
 
     def last_token_indices(self) -> torch.Tensor:

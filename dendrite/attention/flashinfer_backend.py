@@ -110,11 +110,13 @@ class PlanFence:
         self._events: dict[int, torch.cuda.Event] = {}
 
     def before(self, wrapper: Any) -> None:
+        """Wait until the last step that used `wrapper` is done before re-planning it."""
         event = self._events.get(id(wrapper))
         if event is not None:
             event.synchronize()
 
     def after(self, wrapper: Any) -> None:
+        """Record on the current stream that `wrapper` was just used."""
         event = self._events.get(id(wrapper))
         if event is None:
             event = self._events[id(wrapper)] = torch.cuda.Event()
@@ -330,6 +332,7 @@ class GraphDecodeWrapper:
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             return_lse: bool = False) -> Any:
+        """Decode attention of `q` over the planned pages (with its LSE when asked)."""
         return self.wrapper.run(q.contiguous(), (k_cache, v_cache), return_lse=return_lse)
 
 
@@ -391,6 +394,7 @@ class GraphCascadeWrapper:
         self.unique.plan(unique_indptr, unique_indices, last_page_len)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Cascade attention: shared-prefix and own-suffix parts, merged by their LSEs."""
         q = q.contiguous()
         out, lse = self.shared.run(q, (k_cache, v_cache), return_lse=True)
         own, own_lse = self.unique.run(q, k_cache, v_cache, return_lse=True)

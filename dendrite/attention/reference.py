@@ -68,6 +68,7 @@ class ReferenceBackend:
         self._planned = False
 
     def plan(self, meta: AttentionMetadata) -> None:
+        """Take the step's layout (sequence lengths, page tables) from `meta`."""
         if meta.host is not None:
             qo, kvp, lens = meta.host.qo_indptr, meta.host.kv_indptr, meta.host.kv_lens
         else:
@@ -103,6 +104,7 @@ class ReferenceBackend:
     def forward(
         self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
+        """Attention output of layer `layer` for `q`, reading K/V from the paged caches."""
         if not self._planned:
             raise RuntimeError("ReferenceBackend.forward called before plan()")
         hkv, d = self.num_kv_heads, self.head_dim

@@ -155,6 +155,7 @@ class Compiler:
     # ------------------------------------------------------------ errors
 
     def error(self, cls: type[ScriptError], message: str, where: Any) -> ScriptError:
+        """A `cls` error whose message is located at the node/token `where`."""
         line, col = where if isinstance(where, tuple) else _pos(where)
         return cls(message, self.filename, self.source, line, col)
 
@@ -175,6 +176,7 @@ class Compiler:
     # ------------------------------------------------------------ module
 
     def compile_module(self, tree: Tree) -> dict[str, Program]:
+        """Compile every program of a parsed script: ``{name: Program}`` in file order."""
         programs: dict[str, Program] = {}
         for node in tree.children:
             if isinstance(node, Tree) and node.data == "program":
@@ -187,6 +189,7 @@ class Compiler:
         return programs
 
     def compile_program(self, node: Tree) -> Program:
+        """Compile one ``program`` definition into a `Program`."""
         name_tok, params_node, block = node.children
         params: list[Param] = []
         seen: set[str] = set()
@@ -231,6 +234,7 @@ class Compiler:
     # ------------------------------------------------------------ statements
 
     def block(self, block: Tree, scope: _Scope, top: bool = False, in_search: bool = False) -> list[Exec]:
+        """Compile a block's statements, checking which may appear where."""
         stmts = block.children
         out = []
         for i, st in enumerate(stmts):
@@ -263,9 +267,11 @@ class Compiler:
         return run_at
 
     def pass_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``pass``: does nothing."""
         return lambda run: None
 
     def text_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """A string statement: append the (formatted) text to the state."""
         text = self.string(node.children[0], scope)
         ev = self._guard(text)
 
@@ -276,6 +282,7 @@ class Compiler:
         return run_text
 
     def gen_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``gen name(options)``: queue a generation into variable ``name``."""
         name_tok = node.children[0]
         opts_node = node.children[1] if len(node.children) > 1 else None
         name = str(name_tok)
@@ -333,6 +340,7 @@ class Compiler:
         """Names may shadow built-ins (like Python); nothing to reject today."""
 
     def let_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``let name = expr``: bind a new variable."""
         name_tok, value = node.children
         self._check_definable(name_tok)
         e = self.expr(value, scope)
@@ -340,6 +348,7 @@ class Compiler:
         return self._setter(str(name_tok), e)
 
     def assign_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``name = expr``: rebind a variable (or a parameter)."""
         name_tok, value = node.children
         name = str(name_tok)
         if name not in scope.values and name not in scope.params:
@@ -368,6 +377,7 @@ class Compiler:
         return run_set
 
     def return_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``return expr``: the program's value."""
         e = self.expr(node.children[0], scope)
         ev = self._guard(e)
 
@@ -433,6 +443,7 @@ class Compiler:
         return bound
 
     def prune_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``prune [group] keep k [by scorer]``: keep the best branches."""
         name_tok, keep_node, by_node = node.children
         self._group_check(name_tok, scope)
         keep = self._int_bound(self.expr(keep_node, scope), "keep count")
@@ -446,6 +457,7 @@ class Compiler:
         return run_prune
 
     def select_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``select [group] by scorer``: continue with the best branch."""
         name_tok, by_node = node.children
         self._group_check(name_tok, scope)
         scorer = self.scorer(by_node, scope)
@@ -459,6 +471,7 @@ class Compiler:
         return run_select
 
     def fork_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``fork n as group:``: run the block in n child branches."""
         count_node, name_tok, block = node.children
         label = str(name_tok)
         count = self.expr(count_node, scope)
@@ -513,6 +526,7 @@ class Compiler:
             )
 
     def repeat_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``repeat n:``: run the block n times (bounded)."""
         count_node, block = node.children
         count = self._int_bound(self.expr(count_node, scope), "repeat count")
         body = self.block(block, scope, in_search=in_search)
@@ -526,6 +540,7 @@ class Compiler:
         return run_repeat
 
     def for_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``for x in expr:``: run the block per item (bounded)."""
         name_tok, iter_node, block = node.children
         self._check_definable(name_tok)
         it = self.expr(iter_node, scope)
@@ -554,6 +569,7 @@ class Compiler:
         return run_for
 
     def while_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``while cond:``: run the block while the condition holds (bounded)."""
         cond_node, max_node, block = node.children
         cond = self._guard(self.expr(cond_node, scope))
         bound = self._int_bound(self.expr(max_node, scope), "while bound")
@@ -574,6 +590,7 @@ class Compiler:
         return run_while
 
     def if_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``if``/``elif``/``else``."""
         cond_node, then_block, *rest = node.children
         branches = [(self._guard(self.expr(cond_node, scope)), self.block(then_block, scope, in_search=in_search))]
         else_body: list[Exec] | None = None
@@ -609,6 +626,7 @@ class Compiler:
         return run_if
 
     def search_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``search NAME(options) as x [by scorer]:``: run a library search (`dendrite.search.ALGORITHMS`)."""
         children = list(node.children)
         if len(children) == 4:  # no "(...)" after the algorithm name
             children.insert(1, None)
@@ -669,6 +687,7 @@ class Compiler:
     # ------------------------------------------------------------ pieces
 
     def options(self, node: Tree | None, scope: _Scope, allowed, what: str) -> dict[str, tuple[Expr, Token]]:
+        """Compile ``(key=value, ...)`` options, rejecting keys not in `allowed`."""
         out: dict[str, tuple[Expr, Token]] = {}
         for opt in node.children if node is not None else []:
             name_tok, value = opt.children
@@ -717,6 +736,7 @@ class Compiler:
         return factory
 
     def string(self, node: Tree, scope: _Scope) -> Expr:
+        """Compile a string literal with its ``{expr}`` fields."""
         tok = node.children[0]
         line, col = tok.line, tok.column
         try:
@@ -751,6 +771,7 @@ class Compiler:
     # ------------------------------------------------------------ expressions
 
     def expr(self, node: Any, scope: _Scope) -> Expr:
+        """Compile an expression node (dispatch on its rule name)."""
         if isinstance(node, Token):  # bare tokens do not occur; be safe
             raise self.error(ScriptSyntaxError, f"unexpected {node!r}", node)
         line, col = _pos(node)
@@ -763,6 +784,7 @@ class Compiler:
         return e
 
     def x_number(self, node: Tree, scope: _Scope) -> Expr:
+        """A number literal."""
         t = str(node.children[0])
         try:
             v: Any = float(t) if any(c in t for c in ".eE") else int(t)
@@ -771,18 +793,23 @@ class Compiler:
         return Expr(lambda r, s: v, False, 0, 0, constant=True)
 
     def x_string(self, node: Tree, scope: _Scope) -> Expr:
+        """A string expression."""
         return self.string(node, scope)
 
     def x_true(self, node: Tree, scope: _Scope) -> Expr:
+        """``true``."""
         return Expr(lambda r, s: True, False, 0, 0, constant=True)
 
     def x_false(self, node: Tree, scope: _Scope) -> Expr:
+        """``false``."""
         return Expr(lambda r, s: False, False, 0, 0, constant=True)
 
     def x_none(self, node: Tree, scope: _Scope) -> Expr:
+        """``none``."""
         return Expr(lambda r, s: None, False, 0, 0, constant=True)
 
     def x_list(self, node: Tree, scope: _Scope) -> Expr:
+        """A list display ``[a, b, ...]``."""
         items = [self.expr(c, scope) for c in (node.children[0].children if node.children[0] is not None else [])]
         fns = [i.fn for i in items]
         const = all(i.constant for i in items)
@@ -796,6 +823,7 @@ class Compiler:
         return Expr(lambda r, s: [f(r, s) for f in fns], any(i.per_state for i in items), 0, 0)
 
     def x_dict(self, node: Tree, scope: _Scope) -> Expr:
+        """A dict display ``{k: v, ...}``."""
         pairs = []
         for pair in node.children[0].children if node.children[0] is not None else []:
             pairs.append((self.expr(pair.children[0], scope), self.expr(pair.children[1], scope)))
@@ -812,6 +840,7 @@ class Compiler:
         return Expr(lambda r, s: {k(r, s): v(r, s) for k, v in fns}, per, 0, 0)
 
     def x_var(self, node: Tree, scope: _Scope) -> Expr:
+        """A variable reference (resolved now: unknown names are compile errors)."""
         tok = node.children[0]
         name = str(tok)
         if name in scope.values:
@@ -838,6 +867,7 @@ class Compiler:
         raise self.error(ScriptNameError, f"undefined name '{name}'{did_you_mean(name, known)}", tok)
 
     def call_args(self, node: Tree | None, scope: _Scope) -> tuple[list[Expr], dict[str, tuple[Expr, Token]]]:
+        """Compile a call's positional and keyword arguments."""
         args: list[Expr] = []
         kwargs: dict[str, tuple[Expr, Token]] = {}
         for a in node.children if node is not None else []:
@@ -853,6 +883,7 @@ class Compiler:
         return args, kwargs
 
     def x_call(self, node: Tree, scope: _Scope) -> Expr:
+        """A call of a builtin function."""
         name_tok, args_node = node.children
         name = str(name_tok)
         if name in B.SCORER_FUNCTIONS:
@@ -878,26 +909,31 @@ class Compiler:
         return Expr(lambda r, s: fn(*[f(r, s) for f in afns], **{k: f(r, s) for k, f in kfns.items()}), per, 0, 0)
 
     def x_index(self, node: Tree, scope: _Scope) -> Expr:
+        """``a[i]``."""
         a, b = (self.expr(c, scope) for c in node.children)
         fa, fb = a.fn, b.fn
         return Expr(lambda r, s: fa(r, s)[fb(r, s)], a.per_state or b.per_state, 0, 0)
 
     def x_neg(self, node: Tree, scope: _Scope) -> Expr:
+        """``-a``."""
         a = self.expr(node.children[0], scope)
         f = a.fn
         return Expr(lambda r, s: -f(r, s), a.per_state, 0, 0, constant=a.constant)
 
     def x_pos(self, node: Tree, scope: _Scope) -> Expr:
+        """``+a``."""
         a = self.expr(node.children[0], scope)
         f = a.fn
         return Expr(lambda r, s: +f(r, s), a.per_state, 0, 0, constant=a.constant)
 
     def x_not_op(self, node: Tree, scope: _Scope) -> Expr:
+        """``not a``."""
         a = self.expr(node.children[0], scope)
         f = a.fn
         return Expr(lambda r, s: not f(r, s), a.per_state, 0, 0, constant=a.constant)
 
     def x_power(self, node: Tree, scope: _Scope) -> Expr:
+        """``a ** b`` (result size bounded)."""
         a, b = (self.expr(c, scope) for c in node.children)
         fa, fb = a.fn, b.fn
         return Expr(lambda r, s: power(fa(r, s), fb(r, s)), a.per_state or b.per_state, 0, 0,
@@ -924,12 +960,15 @@ class Compiler:
         return Expr(chain, per, 0, 0, constant=const)
 
     def x_sum(self, node: Tree, scope: _Scope) -> Expr:
+        """``a + b`` / ``a - b`` chains (sizes bounded)."""
         return self._binary_chain(node, scope, _ARITH)
 
     def x_product(self, node: Tree, scope: _Scope) -> Expr:
+        """``a * b`` / ``a / b`` / ``a // b`` / ``a % b`` chains (sizes bounded)."""
         return self._binary_chain(node, scope, _ARITH)
 
     def x_comparison(self, node: Tree, scope: _Scope) -> Expr:
+        """Comparison chains (``a < b <= c``, ``==``, ``!=``, ``in``, ``not in``)."""
         items = node.children
         exprs = [self.expr(items[i], scope) for i in range(0, len(items), 2)]
         ops = [_COMPARE["".join(str(t) for t in items[i].children)] for i in range(1, len(items), 2)]
@@ -947,6 +986,7 @@ class Compiler:
         return Expr(compare, any(e.per_state for e in exprs), 0, 0, constant=all(e.constant for e in exprs))
 
     def x_and_expr(self, node: Tree, scope: _Scope) -> Expr:
+        """``a and b`` (short-circuit)."""
         exprs = [self.expr(c, scope) for c in node.children]
         fns = [e.fn for e in exprs]
 
@@ -961,6 +1001,7 @@ class Compiler:
         return Expr(and_, any(e.per_state for e in exprs), 0, 0, constant=all(e.constant for e in exprs))
 
     def x_or_expr(self, node: Tree, scope: _Scope) -> Expr:
+        """``a or b`` (short-circuit)."""
         exprs = [self.expr(c, scope) for c in node.children]
         fns = [e.fn for e in exprs]
 

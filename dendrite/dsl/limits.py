@@ -46,12 +46,14 @@ def _check_bits(bits: int) -> None:
 
 
 def add(a: Any, b: Any) -> Any:
+    """``a + b``, refusing a sequence result over the size limit."""
     if _is_seq(a) and _is_seq(b):
         check_size(len(a) + len(b), "the sum")
     return a + b
 
 
 def mul(a: Any, b: Any) -> Any:
+    """``a * b``, refusing a repeated sequence over the size limit."""
     if _is_seq(a) and _is_int(b):
         check_size(len(a) * max(b, 0), "the repetition")
     elif _is_int(a) and _is_seq(b):
@@ -62,6 +64,7 @@ def mul(a: Any, b: Any) -> Any:
 
 
 def power(a: Any, b: Any) -> Any:
+    """``a ** b``, refusing an integer result over the bit limit."""
     if _is_int(a) and _is_int(b) and b > 0 and abs(a) > 1:
         _check_bits(b * (abs(a).bit_length() - 1))
     return a ** b
@@ -78,12 +81,14 @@ ARITH: dict[str, Callable[[Any, Any], Any]] = {
 
 
 def bounded_range(*args: Any) -> list[int]:
+    """``list(range(*args))``, refusing one over the size limit."""
     r = range(*args)
     check_size(len(r), "range()")
     return list(r)
 
 
 def bounded_replace(s: Any, old: Any, new: Any) -> str:
+    """``str.replace``, refusing a result over the size limit."""
     s, old, new = str(s), str(old), str(new)
     hits = s.count(old) if old else len(s) + 1
     check_size(len(s) + hits * (len(new) - len(old)), "replace()")
@@ -91,6 +96,7 @@ def bounded_replace(s: Any, old: Any, new: Any) -> str:
 
 
 def bounded_join(sep: Any, items: Any) -> str:
+    """``sep.join(items)`` of their strings, refusing a result over the size limit."""
     parts = [str(x) for x in items]
     check_size(sum(map(len, parts)) + len(str(sep)) * max(len(parts) - 1, 0), "join()")
     return str(sep).join(parts)

@@ -45,7 +45,8 @@ class Constrained(Protocol):
     (the engine passes its request handles)."""
 
     @property
-    def matcher(self) -> MaskSource | None: ...
+    def matcher(self) -> MaskSource | None:
+        """The row's grammar matcher, or None when unconstrained."""
 
 
 # llguidance thread pools by size, shared by the process (each owns threads).

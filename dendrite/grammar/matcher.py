@@ -148,6 +148,7 @@ class Matcher:
         return self.ll.is_stopped()
 
     def is_error(self) -> bool:
+        """Whether the matcher hit an error (a rejected token or a bad grammar)."""
         return self.ll.is_error()
 
     @property

@@ -151,6 +151,7 @@ def _family(r: _Reader) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model hyper-parameters Dendrite uses, read from a model directory's config.json."""
     family: str  # "llama" | "mistral" | "qwen2" | "qwen3"
     architecture: str
     vocab_size: int

@@ -374,6 +374,7 @@ class CudaGraphDecodeRunner:
 
     @property
     def captured_buckets(self) -> tuple[int, ...]:
+        """Batch sizes that have a captured graph, ascending."""
         return tuple(sorted(self._graphs))
 
     @property

@@ -64,11 +64,13 @@ class KVCache:
     def bytes_per_page(
         num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
+        """Bytes one page takes across all layers (K and V)."""
         elem = torch.empty((), dtype=dtype).element_size()
         return num_layers * 2 * page_size * num_kv_heads * head_dim * elem
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the whole cache tensor."""
         return self.kv.numel() * self.kv.element_size()
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,10 +221,12 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Device the weights live on."""
         return self.model.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the weights."""
         return self.model.model.norm.weight.dtype
 
 

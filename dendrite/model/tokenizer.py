@@ -128,9 +128,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (special tokens dropped unless asked)."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
+        """The vocabulary string of one id, or None when out of range."""
         return self.backend.id_to_token(i)
 
     def apply_chat_template(

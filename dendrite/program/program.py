@@ -23,6 +23,7 @@ class Param:
 
     @property
     def required(self) -> bool:
+        """Whether the parameter has no default."""
         return self.default is inspect.Parameter.empty
 
 

@@ -24,6 +24,7 @@ class Progress:
         self._shown = False
 
     def line(self, rt: Runtime) -> str:
+        """One status line: steps, generations in flight, nodes (pruned), tokens, elapsed."""
         nodes = len(rt.tree)
         pruned = sum(1 for n in rt.tree if n.pruned)
         return (

@@ -371,6 +371,7 @@ class Runtime:
 
     @property
     def elapsed(self) -> float:
+        """Seconds since the runtime started."""
         return time.perf_counter() - self._t0
 
     # ---------------------------------------------------------- waiting

@@ -125,6 +125,7 @@ class Judge(Scorer):
         return self.template.format_map(values)
 
     def score_all(self, states: Sequence[State]) -> list[float]:
+        """Ask the model to judge each state; one score per state."""
         _wait_all(states)
         judges = []
         for s in states:

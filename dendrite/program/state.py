@@ -433,6 +433,7 @@ class State:
 
     @property
     def released(self) -> bool:
+        """Whether the state was released (pruned, not selected, or by hand)."""
         return self._released
 
     @property
@@ -472,6 +473,7 @@ class StateGroup(list):
         return self
 
     def release(self) -> None:
+        """Release every state of the group."""
         for s in self:
             s.release()
 

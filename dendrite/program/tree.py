@@ -97,10 +97,12 @@ class Tree:
 
     @property
     def max_depth(self) -> int:
+        """Depth of the deepest node (the root is 0)."""
         return max((self.depth(i) for i in self.nodes), default=0)
 
     @property
     def total_gen_tokens(self) -> int:
+        """Tokens generated over all nodes."""
         return sum(n.gen_tokens for n in self.nodes.values())
 
     def to_dict(self) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class CachedScorer(Scorer):
         self.cache: dict[int, float] = {}
 
     def score_all(self, states: Sequence[State]) -> list[float]:
+        """Scores of `states`, each computed once and cached by state id."""
         todo = [s for s in states if s.id not in self.cache]
         if todo:
             for s, v in zip(todo, self.inner.score_all(todo)):
@@ -86,6 +87,7 @@ def wait_all(states: Iterable[State]) -> None:
 
 
 def finite(x: float, default: float = -1e9) -> float:
+    """`x`, or `default` when it is NaN or infinite (so sorting never sees NaN)."""
     return x if math.isfinite(x) else default
 
 

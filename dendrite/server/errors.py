@@ -17,6 +17,7 @@ class ApiError(Exception):
         self.code = code
 
     def body(self) -> dict:
+        """The OpenAI-style JSON error body."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 

@@ -27,6 +27,7 @@ class TextStream:
         self.shown = ""
 
     def feed(self, ids: list[int]) -> str:
+        """Add token ids; return the new text that is safe to send (no split UTF-8 char)."""
         self.ids.extend(ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
@@ -43,6 +44,7 @@ class TextStream:
         return self._emit(text[:safe])
 
     def finish(self, final_text: str) -> str:
+        """The text not sent yet, given the generation's final text."""
         return self._emit(final_text)
 
     def _emit(self, text: str) -> str:
@@ -70,9 +72,11 @@ class Choices:
 
     @property
     def done(self) -> bool:
+        """Whether every choice has its result."""
         return all(r is not None for r in self.results)
 
     def apply(self, ev: tuple) -> None:
+        """Apply one engine event (sequence, tokens, result; an error is raised) to the choices."""
         if ev[0] == "error":
             raise ev[1]
         if ev[0] == "sequence":
@@ -107,6 +111,7 @@ def chat_logprobs(tokenizer: Any, ids: list[int], lps: list[float]) -> dict:
 
 
 def usage(gen: Generation, choices: Choices) -> dict:
+    """The OpenAI ``usage`` object: prompt, completion and total tokens."""
     done = sum(len(r.token_ids) if r is not None else len(t)
                for r, t in zip(choices.results, choices.token_ids))
     return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": done,
@@ -132,6 +137,7 @@ async def collect(worker: EngineWorker, gen: Generation,
 
 
 def sse(obj: Any) -> str:
+    """One server-sent event carrying `obj` as JSON."""
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
@@ -199,6 +205,7 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
 
 def completion_body(gen: Generation, choices: Choices, model: str, tokenizer: Any,
                     logprobs: bool) -> dict:
+    """The ``/v1/completions`` response body."""
     out = []
     for i, r in enumerate(choices.results):
         out.append({"index": i, "text": r.text,
@@ -211,6 +218,7 @@ def completion_body(gen: Generation, choices: Choices, model: str, tokenizer: An
 
 def chat_body(gen: Generation, choices: Choices, model: str, tokenizer: Any,
               logprobs: bool) -> dict:
+    """The ``/v1/chat/completions`` response body."""
     out = []
     for i, r in enumerate(choices.results):
         out.append({"index": i, "message": {"role": "assistant", "content": r.text},

@@ -20,10 +20,12 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
+    """``stream_options``: whether the last streamed chunk carries usage."""
     include_usage: bool = False
 
 
 class JsonSchemaSpec(_Strict):
+    """``response_format.json_schema``: a named JSON schema."""
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
@@ -33,6 +35,7 @@ class JsonSchemaSpec(_Strict):
 
 
 class ResponseFormat(_Strict):
+    """``response_format``: text, JSON, a JSON schema, or the regex/grammar extensions."""
     type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
     json_schema: JsonSchemaSpec | None = None
     regex: str | None = None  # extension: type "regex"
@@ -62,6 +65,7 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
+    """Body of ``POST /v1/completions``."""
     model: str | None = None
     prompt: str | list[int]
     n: int = Field(default=1, ge=1)
@@ -73,17 +77,20 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(_Strict):
+    """A text part of a chat message's content."""
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(_Strict):
+    """One message of a chat request."""
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
 class ChatRequest(SamplingFields):
+    """Body of ``POST /v1/chat/completions``."""
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     n: int = Field(default=1, ge=1)
@@ -104,6 +111,7 @@ class SequenceCreate(_Strict):
 
 
 class SequenceFork(_Strict):
+    """Body of ``POST /v1/sequences/{id}/fork``: how many children and their TTL."""
     n: int = Field(default=1, ge=1)
     ttl: float | None = Field(default=None, gt=0)
 

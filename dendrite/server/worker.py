@@ -54,6 +54,7 @@ class Generation:
     ended: bool = False
 
     def push(self, event: tuple) -> None:
+        """Hand an engine event to the request's asyncio queue (thread-safe)."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -69,6 +70,7 @@ class Handle:
     busy: Generation | None = None
 
     def touch(self) -> None:
+        """Push the handle's expiry `ttl` seconds from now."""
         self.expires = time.monotonic() + self.ttl
 
 
@@ -112,6 +114,7 @@ class EngineWorker:
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "EngineWorker":
+        """Start the engine thread; returns self."""
         self._thread.start()
         return self
 
@@ -125,6 +128,7 @@ class EngineWorker:
 
     @property
     def running(self) -> bool:
+        """Whether the engine thread is alive."""
         return self._thread.is_alive()
 
     def _context_limit(self) -> int:
@@ -391,6 +395,7 @@ class EngineWorker:
 
     def create_handle(self, owner: str, prompt: str | list[int], add_bos: bool, ttl: float,
                       field_name: str = "prompt") -> dict:
+        """Create a sequence handle owned by `owner` from a prompt; its description."""
         self._room(owner, 1)
         ids = self.engine.encode(prompt, add_bos=add_bos)
         if not ids:
@@ -405,6 +410,7 @@ class EngineWorker:
         return self.describe(self._new_handle(owner, seq, ttl))
 
     def fork_handle(self, owner: str, hid: str, n: int, ttl: float | None) -> list[dict]:
+        """Fork an owned handle into `n` children; their descriptions."""
         h = self._handle(owner, hid)
         self._busy(h)
         self._room(owner, n)
@@ -455,9 +461,11 @@ class EngineWorker:
         return self.describe(h)
 
     def delete_handle(self, owner: str, hid: str) -> None:
+        """Release an owned handle's sequence."""
         self._drop_handle(self._handle(owner, hid))
 
     def describe(self, h: Handle, text: bool = False) -> dict:
+        """A handle's JSON description (with its text when asked)."""
         out = {"id": h.id, "object": "sequence", "num_tokens": h.seq.num_tokens,
                "ttl": h.ttl, "expires_in": round(max(h.expires - time.monotonic(), 0.0), 3),
                "generating": h.busy is not None}
@@ -466,11 +474,13 @@ class EngineWorker:
         return out
 
     def get_handle(self, owner: str, hid: str) -> dict:
+        """An owned handle's description, text included; renews its TTL."""
         h = self._handle(owner, hid)
         h.touch()
         return self.describe(h, text=True)
 
     def list_handles(self, owner: str) -> list[dict]:
+        """Descriptions of every handle `owner` holds."""
         return [self.describe(h) for h in self.handles.values() if h.owner == owner]
 
     # programs
