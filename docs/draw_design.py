@@ -5,8 +5,7 @@
     python docs/draw_design.py --check      # exit 1 if design.md's tables are stale
 
 The module tables and the layer picture are built from the tree as it is:
-every module file under dendrite/ (and dsl/ while it lives outside the
-package) is placed in a layer by the longest matching path prefix in
+every module file under dendrite/ is placed in a layer by the longest matching path prefix in
 `LAYERS`, and its job is the first paragraph of its module docstring. A
 module no prefix matches, or one without a docstring, stops the script with
 a message naming it, so a new file cannot be left out silently.
@@ -48,14 +47,14 @@ LAYERS = (
     Layer("kv", "kv", ("dendrite/kv.py",), "#c6dbef"),
     Layer("model", "model / kernels / attention",
           ("dendrite/model/", "dendrite/kernels/", "dendrite/attention/",
-           "dendrite/transfer.py", "dendrite/default_model.py", "dendrite/tiny_model.py",
-           "dendrite/testing.py"), "#fdd0a2"),
+           "dendrite/transfer.py", "dendrite/default_model.py", "dendrite/tiny_model.py"),
+          "#fdd0a2"),
     Layer("sampling", "sampling / grammar",
           ("dendrite/sampling.py", "dendrite/grammar/", "dendrite/stopping.py"), "#fcbba1"),
     Layer("engine", "engine", ("dendrite/engine.py",), "#fc9272"),
     Layer("program", "program", ("dendrite/program/", "dendrite/tree_view.py"), "#c7e9c0"),
     Layer("search", "search", ("dendrite/search/",), "#a1d99b"),
-    Layer("dsl", "dsl", ("dendrite/dsl/", "dsl/"), "#74c476"),
+    Layer("dsl", "dsl", ("dendrite/dsl/",), "#74c476"),
     Layer("cli", "cli / server",
           # "dendrite/cli": cli.py and the subcommand modules beside it (cli_*.py).
           ("dendrite/__init__.py", "dendrite/cli", "dendrite/demo.py", "dendrite/server/",
@@ -65,16 +64,9 @@ LAYERS = (
 
 def module_files(root: Path = ROOT) -> list[str]:
     """Every Python module file (and the native stub) of the package, as
-    repository-relative paths, sorted; dsl/ too while it is outside dendrite/."""
-    files = []
-    for top in ("dendrite", "dsl"):
-        base = root / top
-        if not base.is_dir():
-            continue
-        for p in base.rglob("*"):
-            if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts:
-                files.append(p.relative_to(root).as_posix())
-    return sorted(files)
+    repository-relative paths, sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in (root / "dendrite").rglob("*")
+                  if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts)
 
 
 def layer_of(path: str) -> Layer:
@@ -129,7 +121,7 @@ def tables(root: Path = ROOT) -> dict[str, str]:
     return out
 
 
-_MARKER = re.compile(r"(<!-- modules:([\w-]+) -->\n)(.*?)(<!-- /modules -->)", re.S)
+_MARKER = re.compile(r"(<!-- modules:([\w-]+) -->\n)(.*?)(<!-- /modules -->)", re.DOTALL)
 
 
 def render_doc(text: str, root: Path = ROOT) -> str:
@@ -260,8 +252,8 @@ def draw_layers(out: Path, root: Path = ROOT) -> None:
 #: the model's device (CUDA stream, or torch on the CPU).
 STEP = (
     ("Scheduler.schedule(leaves, pending)",
-     "native: priority order, token budget max_batch_tokens, chunked prefill;\n"
-     "engine: aging (max_wait_steps), _fit_pages: evict prefix cache -> preempt by segment",
+     ("native: priority order, token budget max_batch_tokens, chunked prefill;\n"
+      "engine: aging (max_wait_steps), _fit_pages: evict prefix cache -> preempt by segment"),
      "native"),
     ("KVTree.append_batch(nodes, counts, tokens)",
      "slot_mapping int32 [T] + copy-on-write rows int32 [m, 3] (src, dst, n); all or nothing",
@@ -273,16 +265,16 @@ STEP = (
      "input_ids, positions, slot_mapping, qo_indptr, kv_*, copies, sample_rows",
      "host"),
     ("ModelRunner.execute(plan)",
-     "kv_cache.copy_pages(copies), then CUDA-graph replay (decode, every row samples, <= 64 rows:\n"
-     "flat / FlashInfer cascade / TreeAttention) or eager: backend.plan + model "
-     "(FlashInfer or torch reference)",
+     ("kv_cache.copy_pages(copies), then CUDA-graph replay (decode, every row samples, "
+      "<= 64 rows:\nflat / FlashInfer cascade / TreeAttention) or eager: backend.plan + model "
+      "(FlashInfer or torch reference)"),
      "device"),
     ("logits  float32 [N, V]",
      "the sampling rows only, in sample_rows order",
      "device"),
     ("Sampler(logits, params, positions, allowed=masks)",
-     "fused Triton kernel on CUDA (mask, temperature, seeded Gumbel noise, argmax)\n"
-     "or torch (penalties, top-k/p, min-p; the CPU): tokens, logprobs, top-n",
+     ("fused Triton kernel on CUDA (mask, temperature, seeded Gumbel noise, argmax)\n"
+      "or torch (penalties, top-k/p, min-p; the CPU): tokens, logprobs, top-n"),
      "device"),
     ("tokens to host (cpu_async)",
      "steady decode: step k+1 is launched first (lookahead), fed the ids on the device",

@@ -25,31 +25,27 @@ DOC_PATH = ROOT / "docs" / "design.md"
 DOC = DOC_PATH.read_text(encoding="utf-8")
 
 #: A row of a module table: | `dendrite/...py` | job |
-_MODULE_ROW = re.compile(r"^\| `((?:dendrite|dsl)/[^`]+\.pyi?)` \|", re.M)
-_NATIVE_ROW = re.compile(r"^\| `(native/[^`]+)` \|", re.M)
+_MODULE_ROW = re.compile(r"^\| `(dendrite/[^`]+\.pyi?)` \|", re.MULTILINE)
+_NATIVE_ROW = re.compile(r"^\| `(native/[^`]+)` \|", re.MULTILINE)
 
 
 def _block(kind: str, arg: str | None = None) -> str:
     """The text between `<!-- kind[:arg] -->` and `<!-- /kind -->`."""
     head = f"<!-- {kind}:{arg} -->" if arg else f"<!-- {kind} -->"
-    m = re.search(re.escape(head) + r"\n(.*?)<!-- /" + kind + " -->", DOC, re.S)
+    m = re.search(re.escape(head) + r"\n(.*?)<!-- /" + kind + " -->", DOC, re.DOTALL)
     assert m, f"docs/design.md has no {head} block"
     return m.group(1)
 
 
 def _rows(block: str) -> dict[str, str]:
     """First column -> second column of the table rows `| `a` | `b` | ... |`."""
-    return dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", block, re.M))
+    return dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", block, re.MULTILINE))
 
 
 def _package_modules() -> set[str]:
-    """Every module file under dendrite/ (and dsl/ while outside the package)."""
-    out = set()
-    for top in ("dendrite", "dsl"):
-        for p in (ROOT / top).rglob("*"):
-            if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts:
-                out.add(p.relative_to(ROOT).as_posix())
-    return out
+    """Every module file under dendrite/ (the native module by its .pyi stub)."""
+    return {p.relative_to(ROOT).as_posix() for p in (ROOT / "dendrite").rglob("*")
+            if p.suffix in (".py", ".pyi") and "__pycache__" not in p.parts}
 
 
 def test_module_tables_list_every_module_once_and_only_real_ones():
@@ -152,7 +148,7 @@ def test_engine_max_batch_tokens_is_quoted_in_the_api_sketch():
     default = inspect.signature(
         importlib.import_module("dendrite.engine").Engine.__init__
     ).parameters["max_batch_tokens"].default
-    sketch = re.search(r"engine = Engine\((.*?)\)\n", DOC, re.S).group(1)
+    sketch = re.search(r"engine = Engine\((.*?)\)\n", DOC, re.DOTALL).group(1)
     assert f"max_batch_tokens={default}" in sketch
 
 
@@ -166,15 +162,27 @@ def test_quoted_constants_are_the_code_values():
 
 
 def _engine_finish_reasons() -> set[str]:
-    """String reasons the engine finishes requests with: literals passed to
-    `_finish`, and the literals `StopChecker.check` returns (passed on as `reason`)."""
-    reasons = set()
+    """String reasons the engine finishes requests with: the literals passed as
+    `reason` to its methods that take one (`_finish` and any helper in front of
+    it), and the literals `StopChecker.check` returns (passed on as `reason`)."""
     engine = ast.parse((ROOT / "dendrite" / "engine.py").read_text(encoding="utf-8"))
+    takes_reason = {}  # method name -> index of `reason` among the call's arguments
     for node in ast.walk(engine):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "_finish" and len(node.args) >= 2
-                and isinstance(node.args[1], ast.Constant)):
-            reasons.add(node.args[1].value)
+        if isinstance(node, ast.FunctionDef):
+            names = [a.arg for a in node.args.args]
+            if "reason" in names:
+                offset = 1 if names[0] == "self" else 0  # calls go through self.
+                takes_reason[node.name] = names.index("reason") - offset
+    assert "_finish" in takes_reason, "Engine._finish(h, reason, ...) not found"
+    reasons = set()
+    for node in ast.walk(engine):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in takes_reason):
+            continue
+        i = takes_reason[node.func.attr]
+        args = node.args[i:i + 1] + [k.value for k in node.keywords if k.arg == "reason"]
+        reasons |= {a.value for a in args if isinstance(a, ast.Constant)
+                    and isinstance(a.value, str)}
     stopping = ast.parse((ROOT / "dendrite" / "stopping.py").read_text(encoding="utf-8"))
     check = next(n for n in ast.walk(stopping)
                  if isinstance(n, ast.FunctionDef) and n.name == "check")
@@ -190,7 +198,7 @@ def test_every_finish_reason_of_the_engine_is_in_the_doc():
     # Guards the parse above: these are known to exist.
     assert {"eos", "stop", "length", "grammar", "abort", "error"} <= reasons
     section = DOC.split("## Finish reasons", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r'^\| `"(\w+)"` \|', section, re.M))
+    documented = set(re.findall(r'^\| `"(\w+)"` \|', section, re.MULTILINE))
     assert documented == reasons, (f"finish reasons in the code {sorted(reasons)}, "
                                    f"in design.md {sorted(documented)}")
 
