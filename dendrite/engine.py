@@ -660,7 +660,8 @@ class Engine:
             for s, c in plan:
                 del s.pending[:c]
         sample_rows = np.asarray([i for i, s in enumerate(seqs) if not s.pending
-                                  and s.handle is not None and not s.handle.done],
+                                  and s.handle is not None and not s.handle.done
+                                  and s.handle.finishing is None],
                                  dtype=np.int64)
         sample_handles = [seqs[i].handle for i in sample_rows]
 
@@ -675,17 +676,23 @@ class Engine:
         qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=qo_indptr[1:])
         positions = np.repeat(starts - qo_indptr[:-1], counts) + np.arange(len(flat_tokens))
+        scored, score_rows = self._score_rows(plan, starts, qo_indptr)
         step = StepPlan(input_ids=fed if fed is not None else flat_tokens, positions=positions,
                         slot_mapping=appended.slot_mapping, qo_indptr=qo_indptr,
                         kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last_len,
-                        copies=appended.copies, sample_rows=sample_rows)
+                        copies=appended.copies, sample_rows=sample_rows, score_rows=score_rows)
         logits = self.runner.execute(step)  # (valid until the next execute)
         self.stats["steps"] += 1
         self.stats["forward_tokens"] += int(counts.sum())
+        scored_lps = scored_top = None
+        if scored:  # fresh tensors: they outlive the logits' buffer
+            scored_lps, scored_top = self._score_logits(logits[len(sample_rows):], scored)
+            logits = logits[:len(sample_rows)]
         if not sample_handles:
             if mask_future is not None:
                 mask_future.result()
-            return _Launched(self.stats["steps"], seqs, [], None, None, None)
+            return _Launched(self.stats["steps"], seqs, [], None, None, None,
+                             scored, scored_lps, scored_top)
         if self._inline_masks:
             allowed = self._masks.fill(sample_handles) if constrained else None
         else:
@@ -697,7 +704,41 @@ class Engine:
         out = self.sampler(logits, [h.params for h in sample_handles], sample_pos,
                            prev_tokens=history, allowed=allowed)
         return _Launched(self.stats["steps"], seqs, sample_handles, out.token_ids,
-                         out.cpu_async(), allowed)
+                         out.cpu_async(), allowed, scored, scored_lps, scored_top)
+
+    @staticmethod
+    def _score_rows(plan: list[tuple[Sequence, int]], starts: np.ndarray,
+                    qo_indptr: np.ndarray) -> tuple[list[tuple[GenHandle, int]], np.ndarray]:
+        """The owed tokens (see `GenHandle.owed`) this step can score: those whose
+        previous position is among the step's new tokens, with that token's row."""
+        scored: list[tuple[GenHandle, int]] = []
+        rows: list[int] = []
+        for b, (seq, c) in enumerate(plan):
+            h = seq.handle
+            if h is None or h.done or not h.owed:
+                continue
+            start = int(starts[b])
+            for idx, pos in h.owed:
+                if start <= pos - 1 < start + c:
+                    scored.append((h, idx))
+                    rows.append(int(qo_indptr[b]) + pos - 1 - start)
+        return scored, np.asarray(rows, dtype=np.int64)
+
+    @staticmethod
+    def _score_logits(logits: torch.Tensor, scored: list[tuple[GenHandle, int]]
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Logprobs of the scored tokens under `logits` (one row each), and the
+        top-n alternatives when a request asks for them (n: the most asked)."""
+        lps = torch.log_softmax(logits.float(), dim=-1)
+        ids = torch.as_tensor([h.token_ids[i] for h, i in scored], dtype=torch.int64,
+                              device=lps.device)
+        chosen = lps.gather(1, ids[:, None]).squeeze(1)
+        n = min(max(h.params.logprobs for h, _ in scored), lps.shape[1])
+        top = None
+        if n > 0:
+            vals, idx = lps.topk(n, dim=-1)
+            top = (idx, vals)
+        return chosen, top
 
     def _launch_ahead(self, cur: "_Launched") -> "_Launched | None":
         """Launch the step after `cur` before `cur`'s tokens are read, if it is certain.
@@ -731,10 +772,10 @@ class Engine:
         `placeholders`: the next step was launched ahead, so each leaf's new
         token is already in the tree as a placeholder (see `_accept`).
         """
+        finished = self._settle_scored(cur) if cur.scored else []
         if not cur.handles:
-            return []
+            return finished
         out = cur.host()
-        finished = []
         fixes: list[tuple[int, int]] | None = [] if placeholders else None
         top_ids = top_lps = None
         if out.top_token_ids is not None:
@@ -762,6 +803,40 @@ class Engine:
         if cur.allowed is not None and not self._inline_masks:
             # The next step's masks, now that this step's tokens are consumed.
             self._masks.prefetch([h for h in cur.handles if not h.done])
+        return finished
+
+    def _settle_scored(self, cur: "_Launched") -> list[GenHandle]:
+        """Record the logprobs `cur` computed for owed tokens; returns the requests
+        that were only waiting for them and are now finished (or failed: NaN)."""
+        lps = cur.scored_lps.tolist()
+        top_ids = top_lps = None
+        if cur.scored_top is not None:
+            top_ids, top_lps = cur.scored_top[0].tolist(), cur.scored_top[1].tolist()
+        touched: dict[int, GenHandle] = {}
+        for j, ((h, idx), lp) in enumerate(zip(cur.scored, lps)):
+            if h.done:  # cancelled, released or failed meanwhile
+                continue
+            if math.isnan(lp):
+                self._fail(h, ModelOutputError(
+                    f"the model produced NaN logits at engine step {cur.step} for a sequence "
+                    f"of {h.seq.num_tokens} tokens (scoring generated token {idx}): check the "
+                    f"weights (NaN/inf values) or use a wider dtype"))
+                self.stats["errors"] += 1
+                self._keep_last_token_pending(h.seq)  # (its sampled row, if any, is dropped)
+                touched[id(h)] = h
+                continue
+            h.logprobs[idx] = lp
+            if h.params.logprobs > 0:
+                n = h.params.logprobs
+                h.top_logprobs[idx] = list(zip(top_ids[j][:n], top_lps[j][:n]))
+            h.owed = [o for o in h.owed if o[0] != idx]
+            touched[id(h)] = h
+        finished = []
+        for h in touched.values():
+            if not h.done and not h.owed and h.finishing is not None:
+                self._finish(h, *h.finishing)
+            if h.done:  # (then `_complete` skips its sampling row, if any)
+                finished.append(h)
         return finished
 
     def _reject_row(self, h: GenHandle, step: int, placeholders: bool) -> None:
@@ -946,18 +1021,18 @@ class Engine:
             if top is not None:
                 h.top_logprobs.pop()
             self._keep_last_token_pending(seq)
-            self._finish(h, "eos", complete=self._grammar_ok(h))
-            return True
+            self._end(h, "eos", complete=self._grammar_ok(h))
+            return h.done
         seq.pending.append(tok)
         if reason is not None:
-            self._finish(h, reason, complete=self._grammar_ok(h))
-            return True
+            self._end(h, reason, complete=self._grammar_ok(h))
+            return h.done
         if h.matcher is not None and h.matcher.is_stopped():
-            self._finish(h, "grammar", complete=self._grammar_ok(h))
-            return True
+            self._end(h, "grammar", complete=self._grammar_ok(h))
+            return h.done
         if len(h.token_ids) >= h.params.max_tokens:
-            self._finish(h, "length", complete=False)
-            return True
+            self._end(h, "length", complete=False)
+            return h.done
         if h.matcher is not None:
             self._force(h)
             if h.done:
@@ -975,20 +1050,76 @@ class Engine:
         seq.pending.append(last)
 
     def _force(self, h: GenHandle) -> None:
-        """Append the tokens the grammar forces, without sampling: they prefill next step."""
+        """Append the tokens the grammar forces, without sampling: they prefill next step.
+
+        Their logprobs are owed (`GenHandle.owed`): the step that runs each one's
+        previous token computes the logits row they come from (`_score_rows`).
+        """
         forced = h.matcher.forced_tokens()
         room = h.params.max_tokens - len(h.token_ids)
         for tok in forced[:room]:
+            pos = h.seq.num_tokens
+            # An idle branch keeps its last token pending, so the previous
+            # position still runs; were it cached, the logprob stays NaN.
+            if pos - 1 >= h.seq.num_cached:
+                h.owed.append((len(h.token_ids), pos))
             h.token_ids.append(tok)
-            h.logprobs.append(0.0)
-            if h.params.logprobs > 0:  # certain under the grammar: no alternative
-                h.top_logprobs.append([(tok, 0.0)])
+            h.logprobs.append(math.nan)
+            if h.params.logprobs > 0:
+                h.top_logprobs.append([])
             h.matcher.consume(tok)
             h.seq.pending.append(tok)
         if h.matcher.is_stopped():
-            self._finish(h, "grammar", complete=self._grammar_ok(h))
+            self._end(h, "grammar", complete=self._grammar_ok(h))
         elif len(h.token_ids) >= h.params.max_tokens:
-            self._finish(h, "length", complete=False)
+            self._end(h, "length", complete=False)
+
+    def _end(self, h: GenHandle, reason: str, complete: bool) -> None:
+        """Finish `h` now, or once its owed logprobs are computed (its branch keeps
+        running its pending tokens but the last, as an idle branch would)."""
+        if h.owed:
+            h.finishing = (reason, complete)
+        else:
+            self._finish(h, reason, complete)
+
+    @_locked
+    def submit_score(self, seq: Sequence, ids: Iterable[int], logprobs: int = 0) -> GenHandle:
+        """Append `ids` to `seq` and compute the model's logprob of each, in the
+        following `step()` calls (batched with everything else in flight).
+
+        The handle's result has `token_ids == ids`, `logprobs` their logprobs
+        (with `logprobs = n > 0`, `top_logprobs` too) and
+        `finish_reason="scored"`. The branch keeps the tokens, as after
+        `append_tokens`; scoring n continuations of one prompt is `fork(n)`
+        then one `submit_score` per child, all in one step.
+        """
+        seq._check_live()
+        ids = self.check_token_ids(ids, "submit_score")
+        if not ids:
+            raise ValueError("submit_score needs at least one token id to score")
+        logprobs = _check_int("logprobs", logprobs, 0)
+        if seq.handle is not None and not seq.handle.done:
+            raise RuntimeError("sequence already has a generation in flight")
+        if seq.num_tokens == 0:
+            raise ValueError("submit_score: the sequence is empty; the first token has no "
+                             "logprob: give it a prompt")
+        self._settle_masks()
+        self._thaw(seq)
+        handle = GenHandle(seq=seq, params=SamplingParams(max_tokens=len(ids), logprobs=logprobs))
+        seq.handle = handle
+        seq.swapped = False
+        seq.error = None
+        for tok in ids:
+            pos = seq.num_tokens
+            if pos - 1 >= seq.num_cached:
+                handle.owed.append((len(handle.token_ids), pos))
+            handle.token_ids.append(tok)
+            handle.logprobs.append(math.nan)
+            if logprobs > 0:
+                handle.top_logprobs.append([])
+            seq.pending.append(tok)
+        self._end(handle, "scored", complete=True)
+        return handle
 
     @staticmethod
     def _grammar_ok(h: GenHandle) -> bool:
@@ -996,6 +1127,7 @@ class Engine:
 
     def _finish(self, h: GenHandle, reason: str, complete: bool) -> None:
         text = h.stop.final_text(h.token_ids) if h.stop else self.tokenizer.decode(h.token_ids)
+        h.owed = []  # (a request ended early keeps NaN for tokens never scored)
         top = list(h.top_logprobs) if h.params.logprobs > 0 else None
         h.result = GenResult(token_ids=list(h.token_ids), text=text, logprobs=list(h.logprobs),
                              finish_reason=reason, complete=complete, top_logprobs=top)

@@ -234,7 +234,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """One engine step: copy-on-write, then the forward, then the logits of
-        `plan.sample_rows` (float32 [N, vocab_size] on the device, in that order).
+        `plan.sample_rows` (float32 [N, vocab_size] on the device, in that order),
+        followed by those of `plan.score_rows` (M more rows) when it has any.
 
         Valid until the next `execute`: a replayed CUDA graph returns a view
         of its static output buffer. The plan is trusted (the engine builds
@@ -243,12 +244,15 @@ class ModelRunner:
         meta = self.build_metadata(plan.positions, plan.slot_mapping, plan.qo_indptr,
                                    plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
                                    validate=False)
+        # A graph computes one logits row per sequence: extra score rows run eagerly.
         if (self.graphs is not None and len(plan.sample_rows) == plan.num_rows
-                and self.graphs.can_run(meta)):
+                and not len(plan.score_rows) and self.graphs.can_run(meta)):
             if len(plan.copies):
                 self.kv_cache.copy_pages(plan.copies)
             return self.graphs.run(plan.input_ids, meta, host_indices=plan.kv_indices)
         rows = (plan.qo_indptr[1:] - 1)[plan.sample_rows]
+        if len(plan.score_rows):
+            rows = np.concatenate([rows.astype(np.int64), plan.score_rows.astype(np.int64)])
         return self.run(plan.input_ids, meta, rows, copies=plan.copies)
 
     @torch.inference_mode()

@@ -9,7 +9,7 @@ between the two, in the native core's host arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +42,11 @@ class StepPlan:
     #: int [N] rows whose next-token logits are wanted (ascending); the
     #: logits come back in this order.
     sample_rows: np.ndarray
+    #: int64 [M] indices into the T new tokens whose logits are wanted too
+    #: (the engine scores tokens appended without sampling, e.g. grammar-
+    #: forced ones, from the logits at the position before each); they come
+    #: back after the sample rows', in this order. Empty: none.
+    score_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_rows(self) -> int:
