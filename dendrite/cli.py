@@ -1,4 +1,4 @@
-"""The `dendrite` command: generate, run a search script, or the fork demo.
+"""The `dendrite` command: generate, run a search script, the fork demo, or serve.
 
 Errors never print a traceback. Exit status, one rule for every subcommand:
 
@@ -166,6 +166,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from dendrite.server.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dendrite.server.cli import run
+
+    return run(args)
+
+
 #: name -> (add its flags, run it, help, usage). The usage lines are short so
 #: that an argparse error is two lines: usage, then the error.
 COMMANDS: dict[str, tuple[Callable, Callable, str, str]] = {
@@ -175,6 +187,8 @@ COMMANDS: dict[str, tuple[Callable, Callable, str, str]] = {
             "%(prog)s [options] SCRIPT [--arg NAME=VALUE ...]"),
     "demo": (_add_demo, _demo, "fork a 128K-token context 1000 times; print latency and pages",
              "%(prog)s [options]"),
+    "serve": (_add_serve, _serve, "serve an OpenAI-compatible HTTP API with fork handles",
+              "%(prog)s [options]"),
 }
 
 

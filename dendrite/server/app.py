@@ -110,6 +110,7 @@ def create_app(engine: Any, config: ServerConfig | None = None,
     config = config or ServerConfig()
     worker = worker or EngineWorker(engine, config)
     tokenizer = engine.tokenizer
+    token_text = R.TokenText(engine)
     model_name = config.model_name or Path(str(engine.model_dir)).name
     keys = set(config.api_keys)
 
@@ -130,6 +131,12 @@ def create_app(engine: Any, config: ServerConfig | None = None,
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a bad request: an OpenAI-shaped 500 (Starlette logs the traceback).
+        err = ApiError(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -169,6 +176,8 @@ def create_app(engine: Any, config: ServerConfig | None = None,
                        stop: list[str], logprobs: bool, include_usage: bool,
                        extra: dict | None = None) -> Any:
         """Start a generation on the engine thread, then answer whole or as SSE."""
+        if logprobs and chat:
+            await worker.call(token_text.prepare)  # token bytes, read off the engine thread
         gen = Generation(asyncio.get_running_loop(), asyncio.Queue())
         try:
             handle_info = await worker.call(lambda: start(gen))
@@ -180,11 +189,12 @@ def create_app(engine: Any, config: ServerConfig | None = None,
         if stream:
             return StreamingResponse(
                 R.stream(worker, gen, n, chat=chat, model=model_name, tokenizer=tokenizer,
-                         stop=stop, logprobs=logprobs, include_usage=include_usage, extra=extra),
+                         stop=stop, logprobs=logprobs, tt=token_text, include_usage=include_usage,
+                         extra=extra),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = await R.collect(worker, gen, request.is_disconnected, n)
         build = R.chat_body if chat else R.completion_body
-        body = build(gen, choices, model_name, tokenizer, logprobs)
+        body = build(gen, choices, model_name, token_text, logprobs)
         if extra:
             body.update(extra)
         if choices.sequence is not None:
@@ -204,9 +214,10 @@ def create_app(engine: Any, config: ServerConfig | None = None,
             if v not in (None, False) and not (name == "best_of" and v == req.n):
                 raise ApiError(400, f"{name} is not supported", param=name)
         params = sampling_params(req, config, req.n, logprobs=req.logprobs or 0)
-        constraint = constraint_of(req)
+        constraint, cfield = constraint_of(req)
         return await generate(
-            request, lambda g: worker.start_generation(g, req.prompt, True, params, constraint),
+            request, lambda g: worker.start_generation(g, req.prompt, True, params, constraint,
+                                                       constraint_field=cfield),
             req.n, chat=False, stream=req.stream, stop=stops(req),
             logprobs=req.logprobs is not None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage))
@@ -218,13 +229,16 @@ def create_app(engine: Any, config: ServerConfig | None = None,
         if req.logit_bias:
             raise ApiError(400, "logit_bias is not supported", param="logit_bias")
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         params = sampling_params(req, config, req.n, max_tokens=mt,
                                  logprobs=req.top_logprobs or 0)
-        constraint = constraint_of(req)
+        constraint, cfield = constraint_of(req)
         prompt = render_chat(req.messages)
         return await generate(
             request,
-            lambda g: worker.start_generation(g, prompt, False, params, constraint, "messages"),
+            lambda g: worker.start_generation(g, prompt, False, params, constraint, "messages",
+                                              constraint_field=cfield),
             req.n, chat=True, stream=req.stream, stop=stops(req), logprobs=req.logprobs,
             include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
@@ -293,10 +307,10 @@ def create_app(engine: Any, config: ServerConfig | None = None,
             raise ApiError(400, "generate continues one sequence: n must be 1 (fork the "
                                 "sequence into n handles first)", param="n")
         [params] = sampling_params(req, config, 1, logprobs=req.logprobs or 0)
-        constraint = constraint_of(req)
+        constraint, cfield = constraint_of(req)
         return await generate(
             request,
-            lambda g: worker.generate_handle(g, key, sid, req.text, params, constraint),
+            lambda g: worker.generate_handle(g, key, sid, req.text, params, constraint, cfield),
             1, chat=False, stream=req.stream, stop=stops(req),
             logprobs=req.logprobs is not None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage))

@@ -62,12 +62,14 @@ class Choices:
     n: int
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
+    top_logprobs: list[list[list]] = field(default_factory=list)  # per choice, per token
     results: list[Any] = field(default_factory=list)
     sequence: dict | None = None  # the fork handle after a /generate
 
     def __post_init__(self) -> None:
         self.token_ids = [[] for _ in range(self.n)]
         self.logprobs = [[] for _ in range(self.n)]
+        self.top_logprobs = [[] for _ in range(self.n)]
         self.results = [None] * self.n
 
     @property
@@ -84,29 +86,66 @@ class Choices:
         elif ev[0] == "tokens":
             self.token_ids[ev[1]].extend(ev[2])
             self.logprobs[ev[1]].extend(ev[3])
+            self.top_logprobs[ev[1]].extend(ev[4])
         else:
             self.results[ev[1]] = ev[2]
 
 
-def completion_logprobs(tokenizer: Any, ids: list[int], lps: list[float], offset: int = 0) -> dict:
-    """The legacy completions `logprobs` block. Top alternatives are not reported
-    by the engine yet: `top_logprobs` holds the chosen token only."""
-    toks = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+class TokenText:
+    """A token's text and bytes as OpenAI's logprobs report them. Bytes come from
+    the grammar tokenizer (llguidance), so a token holding part of a multi-byte
+    character reports its real bytes, not U+FFFD's."""
+
+    def __init__(self, engine: Any) -> None:
+        self.tokenizer = engine.tokenizer
+        self._engine = engine
+        self._ll: Any = None
+
+    def prepare(self) -> None:
+        """Build the engine's grammar tokenizer if needed: call on the engine thread
+        (the engine builds it lazily and is not thread-safe)."""
+        if self._ll is None:
+            try:
+                self._ll = self._engine.grammar_tokenizer.ll
+            except Exception:  # noqa: BLE001 - no llguidance tokenizer: encode the text
+                self._ll = False
+
+    def text(self, t: int) -> str:
+        return self.tokenizer.decode([t], skip_special_tokens=False)
+
+    def bytes(self, t: int) -> list[int]:
+        if self._ll:
+            return list(self._ll.decode_bytes([t]))
+        return list(self.text(t).encode())
+
+
+def completion_logprobs(tt: TokenText, ids: list[int], lps: list[float], tops: list[list],
+                        offset: int = 0) -> dict:
+    """The legacy completions `logprobs` block: per token its text, its logprob and
+    `top_logprobs`, a dict of the `logprobs: n` likeliest tokens' texts (best
+    first) plus the chosen token, as OpenAI gives up to n + 1 entries."""
+    toks = [tt.text(t) for t in ids]
     offsets, pos = [], offset
     for t in toks:
         offsets.append(pos)
         pos += len(t)
+    top_dicts = []
+    for tok, lp, top in zip(toks, lps, tops):
+        d = {tt.text(a): float(x) for a, x in top}
+        d.setdefault(tok, float(lp))
+        top_dicts.append(d)
     return {"tokens": toks, "token_logprobs": [float(x) for x in lps],
-            "top_logprobs": [{t: float(x)} for t, x in zip(toks, lps)], "text_offset": offsets}
+            "top_logprobs": top_dicts, "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer: Any, ids: list[int], lps: list[float]) -> dict:
-    """The chat `logprobs` block (chosen tokens; `top_logprobs` lists are empty)."""
+def chat_logprobs(tt: TokenText, ids: list[int], lps: list[float], tops: list[list]) -> dict:
+    """The chat `logprobs` block: per token its logprob and `top_logprobs`, the
+    `top_logprobs: n` likeliest tokens at that position, best first."""
     content = []
-    for t, x in zip(ids, lps):
-        s = tokenizer.decode([t], skip_special_tokens=False)
-        content.append({"token": s, "logprob": float(x), "bytes": list(s.encode()),
-                        "top_logprobs": []})
+    for t, x, top in zip(ids, lps, tops):
+        content.append({"token": tt.text(t), "logprob": float(x), "bytes": tt.bytes(t),
+                        "top_logprobs": [{"token": tt.text(a), "logprob": float(y),
+                                          "bytes": tt.bytes(a)} for a, y in top]})
     return {"content": content}
 
 
@@ -142,7 +181,7 @@ def sse(obj: Any) -> str:
 
 
 async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, model: str,
-                 tokenizer: Any, stop: list[str], logprobs: bool,
+                 tokenizer: Any, stop: list[str], logprobs: bool, tt: TokenText,
                  include_usage: bool, extra: dict | None = None) -> AsyncIterator[str]:
     """SSE chunks of a generation, then `data: [DONE]`. When the client goes
     away Starlette cancels this generator and `finally` releases the sequences."""
@@ -153,7 +192,7 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
     choices = Choices(n)
     offsets = [0] * n
 
-    def chunk(i: int, text: str | None, ids: list[int], lps: list[float],
+    def chunk(i: int, text: str | None, ids: list[int], lps: list[float], tops: list[list],
               finish: str | None, role: bool = False) -> dict:
         if chat:
             delta: dict = {}
@@ -162,10 +201,10 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
             if text is not None:
                 delta["content"] = text
             c: dict = {"index": i, "delta": delta, "finish_reason": finish,
-                       "logprobs": chat_logprobs(tokenizer, ids, lps) if logprobs and ids else None}
+                       "logprobs": chat_logprobs(tt, ids, lps, tops) if logprobs and ids else None}
         else:
             c = {"index": i, "text": text or "", "finish_reason": finish,
-                 "logprobs": completion_logprobs(tokenizer, ids, lps, offsets[i])
+                 "logprobs": completion_logprobs(tt, ids, lps, tops, offsets[i])
                  if logprobs and ids else None}
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [c]}
         if extra:
@@ -175,7 +214,7 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
     try:
         if chat:
             for i in range(n):
-                yield sse(chunk(i, "", [], [], None, role=True))
+                yield sse(chunk(i, "", [], [], [], None, role=True))
         while not choices.done:
             ev = await gen.events.get()
             if ev[0] == "error":
@@ -189,11 +228,11 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
             if ev[0] == "tokens":
                 delta = texts[i].feed(ev[2])
                 if delta or logprobs:
-                    yield sse(chunk(i, delta, ev[2], ev[3], None))
+                    yield sse(chunk(i, delta, ev[2], ev[3], ev[4], None))
                     offsets[i] += len(delta)
             else:
                 delta = texts[i].finish(ev[2].text)
-                yield sse(chunk(i, delta, [], [], FINISH.get(ev[2].finish_reason, "stop")))
+                yield sse(chunk(i, delta, [], [], [], FINISH.get(ev[2].finish_reason, "stop")))
         if include_usage:
             body = {"id": rid, "object": obj, "created": created, "model": model,
                     "choices": [], "usage": usage(gen, choices)}
@@ -203,26 +242,30 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
         worker.cancel(gen)
 
 
-def completion_body(gen: Generation, choices: Choices, model: str, tokenizer: Any,
+def _tops(r: Any) -> list[list]:
+    return r.top_logprobs if r.top_logprobs is not None else [[] for _ in r.token_ids]
+
+
+def completion_body(gen: Generation, choices: Choices, model: str, tt: TokenText,
                     logprobs: bool) -> dict:
     """The ``/v1/completions`` response body."""
     out = []
     for i, r in enumerate(choices.results):
         out.append({"index": i, "text": r.text,
-                    "logprobs": completion_logprobs(tokenizer, r.token_ids, r.logprobs)
+                    "logprobs": completion_logprobs(tt, r.token_ids, r.logprobs, _tops(r))
                     if logprobs else None,
                     "finish_reason": FINISH.get(r.finish_reason, "stop")})
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
             "model": model, "choices": out, "usage": usage(gen, choices)}
 
 
-def chat_body(gen: Generation, choices: Choices, model: str, tokenizer: Any,
+def chat_body(gen: Generation, choices: Choices, model: str, tt: TokenText,
               logprobs: bool) -> dict:
     """The ``/v1/chat/completions`` response body."""
     out = []
     for i, r in enumerate(choices.results):
         out.append({"index": i, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": chat_logprobs(tokenizer, r.token_ids, r.logprobs)
+                    "logprobs": chat_logprobs(tt, r.token_ids, r.logprobs, _tops(r))
                     if logprobs else None,
                     "finish_reason": FINISH.get(r.finish_reason, "stop")})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),

@@ -181,8 +181,10 @@ def sampling_params(req: SamplingFields, config: ServerConfig, n: int,
     return out
 
 
-def constraint_of(req: SamplingFields) -> Any:
-    """The llguidance `Constraint` a request asks for, or None."""
+def constraint_of(req: SamplingFields) -> tuple[Any, str | None]:
+    """The llguidance `Constraint` a request asks for and the request field that
+    gave it (for errors found later, when the engine compiles it for its
+    tokenizer), or (None, None)."""
     from dendrite.grammar import Constraint, GrammarError
 
     specs = []
@@ -211,12 +213,12 @@ def constraint_of(req: SamplingFields) -> Any:
     if req.grammar is not None:
         specs.append(("grammar", {"grammar": req.grammar}))
     if not specs:
-        return None
+        return None, None
     if len(specs) > 1:
         raise ApiError(400, "give at most one of response_format, regex, grammar; got "
                             + ", ".join(p for p, _ in specs), param=specs[1][0])
     [(param, kw)] = specs
     try:
-        return Constraint(**kw)
+        return Constraint(**kw), param
     except (GrammarError, TypeError, ValueError) as e:
         raise ApiError(400, f"{param}: {e}", param=param) from None

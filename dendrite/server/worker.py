@@ -36,7 +36,9 @@ __all__ = ["EngineWorker", "Generation", "Handle", "ProgramJob"]
 class Generation:
     """One request's generations (one per choice) and the queue its events go to.
 
-    Events: ("tokens", index, ids, logprobs), ("done", index, GenResult),
+    Events: ("tokens", index, ids, logprobs, top_logprobs) (top_logprobs: per token
+    a list of (token id, logprob), best first, or empty lists when not asked for),
+    ("done", index, GenResult),
     ("error", ApiError), and for a handle's generation ("sequence", info)
     (the handle after it) before its last "done". Created on the asyncio side; the engine thread fills
     `handles` when it starts the request.
@@ -87,6 +89,19 @@ class _ProgramCancelled(Exception):
 
 
 _ids = itertools.count(1)
+
+
+def as_api_error(e: BaseException) -> BaseException:
+    """What a request gets for an exception of its engine command: ApiErrors as
+    they are; a value the engine refuses (ValueError, TypeError) a 400; anything
+    else a 500 (logged with its traceback by the engine thread), never a dropped
+    connection. Control-flow exceptions pass through."""
+    if isinstance(e, ApiError) or not isinstance(e, Exception):
+        return e
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, TypeError)):
+        return ApiError(400, text)
+    return ApiError(500, f"internal server error: {type(e).__name__}: {text}")
 
 
 def new_id(prefix: str) -> str:
@@ -154,7 +169,7 @@ class EngineWorker:
             if ok:
                 fut.set_result(value)
             else:
-                fut.set_exception(value)
+                fut.set_exception(as_api_error(value))
 
         self._commands.put((fn, lambda ok, v: loop.call_soon_threadsafe(settle, ok, v), program))
         return await fut
@@ -248,8 +263,10 @@ class EngineWorker:
                     continue
                 n = len(h.token_ids)
                 if n > gen.sent[i]:
+                    tops = h.top_logprobs[gen.sent[i]:n] if h.params.logprobs > 0 else \
+                        [[] for _ in range(n - gen.sent[i])]
                     events.append(("tokens", i, h.token_ids[gen.sent[i]:n],
-                                   h.logprobs[gen.sent[i]:n]))
+                                   h.logprobs[gen.sent[i]:n], tops))
                     new += n - gen.sent[i]
                     gen.sent[i] = n
                 if h.done:
@@ -269,6 +286,11 @@ class EngineWorker:
             return
         gen.ended = True
         self._gens.pop(id(gen), None)
+        if cancelled:
+            # End the requests first ("abort"), then give back their sequences.
+            for h in gen.handles:
+                if not h.done:
+                    self.engine.cancel(h)
         try:
             if cancelled and gen.on_cancel is not None:
                 gen.on_cancel()
@@ -326,8 +348,21 @@ class EngineWorker:
                                 f"exceeds the limit of {self.context_limit} tokens",
                            param="max_tokens")
 
+    def _submit(self, seq: Any, params: Any, constraint: Any, constraint_field: str | None) -> Any:
+        """`engine.submit`; a grammar the engine finds invalid only when it compiles
+        it for this tokenizer (an unknown special token, no string the tokenizer
+        can produce) is a 400 naming the request field that gave it."""
+        from dendrite.grammar import GrammarError
+
+        try:
+            return self.engine.submit(seq, params, constraint=constraint)
+        except GrammarError as e:
+            where = constraint_field or "response_format"
+            raise ApiError(400, f"{where}: {e}", param=where) from None
+
     def start_generation(self, gen: Generation, prompt: str | list[int], add_bos: bool,
-                         params: list, constraint: Any, field_name: str = "prompt") -> None:
+                         params: list, constraint: Any, field_name: str = "prompt",
+                         constraint_field: str | None = None) -> None:
         """Prefill `prompt` once and generate one branch per entry of `params`
         (n > 1: forked children, O(1) each, sharing the prompt's pages)."""
         if gen.ended:
@@ -347,9 +382,12 @@ class EngineWorker:
                 made += branches
                 seq.release()  # the children hold the prompt's pages
                 made.remove(seq)
-            gen.handles = [eng.submit(b, p, constraint=constraint)
-                           for b, p in zip(branches, params)]
+            for b, p in zip(branches, params):
+                gen.handles.append(self._submit(b, p, constraint, constraint_field))
         except BaseException:
+            for h in gen.handles:
+                eng.cancel(h)
+            gen.handles = []
             for s in made:
                 s.release()
             raise
@@ -424,7 +462,7 @@ class EngineWorker:
                            param="id", code="sequence_busy")
 
     def generate_handle(self, gen: Generation, owner: str, hid: str, text: str | list[int] | None,
-                        params: Any, constraint: Any) -> dict:
+                        params: Any, constraint: Any, constraint_field: str | None = None) -> dict:
         """Continue a handle: a child generates; when it finishes it becomes the
         handle (the old leaf is released), and if cancelled the handle is unchanged."""
         h = self._handle(owner, hid)
@@ -437,7 +475,7 @@ class EngineWorker:
         try:
             if extra:
                 child.append_tokens(extra)
-            gen.handles = [self.engine.submit(child, params, constraint=constraint)]
+            gen.handles = [self._submit(child, params, constraint, constraint_field)]
         except BaseException:
             child.release()
             raise

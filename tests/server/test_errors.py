@@ -138,3 +138,43 @@ def test_after_all_that_no_page_leaked_and_the_engine_works(c, srv):
     assert used == live == 0
     r = c.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_grammar_errors_found_only_when_the_engine_compiles_are_400(c, srv):
+    """An unknown special token is known only with the tokenizer, at submit: still a
+    400 naming the field (completions, chat, streaming and a handle's generate)."""
+    bad = 'start: <|nope|> "a"'
+    e = _err(c.post("/v1/completions", json={"prompt": "x", "grammar": bad, "max_tokens": 4}))
+    assert e["param"] == "grammar" and "unknown special token" in e["message"]
+    rf = {"type": "grammar", "grammar": bad}
+    e = _err(c.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "response_format": rf, "stream": True}))
+    assert e["param"] == "response_format.grammar" and "<|nope|>" in e["message"]
+    e = _err(c.post("/v1/completions", json={"prompt": "x", "n": 3, "grammar": bad}))
+    assert e["param"] == "grammar"
+    h = c.post("/v1/sequences", json={"prompt": "x"}).json()
+    e = _err(c.post(f"/v1/sequences/{h['id']}/generate", json={"grammar": bad}))
+    assert e["param"] == "grammar"
+    # the handle is unchanged and usable
+    r = c.post(f"/v1/sequences/{h['id']}/generate", json={"max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["sequence"]["num_tokens"] == h["num_tokens"] + 2
+    c.delete(f"/v1/sequences/{h['id']}")
+    used, live = live_pages_match(srv)
+    assert used == live
+
+
+def test_a_bug_is_an_openai_shaped_500_and_the_server_lives_on(c, srv):
+    """An exception that is not a bad request (here: the engine's tokenizer breaks)
+    answers a JSON 500 instead of dropping the connection."""
+    def broken(*a, **k):
+        raise RuntimeError("tokenizer exploded")
+
+    real = srv.engine.encode
+    srv.on_engine(lambda e: setattr(e, "encode", broken))
+    try:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    finally:
+        srv.on_engine(lambda e: setattr(e, "encode", real))
+    e = _err(r, 500)
+    assert e["type"] == "server_error" and "tokenizer exploded" in e["message"]
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200

@@ -144,3 +144,71 @@ def test_no_pages_leak_after_the_requests(srv, client):
     client.completions.create(model="tiny", prompt="end", max_tokens=3, n=3, seed=0)
     used, live = live_pages_match(srv)
     assert used == live == 0
+
+
+def _engine_run(srv, prompt: str, n_top: int, max_tokens: int, add_bos: bool = True):
+    """The same greedy request run on the engine directly: (ids, logprobs, top_logprobs)."""
+    from dendrite.sampling import SamplingParams
+
+    def direct(engine):
+        seq = engine.new_sequence(prompt, add_bos=add_bos)
+        try:
+            [r] = engine.generate(seq, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                      logprobs=n_top))
+            return r.token_ids, r.logprobs, r.top_logprobs
+        finally:
+            seq.release()
+
+    return srv.on_engine(direct)
+
+
+def _text(srv, t: int) -> str:
+    return srv.engine.tokenizer.decode([t], skip_special_tokens=False)
+
+
+def test_completion_top_logprobs_are_the_engines(client, srv):
+    ids, lps, tops = _engine_run(srv, "Hello", 3, 5)
+    want = []
+    for t, lp, top in zip(ids, lps, tops):
+        d = {_text(srv, a): x for a, x in top}
+        d.setdefault(_text(srv, t), lp)
+        want.append(d)
+    kw = dict(model="tiny", prompt="Hello", max_tokens=5, temperature=0, logprobs=3)
+    got = client.completions.create(**kw).choices[0].logprobs
+    assert len(got.top_logprobs) == 5
+    for g, w in zip(got.top_logprobs, want):
+        assert list(g) == list(w)  # best first, the chosen token last when not among them
+        assert list(g.values()) == pytest.approx(list(w.values()), abs=1e-5)
+    # streaming gives the same, token by token
+    streamed = [d for c in client.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs
+                for d in c.choices[0].logprobs.top_logprobs]
+    assert [list(d) for d in streamed] == [list(w) for w in want]
+
+
+def test_chat_top_logprobs_are_the_engines(client, srv):
+    msgs = [{"role": "user", "content": "Tell me"}]
+    prompt = srv.engine.tokenizer.apply_chat_template(msgs)
+    ids, lps, tops = _engine_run(srv, prompt, 4, 4, add_bos=False)
+    kw = dict(model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+              top_logprobs=4)
+    content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [t for c in client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    gtok = srv.on_engine(lambda e: e.grammar_tokenizer.ll)
+    for got in (content, streamed):
+        assert len(got) == 4
+        for g, t, lp, top in zip(got, ids, lps, tops):
+            assert g.token == _text(srv, t) and g.logprob == pytest.approx(lp, abs=1e-5)
+            assert g.bytes == list(gtok.decode_bytes([t]))
+            assert [a.token for a in g.top_logprobs] == [_text(srv, a) for a, _ in top]
+            assert [a.logprob for a in g.top_logprobs] == pytest.approx([x for _, x in top],
+                                                                        abs=1e-5)
+            assert g.top_logprobs[0].logprob >= g.top_logprobs[-1].logprob
+    # logprobs without top_logprobs: empty alternatives; top_logprobs alone is refused
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                           temperature=0, logprobs=True)
+    assert all(t.top_logprobs == [] for t in plain.choices[0].logprobs.content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                       top_logprobs=2)
