@@ -323,6 +323,16 @@ class Runtime:
 
     def _complete(self, key: int) -> None:
         handle, state, op, t0 = self._inflight.pop(key)
+        complete = getattr(op, "complete", None)
+        if complete is not None:  # an op with its own in-flight item (a ranked select)
+            state._inflight = None
+            state._queue.popleft()
+            try:
+                complete(state, handle, time.perf_counter() - t0)
+            except OP_ERRORS as e:
+                raise self._located(op, state, e) from e
+            self.finished_gens += 1
+            return
         result = handle.result
         if result.finish_reason == "error":
             # The engine failed this request alone (NaN logits, a leaf too
@@ -453,7 +463,13 @@ class Runtime:
         for key in list(self._inflight):
             handle, state, _, _ = self._inflight.pop(key)
             cancel = getattr(self.engine, "cancel", None)
-            if cancel is not None:
+            abandon = getattr(handle, "abandon", None)
+            if abandon is not None:  # several engine requests and branches of its own
+                try:
+                    abandon()
+                except Exception:  # noqa: BLE001 - best effort on the error path
+                    pass
+            elif cancel is not None:
                 try:
                     cancel(handle)
                 except Exception:  # noqa: BLE001 - best effort on the error path

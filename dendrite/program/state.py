@@ -77,6 +77,16 @@ def derive_seed(seed: int | None, path: str) -> int | None:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+class Appendable(abc.ABC):
+    """Something ``s += x`` queues on the state itself (e.g. a ranked ``select``)."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def append_to(self, state: "State") -> None:
+        """Queue this on ``state``."""
+
+
 class GenExpr:
     """A generation to append, SGLang style: ``s += dendrite.gen("x", ...)``."""
 
@@ -182,6 +192,7 @@ class _ForkOp(_Op):
             child._seq = seq
             child._text = state._text
             child._captures = dict(state._captures)
+            child._meta = dict(state._meta)
             child._lp_sum = state._lp_sum
             child._lp_tokens = state._lp_tokens
             child._finish_reason = state._finish_reason
@@ -256,6 +267,7 @@ class State:
         self._inflight: Any = None
         self._text = ""
         self._captures: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any]] = {}  # per capture: how it was chosen
         self._lp_sum = 0.0
         self._lp_tokens = 0
         self._finish_reason: str | None = None
@@ -280,6 +292,8 @@ class State:
             self._push(_TextOp(other))
         elif isinstance(other, GenExpr):
             self.gen(other.spec.name, **other.spec.options)
+        elif isinstance(other, Appendable):
+            other.append_to(self)
         elif isinstance(other, (list, tuple)):
             for x in other:
                 self.__iadd__(x)
@@ -365,6 +379,17 @@ class State:
                 f"state #{self.node.id} has no capture {name!r} "
                 f"(captures: {sorted(self._captures)})"
             ) from None
+
+    def meta_info(self, name: str) -> dict[str, Any]:
+        """How capture ``name`` was chosen, for a ranked ``select``: ``method``,
+        ``choices``, ``scores`` (by the method), ``sum_logprobs``,
+        ``mean_logprobs``, ``token_logprobs`` (per choice) and the winner's ``index``."""
+        self.wait()
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise KeyError(f"state #{self.node.id} has no select meta info for {name!r} "
+                           f"(has: {sorted(self._meta)})") from None
 
     def get(self, name: str, default: Any = None) -> Any:
         """``self[name]`` or ``default``."""
@@ -454,7 +479,7 @@ class StateGroup(list):
     """
 
     def __iadd__(self, other):  # type: ignore[override]
-        if isinstance(other, (str, GenExpr)):
+        if isinstance(other, (str, GenExpr, Appendable)):
             for s in self:
                 s += other
             return self
