@@ -63,6 +63,7 @@ class ChoiceExpr(Appendable):
         self.method = method
 
     def append_to(self, state: State) -> None:
+        """Queue the scoring of every choice on ``state``."""
         state._push(_ChoiceOp(self))
 
     def __repr__(self) -> str:
