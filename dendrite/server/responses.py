@@ -111,9 +111,11 @@ class TokenText:
                 self._ll = False
 
     def text(self, t: int) -> str:
+        """The text of token `t` alone (special tokens kept)."""
         return self.tokenizer.decode([t], skip_special_tokens=False)
 
     def bytes(self, t: int) -> list[int]:
+        """The bytes of token `t` (exact from llguidance when built, else its text's UTF-8)."""
         if self._ll:
             return list(self._ll.decode_bytes([t]))
         return list(self.text(t).encode())
