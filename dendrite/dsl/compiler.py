@@ -11,6 +11,9 @@ branches run batched, exactly like a Python ``@program`` (`dendrite.program.prog
                         children; afterwards the frontier is the children.
 * ``prune [g] keep K [by e]``  keep the K best states of the frontier.
 * ``select [g] by e``   keep the single best state.
+* ``select x(choices=[...], method="mean")``  ``s += select("x", ...)``: append
+                        the choice the model scores best (``method``: "mean",
+                        "sum", or "constrained", which takes gen options).
 * ``let x = e`` / ``x = e``   set a value on every state (per-state ``e``).
 * ``repeat N:`` / ``for x in list:`` / ``while c max N:``  bounded loops.
 * ``if c: ... elif c: ... else: ...``  splits the frontier by ``c``.
@@ -39,7 +42,7 @@ from typing import Any, Callable
 
 from lark import Token, Tree
 
-from dendrite.program.options import GEN_OPTIONS, GenOptionError, check_gen_options
+from dendrite.program.options import GEN_OPTIONS, SAMPLING_OPTIONS, GenOptionError, check_gen_options
 from dendrite.program.program import Param, Program
 from dendrite.program.runtime import OP_ERRORS, Runtime, StepBudgetExceeded
 from dendrite.program.state import MAX_FORK, State
@@ -469,6 +472,49 @@ class Compiler:
                 run.frontier = [select(run.frontier, by=scorer(run))]
 
         return run_select
+
+    def choose_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
+        """``select x(choices=[...], method=...)``: capture the best-scored choice as ``x``."""
+        from dendrite.program.choice import check_choices, check_method
+        from dendrite.program.select import select
+
+        name_tok = node.children[0]
+        opts_node = node.children[1] if len(node.children) > 1 else None
+        name = str(name_tok)
+        self._check_definable(name_tok)
+        allowed = ("choices", "method") + SAMPLING_OPTIONS
+        opts = self.options(opts_node, scope, allowed, "select option")
+        if "choices" not in opts:
+            raise self.error(ScriptSyntaxError, f"select {name}(...) needs choices=[...]", name_tok)
+        empty = _Run({}, [])
+        constant = {k: self._guard(e)(empty, None) for k, (e, _) in opts.items() if e.constant}
+        method = constant.get("method", "mean")
+        for key, check in (("choices", check_choices), ("method", check_method)):
+            if key in constant:
+                try:
+                    check(constant[key])
+                except (TypeError, ValueError) as ex:
+                    raise self.error(ScriptSyntaxError, str(ex), opts[key][1]) from None
+        gen_opts = [k for k in opts if k in SAMPLING_OPTIONS]
+        if gen_opts and "method" in constant and method != "constrained":
+            raise self.error(ScriptSyntaxError,
+                             f"select option '{gen_opts[0]}' needs method=\"constrained\" "
+                             f"(the ranked methods sample nothing)", opts[gen_opts[0]][1])
+        evs = {k: self._guard(e) for k, (e, _) in opts.items()}
+        scope.values.add(name)
+
+        def run_choose(run: _Run) -> None:
+            for s in run.frontier:
+                kwargs = {k: ev(run, s) for k, ev in evs.items()}
+                choices = kwargs.pop("choices")
+                try:
+                    s += select(name, choices=choices, **kwargs)
+                except GenOptionError as ex:
+                    raise self.error(ScriptRuntimeError, str(ex), opts[ex.option][1]) from ex
+                except (TypeError, ValueError) as ex:
+                    raise self.error(ScriptRuntimeError, str(ex).splitlines()[0], name_tok) from ex
+
+        return run_choose
 
     def fork_stmt(self, node: Tree, scope: _Scope, in_search: bool) -> Exec:
         """``fork n as group:``: run the block in n child branches."""

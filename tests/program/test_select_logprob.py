@@ -160,3 +160,53 @@ def test_select_errors_name_the_argument(kwargs, exc, match):
 def test_select_of_states_refuses_choice_options(engine):
     with pytest.raises(TypeError, match="no gen options, choices or method"):
         dp.select([], method="sum")
+
+
+# ---- the .dendrite DSL: ``select x(choices=[...], method=...)`` ----
+
+SCRIPT = '''
+program pick(method="mean"):
+    "Q: What is the capital of France? A:"
+    select city(choices=[" Paris", " Banana Republic of Zanzibar",
+                         " the city of lights and love", " no"], method=method)
+    return city
+'''
+
+
+@pytest.mark.parametrize("method", ["mean", "sum"])
+def test_dsl_select_ranks_like_the_python_api(make_engine, hf_choice_logprobs, method):
+    import dendrite.dsl as dsl
+
+    e = make_engine()
+    r = dsl.loads(SCRIPT, "pick.dendrite").run(e, method=method, seed=0)
+    _, sums, means = hf_scores(e, hf_choice_logprobs, PROMPT, CHOICES)
+    want = sums if method == "sum" else means
+    assert r.value == CHOICES[max(range(4), key=lambda i: want[i])]
+    torch.testing.assert_close(torch.tensor(r.state.meta_info("city")["scores"]),
+                               torch.tensor(want), atol=1e-4, rtol=0)
+    assert e.stats["steps"] == 2
+
+
+def test_dsl_select_constrained_takes_gen_options(engine):
+    import dendrite.dsl as dsl
+
+    src = ('program p():\n    "Colour:"\n'
+           '    select c(choices=[" red", " green"], method="constrained", temperature=1.0)\n'
+           '    return c\n')
+    assert dsl.loads(src, "p.dendrite").run(engine, seed=1).value in (" red", " green")
+
+
+@pytest.mark.parametrize("line,match", [
+    ('select c(method="sum")', r"t.dendrite:3:\d+: .*needs choices"),
+    ('select c(choices=[])', r"t.dendrite:3:\d+: .*choices is empty"),
+    ('select c(choices=["a"], method="best")', r"t.dendrite:3:\d+: .*method must be one of"),
+    ('select c(choices=["a"], method="sum", temperature=0.5)',
+     r"t.dendrite:3:\d+: .*'temperature' needs method=\"constrained\""),
+    ('select c(choices=["a"], choises=1)', r"t.dendrite:3:\d+: .*unknown select option 'choises'"),
+])
+def test_dsl_select_errors_point_at_the_option(line, match):
+    import dendrite.dsl as dsl
+
+    src = f'program p():\n    "Q:"\n    {line}\n    return c\n'
+    with pytest.raises((dsl.ScriptSyntaxError, dsl.ScriptNameError), match=match):
+        dsl.loads(src, "t.dendrite")
