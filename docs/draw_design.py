@@ -262,15 +262,16 @@ STEP = (
      "kv_indptr / kv_indices / kv_last_page_len: the paged layout FlashInfer reads",
      "native"),
     ("StepPlan (dendrite/model/step.py)",
-     "input_ids, positions, slot_mapping, qo_indptr, kv_*, copies, sample_rows",
+     "input_ids, positions, slot_mapping, qo_indptr, kv_*, copies, sample_rows, score_rows",
      "host"),
     ("ModelRunner.execute(plan)",
      ("kv_cache.copy_pages(copies), then CUDA-graph replay (decode, every row samples, "
-      "<= 64 rows:\nflat / FlashInfer cascade / TreeAttention) or eager: backend.plan + model "
+      "nothing scored,\n<= 64 rows: flat / FlashInfer cascade / TreeAttention) or eager: "
+      "backend.plan + model "
       "(FlashInfer or torch reference)"),
      "device"),
-    ("logits  float32 [N, V]",
-     "the sampling rows only, in sample_rows order",
+    ("logits  float32 [N + M, V]",
+     "the sample_rows in order, then the score_rows (logprobs of forced / scored tokens)",
      "device"),
     ("Sampler(logits, params, positions, allowed=masks)",
      ("fused Triton kernel on CUDA (mask, temperature, seeded Gumbel noise, argmax)\n"
@@ -280,7 +281,9 @@ STEP = (
      "steady decode: step k+1 is launched first (lookahead), fed the ids on the device",
      "host"),
     ("_accept: matcher.consume, StopChecker, max_tokens",
-     "finish_reason: eos / stop / grammar / length (abort: cancel or release; error: its request)",
+     ("finish_reason: eos / stop / grammar / length; scored (submit_score); abort (cancel or "
+      "release);\nerror (this request failed); a request with forced tokens owed waits for "
+      "their score_rows"),
      "host"),
     ("GenHandle.result = GenResult(...)",
      "step() returns the finished handles; the rest run again next step",
