@@ -85,7 +85,7 @@ for p in $WP $WD; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
 cat "$WORK"/warmup-*.log >>"$LOG"
 stage dendrite-compile 60 180 $B dendrite-compile
 stage hf 40 150 $B hf
-stage tests 60 240 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
+stage tests 60 240 python3 -m pytest -m gpu tests -q -rA -p no:cacheprovider \
   --junitxml="$OUT/pytest.xml" -o junit_family=xunit1
 stage hf-static 60 180 $B hf-static
 stage dendrite-autotune 120 240 $B dendrite-autotune

@@ -9,7 +9,7 @@ import torch
 
 from tree_attention_case import random_tree, reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 pytest.importorskip("triton")
 

@@ -4,7 +4,7 @@ Properties every plan must have, whatever the page tables: each leaf's
 tokens are covered exactly once (the shared range by items of a tile that
 holds the leaf, the rest by the leaf's own items), each item owns a distinct
 split slot of each of its leaves, and the limits on slots and items hold.
-The kernels themselves run in tests/gpu/test_tree_attention.py and, through
+The kernels themselves run in tests/kernels/test_tree_attention_gpu.py and, through
 Triton's interpreter, in test_tree_attention_interpreted.py.
 """
 
