@@ -210,3 +210,19 @@ def test_dsl_select_errors_point_at_the_option(line, match):
     src = f'program p():\n    "Q:"\n    {line}\n    return c\n'
     with pytest.raises((dsl.ScriptSyntaxError, dsl.ScriptNameError), match=match):
         dsl.loads(src, "t.dendrite")
+
+
+def test_programs_md_select_example_runs(make_engine):
+    """The select example of docs/programs.md, run as written."""
+    from pathlib import Path
+
+    import dendrite
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "programs.md").read_text()
+    section = doc.split("## Choosing among fixed answers", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    ns = {"dendrite": dendrite, "program": dp.program}
+    exec(compile(code, "programs.md", "exec"), ns)
+    city, scores = ns["capital"].run(make_engine(), seed=0).value
+    assert city in (" Paris", " Rome", " Banana Republic") and len(scores) == 3
+    assert city == [" Paris", " Rome", " Banana Republic"][scores.index(max(scores))]
