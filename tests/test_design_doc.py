@@ -212,17 +212,30 @@ def test_every_dendrite_environment_variable_is_in_the_doc():
     assert not missing, f"environment variables missing from design.md: {missing}"
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of the headings of `markdown` (lowercase, punctuation
+    dropped, spaces to dashes); headings inside code blocks do not count."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+
+
 def test_pictures_and_links_exist_and_pictures_are_small():
-    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", DOC)
+    links = re.findall(r"\]\(([^)\s]+)\)", DOC)
+    targets = [link.partition("#")[0] for link in links]
     assert "layers.png" in targets and "step_flow.png" in targets
-    for t in targets:
-        if "://" in t:
+    for link in links:
+        if "://" in link:
             continue
-        path = DOC_PATH.parent / t
-        assert path.exists(), f"design.md links to {t}, which does not exist"
+        target, _, anchor = link.partition("#")
+        path = DOC_PATH.parent / target if target else DOC_PATH
+        assert path.exists(), f"design.md links to {target}, which does not exist"
+        if anchor:
+            assert anchor in _anchors(path.read_text(encoding="utf-8")), \
+                f"design.md links to {link}: {path.name} has no heading with that anchor"
         if path.suffix == ".png":
-            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{t} is not a PNG"
-            assert path.stat().st_size < 200_000, f"{t} is {path.stat().st_size} bytes"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{target} is not a PNG"
+            assert path.stat().st_size < 200_000, f"{target} is {path.stat().st_size} bytes"
 
 
 def test_no_eager_cascade_backend_and_masks_are_packed_words():
