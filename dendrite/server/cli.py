@@ -23,8 +23,7 @@ from dendrite.server.config import ServerConfig
 __all__ = ["add_arguments", "run", "serve_main"]
 
 #: What a user without the server's dependencies is told (one line, exit 2).
-MISSING_EXTRA = 'dendrite serve: {name} is missing; install the server extra: ' \
-                'pip install "dendrite[serve]"'
+MISSING_EXTRA = '{name} is missing; install the server extra: pip install "dendrite[serve]"'
 
 
 def _port(text: str) -> int:
@@ -80,9 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="server log level (default info)")
 
 
-def _quiet_signals(server_cls: type) -> type:
+def _quiet_signals(server_cls: type, on_stop: Any) -> type:
     """uvicorn's Server, but a SIGINT/SIGTERM that stopped it is not re-raised
-    afterwards: stopping a server that way is a success, not an interruption."""
+    afterwards: stopping a server that way is a success, not an interruption.
+    `on_stop()` runs at the first signal, so that open streams end (with a 503
+    event) before uvicorn's graceful-shutdown timeout would cancel them."""
 
     class Server(server_cls):  # type: ignore[misc,valid-type]
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -90,6 +91,7 @@ def _quiet_signals(server_cls: type) -> type:
             if not getattr(self, "_told", False):
                 self._told = True
                 print(f"[dendrite] signal {sig}: stopping", file=sys.stderr, flush=True)
+                on_stop()
             self._captured_signals.clear()
 
     return Server
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise UsageError(MISSING_EXTRA.format(name=e.name or "a dependency"), plain=True) from None
+        raise UsageError(MISSING_EXTRA.format(name=e.name or "a dependency")) from None
     check_model_dir(args.model)
     check_device(args.device)
     try:
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(args.model, device=args.device, num_pages=args.num_pages)
     try:
         app = create_app(engine, config)
-        server = _quiet_signals(uvicorn.Server)(uvicorn.Config(
+        server = _quiet_signals(uvicorn.Server, app.state.worker.stop_soon)(uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level,
             timeout_graceful_shutdown=3))
         loaded = time.perf_counter() - t0

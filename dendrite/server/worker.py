@@ -133,12 +133,18 @@ class EngineWorker:
         self._thread.start()
         return self
 
+    def stop_soon(self) -> None:
+        """Begin `stop` without waiting: the engine thread fails every request in
+        flight (its stream ends with a 503 event) and releases every sequence.
+        Safe in a signal handler; the HTTP server then finds no stream still open."""
+        self._stop.set()
+        self._commands.put((lambda: None, None, False))  # wake it up
+
     def stop(self, timeout: float = 30.0) -> None:
         """Fail every request in flight, release every sequence, stop the thread."""
         if not self._thread.is_alive():
             return
-        self._stop.set()
-        self._commands.put((lambda: None, None, False))  # wake it up
+        self.stop_soon()
         self._thread.join(timeout)
 
     @property

@@ -35,6 +35,10 @@ FLAGS = {
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
             "--device", "--json", "--max-nodes", "--max-steps", "--quiet"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
+    "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
+              "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
+              "--max-prompt-tokens", "--max-handles-per-key", "--max-fork", "--handle-ttl",
+              "--max-program-seconds", "--log-level"},
 }
 
 
@@ -95,14 +99,14 @@ def assert_one_line(out: subprocess.CompletedProcess, rc: int, prog: str, *needl
 # -------------------------------------------------------------------- top level
 
 
-@pytest.mark.parametrize("sub", [None, "generate", "run", "demo"])
+@pytest.mark.parametrize("sub", [None, "generate", "run", "demo", "serve"])
 def test_help_lists_exactly_the_tested_flags(sub, env):
     out = dendrite(*([sub] if sub else []), "--help", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: dendrite{' ' + sub if sub else ''}")
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", out.stdout)) == FLAGS[sub]
     if sub is None:
-        for name in ("generate", "run", "demo"):
+        for name in ("generate", "run", "demo", "serve"):
             assert name in out.stdout
 
 
@@ -119,7 +123,8 @@ def test_help_does_not_import_torch(env):
     code = (
         "import sys, contextlib, io\n"
         "from dendrite.cli import main\n"
-        "for argv in (['--help'], ['generate', '--help'], ['run', '--help'], ['demo', '--help']):\n"
+        "for argv in (['--help'], ['generate', '--help'], ['run', '--help'], ['demo', '--help'],\n"
+        "             ['serve', '--help']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        assert main(argv) == 0, argv\n"
         "print('torch' in sys.modules)\n"
@@ -485,3 +490,52 @@ def test_closed_stdout_exits_quietly(env):
     err = p.stderr.read()
     assert p.wait(timeout=60) == 141, err
     assert err == ""
+
+
+# ------------------------------------------------------------------------ serve
+# A live `dendrite serve` (requests, signals, metrics) is tested in
+# tests/server/test_serve_process.py; here: its command line and load errors.
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--port", "65536"], "--port"),
+    (["--port", "x"], "--port"),
+    (["--num-pages", "0"], "--num-pages"),
+    (["--max-request-bytes", "0"], "--max-request-bytes"),
+    (["--max-tokens", "-1"], "--max-tokens"),
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+    (["--max-handles-per-key", "0"], "--max-handles-per-key"),
+    (["--max-fork", "0"], "--max-fork"),
+    (["--handle-ttl", "0"], "--handle-ttl"),
+    (["--max-program-seconds", "inf"], "--max-program-seconds"),
+    (["--log-level", "loud"], "--log-level"),
+])
+def test_serve_bad_values_are_usage_errors(env, argv, flag):
+    assert_usage_error(dendrite("serve", *argv, env=env), "dendrite serve", flag)
+
+
+def test_serve_model_and_device_errors_before_loading(env, tmp_path):
+    out = dendrite("serve", "--model", str(tmp_path / "nope"), "--model-name", "m",
+                   "--api-key", "k", "--host", "127.0.0.1", env=env)
+    assert_one_line(out, 2, "dendrite serve", "--model", "does not exist")
+    out = dendrite("serve", "--device", "tpu", env=env)
+    assert_one_line(out, 2, "dendrite serve", "--device", "tpu")
+
+
+def test_serve_model_dir_that_fails_to_load(env, model, tmp_path):
+    d = tmp_path / "broken"
+    shutil.copytree(model, d)
+    (d / "config.json").unlink()
+    out = dendrite("serve", "--model", str(d), "--port", "0", env=env)
+    assert_one_line(out, 1, "dendrite serve", "config.json")
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_the_server_extra(env, model, missing):
+    # The module is made unimportable, as when the extra is not installed.
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            "from dendrite.cli import main\n"
+            f"sys.exit(main(['serve', '--model', {str(model)!r}, '--port', '0']))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert_one_line(out, 2, "dendrite serve", missing, 'pip install "dendrite[serve]"')
