@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dendrite.program.state import Appendable, State, _needs_prefill, _Op
 
@@ -53,7 +54,7 @@ def check_choices(choices: Any) -> list[str]:
 class ChoiceExpr(Appendable):
     """``s += select("x", choices=[...])`` in a ranked method."""
 
-    __slots__ = ("name", "choices", "method")
+    __slots__ = ("choices", "method", "name")
 
     def __init__(self, name: str, choices: Sequence[str], method: str):
         if not isinstance(name, str) or not name:

@@ -82,12 +82,12 @@ def test_sum_and_mean_can_disagree_and_each_follows_its_own_ranking(make_engine,
     picks = {}
     for method in ("sum", "mean"):
         @dp.program
-        def prog(s):
+        def prog(s, how):
             s += PROMPT
-            s += dp.select("city", choices=CHOICES, method=method)
+            s += dp.select("city", choices=CHOICES, method=how)
             return s["city"]
 
-        picks[method] = prog.run(e, seed=0).value
+        picks[method] = prog.run(e, how=method, seed=0).value
     assert picks["sum"] == CHOICES[max(range(4), key=lambda i: sums[i])]
     assert picks["mean"] == CHOICES[max(range(4), key=lambda i: means[i])]
     # A longer choice pays for every token under "sum": the shortest wins there.
@@ -175,7 +175,7 @@ program pick(method="mean"):
 
 @pytest.mark.parametrize("method", ["mean", "sum"])
 def test_dsl_select_ranks_like_the_python_api(make_engine, hf_choice_logprobs, method):
-    import dendrite.dsl as dsl
+    from dendrite import dsl
 
     e = make_engine()
     r = dsl.loads(SCRIPT, "pick.dendrite").run(e, method=method, seed=0)
@@ -188,7 +188,7 @@ def test_dsl_select_ranks_like_the_python_api(make_engine, hf_choice_logprobs, m
 
 
 def test_dsl_select_constrained_takes_gen_options(engine):
-    import dendrite.dsl as dsl
+    from dendrite import dsl
 
     src = ('program p():\n    "Colour:"\n'
            '    select c(choices=[" red", " green"], method="constrained", temperature=1.0)\n'
@@ -205,7 +205,7 @@ def test_dsl_select_constrained_takes_gen_options(engine):
     ('select c(choices=["a"], choises=1)', r"t.dendrite:3:\d+: .*unknown select option 'choises'"),
 ])
 def test_dsl_select_errors_point_at_the_option(line, match):
-    import dendrite.dsl as dsl
+    from dendrite import dsl
 
     src = f'program p():\n    "Q:"\n    {line}\n    return c\n'
     with pytest.raises((dsl.ScriptSyntaxError, dsl.ScriptNameError), match=match):
