@@ -32,3 +32,18 @@ def _default_type(status: int) -> str:
     if status >= 500:
         return "server_error"
     return "invalid_request_error"
+
+
+def request_error(exc: BaseException) -> ApiError:
+    """The answer for a request the engine finished with `finish_reason="error"`.
+
+    A leaf too large for the KV pool is the request's fault (400: shorter
+    prompt or max_tokens); non-finite logits are the model's (500)."""
+    from dendrite.engine import LeafTooLarge, ModelOutputError
+
+    if isinstance(exc, LeafTooLarge):
+        return ApiError(400, f"the request does not fit the server's KV cache: {exc}",
+                        param="max_tokens")
+    if isinstance(exc, ModelOutputError):
+        return ApiError(500, f"the model produced non-finite logits for this request: {exc}")
+    return ApiError(500, f"the engine failed this request: {type(exc).__name__}: {exc}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dendrite.server.config import ServerConfig
-from dendrite.server.errors import ApiError
+from dendrite.server.errors import ApiError, request_error
 
 log = logging.getLogger("dendrite.server")
 
@@ -54,6 +54,7 @@ class Generation:
     on_cancel: Callable[[], None] | None = None
     prompt_tokens: int = 0
     ended: bool = False
+    failed: bool = False  # a choice finished with an engine error
 
     def push(self, event: tuple) -> None:
         """Hand an engine event to the request's asyncio queue (thread-safe)."""
@@ -276,8 +277,19 @@ class EngineWorker:
                     new += n - gen.sent[i]
                     gen.sent[i] = n
                 if h.done:
-                    events.append(("done", i, h.result))
+                    if h.error is not None:  # LeafTooLarge, ModelOutputError: this request only
+                        events.append(("error", request_error(h.error)))
+                        gen.failed = True
+                    else:
+                        events.append(("done", i, h.result))
                     gen.finished[i] = True
+            if gen.failed:
+                # The request fails as a whole: its other choices end ("abort").
+                for ev in events:
+                    gen.push(ev)
+                self.counters["errors"] += 1
+                self._end(gen, cancelled=True)
+                continue
             if all(gen.finished):
                 # before the last events: `on_done` may push the handle's new state
                 self._end(gen, cancelled=False)
