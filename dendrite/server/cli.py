@@ -23,7 +23,8 @@ from dendrite.server.config import ServerConfig
 __all__ = ["add_arguments", "run", "serve_main"]
 
 #: What a user without the server's dependencies is told (one line, exit 2).
-MISSING_EXTRA = '{name} is missing; install the server extra: pip install "dendrite[serve]"'
+MISSING_EXTRA = ('{name} is missing; install the server extra: pip install ".[serve]" in the '
+                 'checkout, or pip install fastapi uvicorn')
 
 
 def _port(text: str) -> int:

@@ -538,4 +538,4 @@ def test_serve_without_the_server_extra(env, model, missing):
             f"sys.exit(main(['serve', '--model', {str(model)!r}, '--port', '0']))\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120)
-    assert_one_line(out, 2, "dendrite serve", missing, 'pip install "dendrite[serve]"')
+    assert_one_line(out, 2, "dendrite serve", missing, 'pip install ".[serve]"')

@@ -9,7 +9,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import free_port
@@ -28,14 +27,9 @@ def test_readme_serve_and_curl_example(tiny_model):
     assert argv[:2] == ["dendrite", "serve"]
     env = {**os.environ, "DENDRITE_MODEL": str(tiny_model), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "dendrite.cli", *argv[1:]], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     try:
-        for line in p.stderr:
-            if "serving on" in line:
-                break
-        else:
-            raise AssertionError("dendrite serve did not start")
-        time.sleep(0.2)
+        # Right after the server starts, as a user pastes it: the line itself waits.
         out = subprocess.run(["bash", "-c", curl.replace("8000", port)], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
