@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-nodes", type=positive_int, default=40,
                    help="nodes shown in the tree summary (default 40)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--stream", action="store_true",
+                   help="print each gen's text to stdout as it is generated (only the first "
+                        "branch: the root and every fork's first child), before the result; "
+                        "no progress line; not with --json")
     p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                    help="stop the run with an error after N engine steps "
                         f"(default {DEFAULT_MAX_STEPS}, so a runaway script ends)")
@@ -204,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
     --device) is checked before the model loads."""
     from dendrite.cli_common import check_device, check_model_dir, check_output_file
 
+    from dendrite.cli_common import UsageError
+
+    if args.stream and args.json:
+        raise UsageError("--stream prints text to stdout, which --json keeps for the JSON "
+                         "result: give one of them")
     path, program, prog_args = _load(args)
     if args.tree:
         check_output_file(args.tree, "--tree")
@@ -214,10 +223,13 @@ def run(args: argparse.Namespace) -> int:
     from dendrite.program.progress import Progress
 
     engine = Engine(args.model, device=args.device)
-    progress = None if args.quiet else Progress()
+    progress = None if args.quiet or args.stream else Progress()
+    stream = _StreamPrinter() if args.stream else None
     try:
         result = program.run(engine, seed=args.seed, progress=progress,
-                             max_steps=args.max_steps, **prog_args)
+                             max_steps=args.max_steps, on_text=stream, **prog_args)
+        if stream is not None:
+            stream.end()
         if progress is not None:
             progress.close(_RunInfo(result))
             progress = None
@@ -245,6 +257,29 @@ def _report(args: argparse.Namespace, program: Program, path: Path, result: Any)
         out = write_html(result.tree, args.tree, title=f"{program.name} · {path.name}",
                          result=format_value(result.value))
         print(f"tree written to {out}", file=sys.stderr)
+
+
+class _StreamPrinter:
+    """``on_text`` of ``dendrite run --stream``: writes the first branch's gen
+    text to stdout as it comes. Other branches would interleave mid-line, so
+    only the root and, at every fork, its first child print (a tree path
+    "0.k1.j1.k2.j2..." whose every child index j is 0)."""
+
+    def __init__(self) -> None:
+        self.wrote = False
+
+    def __call__(self, state: Any, name: str, delta: str) -> None:
+        if any(j != "0" for j in state.node.path.split(".")[2::2]):
+            return
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+        self.wrote = True
+
+    def end(self) -> None:
+        """End the streamed text with a blank line before the result."""
+        if self.wrote:
+            sys.stdout.write("\n\n")
+            sys.stdout.flush()
 
 
 class _RunInfo:

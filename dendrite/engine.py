@@ -138,6 +138,11 @@ class GenResult:
     finish_reason: str
     complete: bool  # False when cut by max_tokens (or a grammar not accepted)
     top_logprobs: list[TopLogprobs] | None = None
+    #: With finish_reason "stop": the stop string that matched, or the stop
+    #: token id; None otherwise. `text` ends before that string (after it
+    #: with `SamplingParams.include_stop`); `token_ids` keep every sampled
+    #: token, so the sequence holds the stop string's tokens either way.
+    matched_stop: str | int | None = None
 
     @property
     def cumulative_logprob(self) -> float:
@@ -557,7 +562,8 @@ class Engine:
             matcher = constraint.matcher(self.grammar_tokenizer)
         handle = GenHandle(seq=seq, params=params, constraint=constraint, matcher=matcher)
         handle.stop = StopChecker(self.tokenizer, params.stop_strings, params.stop_token_ids,
-                                  self.eos_token_ids if not params.ignore_eos else ())
+                                  self.eos_token_ids if not params.ignore_eos else (),
+                                  include_stop=params.include_stop)
         seq.handle = handle
         seq.matcher = matcher
         seq.swapped = False
@@ -1129,8 +1135,10 @@ class Engine:
         text = h.stop.final_text(h.token_ids) if h.stop else self.tokenizer.decode(h.token_ids)
         h.owed = []  # (a request ended early keeps NaN for tokens never scored)
         top = list(h.top_logprobs) if h.params.logprobs > 0 else None
+        matched = h.stop.matched if h.stop is not None and reason == "stop" else None
         h.result = GenResult(token_ids=list(h.token_ids), text=text, logprobs=list(h.logprobs),
-                             finish_reason=reason, complete=complete, top_logprobs=top)
+                             finish_reason=reason, complete=complete, top_logprobs=top,
+                             matched_stop=matched)
 
     # -- introspection ---------------------------------------------------------------------
     @_locked

@@ -80,6 +80,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int = 0  # top-n alternatives to report; the chosen token's is always reported
+    #: Keep the matched stop string at the end of the text (default: cut, as
+    #: SGLang and OpenAI do). Text only: the tokens stay in the sequence.
+    include_stop: bool = False
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,10 @@ class SamplingParams:
             self.seed = _integer("seed", self.seed)
             if not 0 <= self.seed < 1 << 64:
                 raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if not isinstance(self.include_stop, (bool, np.bool_)):
+            raise TypeError(f"include_stop must be a bool, got {self.include_stop!r} "
+                            f"of type {type(self.include_stop).__name__}")
+        self.include_stop = bool(self.include_stop)
         stop = self.stop
         self.stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
         for s in self.stop_strings:

@@ -22,6 +22,7 @@ SAMPLING_OPTIONS: tuple[str, ...] = (
     "min_p",
     "repetition_penalty",
     "ignore_eos",
+    "include_stop",
 )
 #: Constraint options (at most one per gen), compiled by ``dendrite.grammar``.
 CONSTRAINT_OPTIONS: tuple[str, ...] = ("regex", "json_schema", "grammar", "choices")
@@ -52,13 +53,18 @@ def suggest(name: str, candidates) -> str:
 class GenSpec:
     """One generation request: where it is captured and how it is sampled."""
 
-    name: str
+    name: str | None  # None: an unnamed gen, appended but not captured
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sampling(self) -> dict[str, Any]:
         """The sampling keywords, with ``max_tokens`` defaulted and ``stop`` a list."""
-        out = {k: v for k, v in self.options.items() if k in SAMPLING_OPTIONS and v is not None}
+        return self.sampling_with({})
+
+    def sampling_with(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """`sampling` over a run's ``defaults`` (``run(temperature=0)``): the gen's own options win."""
+        out = {k: v for k, v in defaults.items() if v is not None}
+        out.update((k, v) for k, v in self.options.items() if k in SAMPLING_OPTIONS and v is not None)
         out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         stop = out.get("stop")
         if isinstance(stop, str):
@@ -109,7 +115,8 @@ def _check_sampling(options: dict[str, Any]) -> None:
     ``SamplingParams`` is the one judge of a value (its messages name the
     field); it is built with one option at a time so a failure belongs to
     that option. ``stop``/``ignore_eos`` are checked here: SamplingParams
-    takes any iterable as ``stop`` and any value as ``ignore_eos``.
+    takes any iterable as ``stop`` and any value as ``ignore_eos``;
+    ``include_stop`` here too, so the error names the gen option.
     """
     stop = options.get("stop")
     if stop is not None and not isinstance(stop, str):
@@ -118,6 +125,9 @@ def _check_sampling(options: dict[str, Any]) -> None:
     ie = options.get("ignore_eos")
     if ie is not None and not isinstance(ie, bool):
         raise GenOptionError(f"ignore_eos must be true or false, got {ie!r}", "ignore_eos")
+    inc = options.get("include_stop")
+    if inc is not None and not isinstance(inc, bool):
+        raise GenOptionError(f"include_stop must be true or false, got {inc!r}", "include_stop")
     sids = options.get("stop_token_ids")
     if sids is not None and (isinstance(sids, bool) or not isinstance(sids, (int, list, tuple))):
         raise GenOptionError(f"stop_token_ids must be a list of token ids, got {sids!r}", "stop_token_ids")
@@ -137,10 +147,10 @@ def _check_sampling(options: dict[str, Any]) -> None:
         raise GenOptionError(f"top_k must fit in 32 bits, got {tk}", "top_k")
 
 
-def make_spec(name: str, options: dict[str, Any]) -> GenSpec:
-    """Validate and freeze a gen request."""
-    if not isinstance(name, str) or not name:
-        raise TypeError("gen needs a capture name (a non-empty string)")
+def make_spec(name: str | None, options: dict[str, Any]) -> GenSpec:
+    """Validate and freeze a gen request (``name=None``: appended, not captured)."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"gen's capture name must be a non-empty string or None, got {name!r}")
     check_gen_options(options)
     return GenSpec(name, dict(options))
 

@@ -6,6 +6,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from dendrite.program.options import SAMPLING_OPTIONS, check_gen_options, suggest
 from dendrite.program.runtime import ProgressStop, Runtime
 from dendrite.program.state import State
 from dendrite.program.tree import Tree
@@ -121,6 +122,8 @@ class Program:
         progress: Callable[[Runtime], None] | None = None,
         max_steps: int | None = None,
         max_branches: int | None = None,
+        on_text: Callable[[State, str, str], None] | None = None,
+        sampling: Mapping[str, Any] | None = None,
         **args: Any,
     ) -> ProgramResult:
         """Run on ``engine``; every state gets a seed derived from ``seed`` and its path.
@@ -130,10 +133,28 @@ class Program:
         ``max_steps`` (engine steps the run may take, default
         `dendrite.program.runtime.DEFAULT_MAX_STEPS`; past it the run fails with
         `StepBudgetExceeded`) and ``max_branches`` (live branches at once,
-        default `MAX_BRANCHES`; a fork past it is a ValueError).
+        default `MAX_BRANCHES`; a fork past it is a ValueError) and
+        ``on_text`` (streaming: ``on_text(state, name, delta)`` with each gen's
+        new text as it is produced, see `dendrite.program.runtime`).
+
+        Sampling defaults for every gen of the run that does not set them:
+        ``run(engine, temperature=0, max_tokens=64)`` (a gen sampling option
+        that is not a parameter of the program; one that is goes to the
+        program), or ``sampling={"temperature": 0}`` (always defaults).
         """
+        defaults = dict(sampling or {})
+        for k in [k for k in args if k in SAMPLING_OPTIONS and k not in self._param_names]:
+            if k in defaults:
+                raise TypeError(f"{self.name}: sampling default {k!r} given twice "
+                                f"(as {k}= and in sampling=)")
+            defaults[k] = args.pop(k)
         return self.run_batch(engine, [args], seed=seed, progress=progress,
-                              max_steps=max_steps, max_branches=max_branches)[0]
+                              max_steps=max_steps, max_branches=max_branches,
+                              on_text=on_text, sampling=defaults)[0]
+
+    @property
+    def _param_names(self) -> set[str]:
+        return {p.name for p in self.params}
 
     def run_batch(
         self,
@@ -144,6 +165,8 @@ class Program:
         progress: Callable[[Runtime], None] | None = None,
         max_steps: int | None = None,
         max_branches: int | None = None,
+        on_text: Callable[[State, str, str], None] | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> list[ProgramResult]:
         """Run several instances sharing the same engine steps.
 
@@ -151,8 +174,10 @@ class Program:
         draws what ``run(**b[i], seed=S + i)`` draws. ``max_steps`` and
         ``max_branches`` bound the whole batch (see `run`).
         """
+        defaults = check_sampling_defaults(sampling or {})  # see `run`
         bound = [self.bind(a) for a in batch]
-        rt = Runtime(engine, progress=progress, max_steps=max_steps, max_branches=max_branches)
+        rt = Runtime(engine, progress=progress, max_steps=max_steps, max_branches=max_branches,
+                     on_text=on_text, gen_defaults=defaults)
         roots = [
             rt.new_root(None if seed is None else int(seed) + i)
             for i in range(len(bound))
@@ -173,6 +198,17 @@ class Program:
             ProgramResult(v, r, rt.tree, rt.steps, rt.elapsed, rt.gen_tokens, a)
             for v, r, a in zip(values, roots, bound)
         ]
+
+
+def check_sampling_defaults(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's sampling defaults, checked as gen options (a TypeError naming the bad one)."""
+    if not isinstance(sampling, Mapping):
+        raise TypeError(f"sampling must be a dict of gen sampling options, got {type(sampling).__name__}")
+    for k in sampling:
+        if k not in SAMPLING_OPTIONS:
+            raise TypeError(f"sampling: {k!r} is not a sampling option{suggest(str(k), SAMPLING_OPTIONS)}")
+    check_gen_options(dict(sampling))
+    return dict(sampling)
 
 
 def program(fn: Callable[..., Any] | None = None, *, name: str | None = None):

@@ -18,6 +18,13 @@ nor forked). An op queued inside ``with rt.origin(site):`` carries ``site``;
 when the op fails (or is running when the budget runs out) the runtime raises
 ``site.wrap(exc)`` instead of ``exc``, so a script's error names the line
 that queued the op, not the line that happened to wait for it.
+
+Streaming: with ``on_text``, each generation's text is handed out as it is
+produced: after every engine step ``on_text(state, name, delta)`` gets the
+new text of each gen in flight (`dendrite.stopping.TextDeltas`: never half a
+character, never text a stop string will cut), and the rest when it
+finishes; one gen's deltas join to its capture. A ranked ``select`` does
+not stream. What the callback raises stops the run, as with ``progress``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from dendrite.program.state import MAX_FORK, State, _GenOp, _Op, _TextOp, derive_seed
+from dendrite.program.state import MAX_FORK, State, _GenOp, _Op, derive_seed
 from dendrite.program.tree import Tree
 
 #: Engine steps a run may take unless told otherwise (hours of decoding on a
@@ -109,7 +116,13 @@ class Runtime:
         *,
         max_steps: int | None = None,
         max_branches: int | None = None,
+        on_text: Callable[[State, str, str], None] | None = None,
+        gen_defaults: dict[str, Any] | None = None,
     ):
+        #: Sampling options every gen of the run gets unless it sets them (``run(temperature=0)``).
+        self.gen_defaults: dict[str, Any] = dict(gen_defaults or {})
+        self.on_text = on_text
+        self._streams: dict[int, Any] = {}  # id(handle) -> TextDeltas, with on_text
         self.max_steps = _limit("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps)
         self.max_branches = _limit("max_branches", MAX_BRANCHES if max_branches is None else max_branches)
         self.live_branches = 0  # states neither released nor forked
@@ -241,12 +254,17 @@ class Runtime:
         from dendrite.sampling import SamplingParams
 
         spec = op.spec
-        params = SamplingParams(seed=state.seed, **spec.sampling)
+        params = SamplingParams(seed=state.seed, **spec.sampling_with(self.gen_defaults))
         cons = spec.constraint
         constraint = self.constraint(*cons) if cons else None
         handle = self.engine.submit(state._seq, params, constraint=constraint)
         state._inflight = handle
         self._inflight[id(handle)] = (handle, state, op, time.perf_counter())
+        if self.on_text is not None:
+            from dendrite.stopping import TextDeltas
+
+            self._streams[id(handle)] = TextDeltas(self.engine.tokenizer, params.stop_strings,
+                                                   params.include_stop)
 
     def _advance(self, state: State) -> None:
         q = state._queue
@@ -256,7 +274,7 @@ class Runtime:
                 if state._seq is None and op.needs_seq:
                     if not state._lazy_root:
                         break  # a child waiting for its parent's fork
-                    if not isinstance(op, _TextOp):
+                    if not op.makes_seq:
                         state._seq = self.engine.new_sequence("")
                 started = op.start(state, self)
             except OP_ERRORS as e:
@@ -313,6 +331,7 @@ class Runtime:
                 ))
         else:
             self._stalls = 0
+        self._stream_inflight()
         self._advance_all()
         if self.progress is not None:
             try:
@@ -321,8 +340,25 @@ class Runtime:
                 raise ProgressStop(e) from e
         return True
 
+    def _emit_text(self, state: State, op: _GenOp, delta: str) -> None:
+        if not delta:
+            return
+        try:
+            self.on_text(state, op.spec.name, delta)
+        except Exception as e:  # noqa: BLE001 - the callback stops the run
+            raise ProgressStop(e) from e
+
+    def _stream_inflight(self) -> None:
+        """Hand ``on_text`` the new text of every gen still in flight."""
+        for key, (h, st, op, _) in list(self._inflight.items()):
+            stream = self._streams.get(key)
+            ids = getattr(h, "token_ids", None)
+            if stream is not None and ids is not None:
+                self._emit_text(st, op, stream.feed(list(ids)))
+
     def _complete(self, key: int) -> None:
         handle, state, op, t0 = self._inflight.pop(key)
+        stream = self._streams.pop(key, None)
         complete = getattr(op, "complete", None)
         if complete is not None:  # an op with its own in-flight item (a ranked select)
             state._inflight = None
@@ -345,6 +381,16 @@ class Runtime:
         if result.finish_reason == "eos":
             ids += self._keep_eos(state)
         context = self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+        matched = getattr(result, "matched_stop", None)
+        if result.finish_reason == "stop" and isinstance(matched, str):
+            # The state's text follows the capture: the stop string is cut
+            # (kept with include_stop) although its tokens are in the sequence.
+            k = context.find(matched)
+            if k >= 0:
+                include = op.spec.sampling.get("include_stop", False)
+                context = context[:k + len(matched)] if include else context[:k]
+        if stream is not None:
+            self._emit_text(state, op, stream.finish(result.text))
         op.finish(state, result, time.perf_counter() - t0, context)
         state._inflight = None
         state._queue.popleft()
@@ -462,6 +508,7 @@ class Runtime:
         """Release all sequences (after errors too); pending ops are dropped."""
         for key in list(self._inflight):
             handle, state, _, _ = self._inflight.pop(key)
+            self._streams.pop(key, None)
             cancel = getattr(self.engine, "cancel", None)
             abandon = getattr(handle, "abandon", None)
             if abandon is not None:  # several engine requests and branches of its own

@@ -77,7 +77,29 @@ def derive_seed(seed: int | None, path: str) -> int | None:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class Appendable(abc.ABC):
+class _Concat:
+    """``"Q: " + gen("a") + "\\n"``: an `Expr` sequence that ``s += ...`` appends in order."""
+
+    __slots__ = ()
+
+    def __add__(self, other: Any) -> "Expr":
+        return Expr((self, other))
+
+    def __radd__(self, other: Any) -> "Expr":
+        return Expr((other, self))
+
+
+class Expr(tuple):
+    """Texts and generations to append in order (built by ``+``)."""
+
+    def __add__(self, other: Any) -> "Expr":  # type: ignore[override]
+        return Expr((*self, *(other if isinstance(other, Expr) else (other,))))
+
+    def __radd__(self, other: Any) -> "Expr":
+        return Expr((other, *self))
+
+
+class Appendable(_Concat, abc.ABC):
     """Something ``s += x`` queues on the state itself (e.g. a ranked ``select``)."""
 
     __slots__ = ()
@@ -87,7 +109,7 @@ class Appendable(abc.ABC):
         """Queue this on ``state``."""
 
 
-class GenExpr:
+class GenExpr(_Concat):
     """A generation to append, SGLang style: ``s += dendrite.gen("x", ...)``."""
 
     __slots__ = ("spec",)
@@ -99,9 +121,27 @@ class GenExpr:
         return f"gen({self.spec.name!r}, {self.spec.options})"
 
 
-def gen(name: str, **options: Any) -> GenExpr:
-    """``s += gen("answer", max_tokens=32, stop="\\n")``; same options as `State.gen`."""
+def gen(name: str | None = None, **options: Any) -> GenExpr:
+    """``s += gen("answer", max_tokens=32, stop="\\n")``; same options as `State.gen`.
+
+    Unnamed (``gen()``) the text is appended but not captured."""
     return GenExpr(make_spec(name, options))
+
+
+#: SGLang's ``gen_int`` / ``gen_string`` regexes (``sglang.lang.ir.REGEX_INT`` / ``REGEX_STR``).
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_STRING = r"\"[\w\d\s]*\""
+
+
+def gen_int(name: str | None = None, **options: Any) -> GenExpr:
+    """A gen constrained to an integer (SGLang's ``gen_int``); the capture is its text."""
+    return GenExpr(make_spec(name, {**options, "regex": REGEX_INT}))
+
+
+def gen_string(name: str | None = None, **options: Any) -> GenExpr:
+    """A gen constrained to a double-quoted string of word characters and spaces
+    (SGLang's ``gen_string``); the capture is its text, quotes included."""
+    return GenExpr(make_spec(name, {**options, "regex": REGEX_STRING}))
 
 
 # ---------------------------------------------------------------- ops
@@ -111,6 +151,9 @@ class _Op(abc.ABC):
     """One queued operation. ``start`` returns True when it finished at once."""
 
     needs_seq = False  # must the state's engine sequence exist to start it?
+    #: On a lazy root, does the op make the engine sequence itself (from its
+    #: text)? Otherwise the runtime starts an empty one (a BOS) first.
+    makes_seq = False
     #: Where the op was queued from (``Runtime.origin``): something with
     #: ``wrap(exc) -> exception`` that turns the op's failure into an error
     #: about that place (a script's ``file:line:col``), or None.
@@ -123,14 +166,16 @@ class _Op(abc.ABC):
 
 class _TextOp(_Op):
     needs_seq = True
+    makes_seq = True
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, add_bos: bool = True):
         self.text = text
+        self.add_bos = add_bos  # False for a chat template's text, which holds its own BOS
 
     def start(self, state, rt):
         if self.text:
             if state._seq is None:  # a lazy root: its first prompt may hit the prefix cache
-                state._seq = rt.engine.new_sequence(self.text)
+                state._seq = rt.engine.new_sequence(self.text, add_bos=self.add_bos)
             else:
                 state._seq.append_text(self.text)
             state._text += self.text
@@ -154,20 +199,30 @@ class _GenOp(_Op):
     def finish(self, state: "State", result: Any, seconds: float, context: str) -> None:
         """Record a finished generation.
 
-        ``result.text`` (stop string cut off) is the capture; ``context`` is
-        what the sequence now holds (the stop string included), which is
-        what the state's text shows.
+        ``result.text`` is the capture; ``context`` (the same text, with
+        special tokens such as an EOS kept) is what the state's text gets.
+        A matched stop string is in neither (both end with it under
+        ``include_stop``), though its tokens are in the sequence. How the gen
+        ended is its meta info: ``finish_reason``, ``matched_stop``,
+        ``completion_tokens``.
         """
         text = result.text
         n = len(result.token_ids)
         lp = float(result.cumulative_logprob or 0.0)
         state._text += context
-        state._captures[self.spec.name] = text
+        if self.spec.name is not None:
+            state._captures[self.spec.name] = text
         state._lp_sum += lp
         state._lp_tokens += n
         state._finish_reason = result.finish_reason
+        state._meta[self.spec.name] = {
+            "finish_reason": result.finish_reason,
+            "matched_stop": getattr(result, "matched_stop", None),
+            "completion_tokens": n,
+        }
         node = state.node
-        node.captures[self.spec.name] = text
+        if self.spec.name is not None:
+            node.captures[self.spec.name] = text
         node.gen_tokens += n
         node.gen_seconds += seconds
         node.segments.append(
@@ -196,6 +251,7 @@ class _ForkOp(_Op):
             child._lp_sum = state._lp_sum
             child._lp_tokens = state._lp_tokens
             child._finish_reason = state._finish_reason
+            child._chat = None if state._chat is None else state._chat.copy()
         state.node.segments.append(Segment("fork", children=[c.node.id for c in self.children]))
         return True
 
@@ -277,6 +333,9 @@ class State:
         self._leaf = True  # counted in the runtime's live branches (not forked, not released)
         self._lazy_root = False  # root whose engine sequence starts with its first prompt
         self._root_seed: int | None = None
+        self._chat: Any = None  # a dendrite.program.chat.ChatLog once a chat turn began
+        self._marks: dict[str, int] = {}  # var_scope name -> where in the text it began
+        self._open_role: str | None = None  # the `with s.user():` being queued
 
     # ---- writing (lazy) ----
 
@@ -305,8 +364,8 @@ class State:
         """Queue prompt text (same as ``s += text``)."""
         return self.__iadd__(str(text))
 
-    def gen(self, name: str, **options: Any) -> "State":
-        """Queue a generation captured as ``self[name]``.
+    def gen(self, name: str | None = None, **options: Any) -> "State":
+        """Queue a generation captured as ``self[name]`` (``name=None``: not captured).
 
         Options: max_tokens, stop, stop_token_ids, temperature, top_p, top_k,
         min_p, repetition_penalty, ignore_eos, and at most one constraint of
@@ -317,6 +376,37 @@ class State:
             self._rt.constraint(*spec.constraint)  # reject a bad regex/schema here
         self._push(_GenOp(spec))
         return self
+
+    # ---- chat roles and scopes (dendrite.program.chat) ----
+
+    def _role(self, role: str, content: Any = None) -> Any:
+        from dendrite.program.chat import RoleScope
+
+        scope = RoleScope(self, role)
+        if content is None:
+            return scope
+        with scope:
+            self += content
+        return self
+
+    def system(self, content: Any = None) -> Any:
+        """Queue a system turn through the model's chat template: ``s.system("Be brief.")``;
+        without content, a context manager (``with s.system(): s += ...``)."""
+        return self._role("system", content)
+
+    def user(self, content: Any = None) -> Any:
+        """Queue a user turn (see `system`)."""
+        return self._role("user", content)
+
+    def assistant(self, content: Any = None) -> Any:
+        """Queue an assistant turn: ``s.assistant(gen("answer"))`` (see `system`)."""
+        return self._role("assistant", content)
+
+    def var_scope(self, name: str) -> Any:
+        """``with s.var_scope("name"): ...`` captures all text appended inside as ``s[name]``."""
+        from dendrite.program.chat import VarScope
+
+        return VarScope(self, name)
 
     def fork(self, n: int, label: str | None = None) -> "StateGroup":
         """Queue an O(1) fork into ``n`` children; they run batched together.
@@ -338,7 +428,9 @@ class State:
         kids = [self._rt._new_child(self, label, f"{self.node.path}.{k}.{j}") for j in range(n)]
         if n:
             self._push(_ForkOp(kids))
-        return StateGroup(kids)
+        group = StateGroup(kids)
+        group.parent = self
+        return group
 
     def __setitem__(self, name: str, value: Any) -> None:
         """Queue ``captures[name] = value`` (in order with the other ops)."""
@@ -381,7 +473,9 @@ class State:
             ) from None
 
     def meta_info(self, name: str) -> dict[str, Any]:
-        """How capture ``name`` was chosen, for a ranked ``select``: ``method``,
+        """How capture ``name`` was made. A gen: ``finish_reason``,
+        ``matched_stop`` (the stop string or stop token id that ended it, else
+        None) and ``completion_tokens``. A ranked ``select``: ``method``,
         ``choices``, ``scores`` (by the method), ``sum_logprobs``,
         ``mean_logprobs``, ``token_logprobs`` (per choice) and the winner's ``index``."""
         self.wait()
@@ -478,12 +572,35 @@ class StateGroup(list):
     ``forks += ...``); everything else is a plain list.
     """
 
+    parent: "State | None" = None  # the forked state (set by `State.fork`)
+
     def __iadd__(self, other):  # type: ignore[override]
-        if isinstance(other, (str, GenExpr, Appendable)):
+        if callable(other) and not isinstance(other, Appendable):
+            for i, s in enumerate(self):  # SGLang's ``forks += lambda i: ...``
+                s += other(i)
+            return self
+        if isinstance(other, (str, GenExpr, Appendable, Expr)):
             for s in self:
                 s += other
             return self
         return super().__iadd__(other)
+
+    def join(self, *names: str, mode: str = "gather_variable") -> "State":
+        """SGLang's ``forks.join()``: wait for every branch, then queue on the forked
+        state ``s[name] = [each branch's capture]`` for ``names`` (default: every
+        capture a branch has that the forked state has not). Returns that state."""
+        if mode != "gather_variable":
+            raise ValueError(f"join(mode={mode!r}): only 'gather_variable' is supported; to append "
+                             f"the branches' text use s += \"\".join(k[\"name\"] for k in forks)")
+        if self.parent is None:
+            raise ValueError("join(): this group did not come from State.fork")
+        self.wait()
+        if not names:
+            have = self.parent.captures
+            names = tuple(sorted({k for s in self for k in s._captures if k not in have}))
+        for name in names:
+            self.parent[name] = [s.get(name) for s in self]
+        return self.parent
 
     def gen(self, name: str, **options: Any) -> "StateGroup":
         """Queue the same generation on every state."""

@@ -141,8 +141,11 @@ def test_constrained_mode_is_kept(engine):
 
     r = prog.run(engine, seed=3)
     assert r.value in CHOICES
+    # A constrained select is a gen: its meta info is a gen's, not a ranking.
+    meta = r.state.meta_info("city")
+    assert "scores" not in meta and meta["matched_stop"] is None
     with pytest.raises(KeyError, match="no select meta info"):
-        r.state.meta_info("city")
+        r.state.meta_info("nothing")
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
