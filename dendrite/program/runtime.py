@@ -387,7 +387,7 @@ class Runtime:
             # (kept with include_stop) although its tokens are in the sequence.
             k = context.find(matched)
             if k >= 0:
-                include = op.spec.sampling.get("include_stop", False)
+                include = getattr(getattr(handle, "params", None), "include_stop", False)
                 context = context[:k + len(matched)] if include else context[:k]
         if stream is not None:
             self._emit_text(state, op, stream.finish(result.text))
