@@ -215,11 +215,12 @@ class _GenOp(_Op):
         state._lp_sum += lp
         state._lp_tokens += n
         state._finish_reason = result.finish_reason
-        state._meta[self.spec.name] = {
-            "finish_reason": result.finish_reason,
-            "matched_stop": getattr(result, "matched_stop", None),
-            "completion_tokens": n,
-        }
+        if self.spec.name is not None:
+            state._meta[self.spec.name] = {
+                "finish_reason": result.finish_reason,
+                "matched_stop": getattr(result, "matched_stop", None),
+                "completion_tokens": n,
+            }
         node = state.node
         if self.spec.name is not None:
             node.captures[self.spec.name] = text
