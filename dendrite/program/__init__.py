@@ -16,7 +16,9 @@
 
 Public API: `program` (the decorator, a plain function) / `Program` / `ProgramResult`, `State` (``s += text``,
 ``s.gen``, ``s.fork``, ``s[name]``, ``s.text``, ``s.logprob``, ``s.score``,
-``s.release``), `gen` (SGLang's ``s += gen(...)``), `select`, `prune`,
+``s.release``, ``s.user``/``s.system``/``s.assistant`` chat turns,
+``s.var_scope``), `gen` (SGLang's ``s += gen(...)``; `gen_int`, `gen_string`),
+`system`/`user`/`assistant` (``s += user("hi")``), `select`, `prune`,
 `score` (logprob, sum_logprob, length_penalty, capture, judge), `Runtime`,
 and `Tree` (``.dendrite`` scripts: `dendrite.dsl`, a layer above). Limits: `MAX_FORK`
 children per fork, `MAX_DEPTH` forks deep, ``run(max_branches=)`` live
@@ -34,17 +36,22 @@ from dendrite.program.select import prune, select
 from dendrite.program.state import (
     MAX_DEPTH,
     MAX_FORK,
+    Expr,
     GenExpr,
     State,
     StateGroup,
     StateReleasedError,
     gen,
+    gen_int,
+    gen_string,
 )
+from dendrite.program.chat import assistant, system, user
 from dendrite.program.tree import Node, Segment, Tree
 
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "Expr",
     "GEN_OPTIONS",
     "GenExpr",
     "GenOptionError",
@@ -62,9 +69,14 @@ __all__ = [
     "StateReleasedError",
     "StepBudgetExceeded",
     "Tree",
+    "assistant",
     "gen",
+    "gen_int",
+    "gen_string",
     "program",
     "prune",
     "score",
     "select",
+    "system",
+    "user",
 ]

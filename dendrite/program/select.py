@@ -56,6 +56,8 @@ def select(
     apply), as ``s.gen("name", choices=[...])``.
     """
     if isinstance(states, str):
+        if choices is None and isinstance(by, (list, tuple)):
+            choices, by = by, None  # SGLang's positional select("x", ["a", "b"])
         if choices is None:
             raise TypeError("select(name, choices=[...]) needs choices")
         method = check_method(method)
