@@ -29,9 +29,15 @@ branches (default `MAX_BRANCHES`) and ``run(max_steps=)`` engine steps
 from __future__ import annotations
 
 from dendrite.program import score
+from dendrite.program.chat import assistant, system, user
 from dendrite.program.options import GEN_OPTIONS, GenOptionError
 from dendrite.program.program import Param, Program, ProgramResult, program
-from dendrite.program.runtime import DEFAULT_MAX_STEPS, MAX_BRANCHES, Runtime, StepBudgetExceeded
+from dendrite.program.runtime import (
+    DEFAULT_MAX_STEPS,
+    MAX_BRANCHES,
+    Runtime,
+    StepBudgetExceeded,
+)
 from dendrite.program.select import prune, select
 from dendrite.program.state import (
     MAX_DEPTH,
@@ -45,19 +51,17 @@ from dendrite.program.state import (
     gen_int,
     gen_string,
 )
-from dendrite.program.chat import assistant, system, user
 from dendrite.program.tree import Node, Segment, Tree
-
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
-    "Expr",
     "GEN_OPTIONS",
-    "GenExpr",
-    "GenOptionError",
     "MAX_BRANCHES",
     "MAX_DEPTH",
     "MAX_FORK",
+    "Expr",
+    "GenExpr",
+    "GenOptionError",
     "Node",
     "Param",
     "Program",

@@ -34,7 +34,7 @@ class ChatLog:
     role: str | None = None  # the turn being written
     start: int = 0  # len(state text) where that turn's content began
 
-    def copy(self) -> "ChatLog":
+    def copy(self) -> ChatLog:
         return ChatLog(self.base, self.skip, [dict(m) for m in self.messages], self.role, self.start)
 
 
@@ -106,7 +106,7 @@ class _RoleEnd(_Op):
 class RoleExpr(Appendable):
     """``s += dendrite.program.user("hi")`` (SGLang's ``sgl.user(...)``)."""
 
-    __slots__ = ("role", "content")
+    __slots__ = ("content", "role")
 
     def __init__(self, role: str, content: Any):
         self.role, self.content = role, content

@@ -9,7 +9,16 @@ import re
 import pytest
 
 import dendrite.program as dp
-from dendrite.program import assistant, gen, gen_int, gen_string, program, select, system, user
+from dendrite.program import (
+    assistant,
+    gen,
+    gen_int,
+    gen_string,
+    program,
+    select,
+    system,
+    user,
+)
 
 
 def _chat(engine, messages, gen_prompt=False):
@@ -279,3 +288,31 @@ def test_var_scope_captures_all_text_appended_inside(engine):
     st = p.run(engine, seed=0).value
     assert st["answer"] == "The answer is" + st["g"] + "."
     assert st.text == "Start. " + st["answer"] + " End."
+
+
+# ---------------------------------------------------------------- docs
+
+
+def test_programs_md_coming_from_sglang_example_runs(make_engine):
+    """The "Coming from SGLang" example of docs/programs.md, run as written."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "programs.md").read_text()
+    section = doc.split("## Coming from SGLang", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    engine = make_engine()
+    ns = {"engine": engine}
+    exec(compile(code, "programs.md", "exec"), ns)  # noqa: S102 - the doc example, as written
+    answer, confidence, tips = ns["result"].value
+    st = ns["result"].state
+    assert isinstance(answer, str) and re.fullmatch(r"[-+]?[0-9]*[ \n]*", confidence)
+    assert isinstance(tips, list) and len(tips) == 2 and all(isinstance(t, str) for t in tips)
+    assert st["reply"] == "Confidence: " + confidence
+    messages = [
+        {"role": "user", "content": "What is 6 * 7?"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "How sure are you, 0-9?"},
+        {"role": "assistant", "content": st["reply"]},
+    ]
+    assert st.text == _chat(engine, messages)
+    assert "Images / parallel_encoding KV concatenation: not in scope" in section
