@@ -33,7 +33,7 @@ FLAGS = {
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
                  "--top-k", "--seed", "--device", "--chat"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
-            "--device", "--json", "--max-nodes", "--max-steps", "--quiet"},
+            "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
     "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
               "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
@@ -330,6 +330,38 @@ def test_run_at_at_escape_and_typed_arguments(env, script):
     assert out.returncode == 0, out.stderr
     # the program's prompt is the literal "@handle": the tree's root shows it
     assert "@handle" in out.stdout and "@@handle" not in out.stdout
+
+
+STREAM_SCRIPT = '''\
+program p(q):
+    "{q}"
+    gen head(max_tokens=6, temperature=0)
+    fork 2 as b:
+        gen tail(max_tokens=6, temperature=1.0)
+    return collect(head + tail)
+'''
+
+
+def test_run_stream_prints_the_first_branch_as_it_goes(env, engine, tmp_path):
+    from dendrite.dsl import load
+
+    script = tmp_path / "s.dendrite"
+    script.write_text(STREAM_SCRIPT)
+    first, second = load(script).run(engine, seed=0, q="Q:").value
+    assert first != second  # so streaming the second branch too would show
+    out = dendrite("run", str(script), "--stream", "--arg", "q=Q:", env=env)
+    assert out.returncode == 0, out.stderr
+    # The root's gen, then the first child's: streamed, then a blank line and
+    # the usual result; the second branch is only in the result.
+    assert out.stdout.startswith(first + "\n\n"), (out.stdout, first)
+    assert second in out.stdout[len(first) + 2:]
+    assert "[dendrite]" not in out.stderr  # no progress line
+
+
+def test_run_stream_and_json_is_a_usage_error(env, script):
+    out = dendrite("run", str(script), "--stream", "--json", "--arg", "q=a", env=env)
+    assert_one_line(out, 2, "dendrite run", "--stream", "--json")
+    assert out.stdout == ""
 
 
 def test_run_a_directory(env, tmp_path):
