@@ -58,6 +58,7 @@ def _extend(state: State, rt: Any, log: ChatLog, rendered: str, what: str) -> No
 
 class _RoleBegin(_Op):
     needs_seq = True
+    makes_seq = True  # a lazy root's sequence starts with the template's text (its own BOS)
 
     def __init__(self, role: str):
         self.role = role
@@ -85,6 +86,7 @@ class _RoleBegin(_Op):
 
 class _RoleEnd(_Op):
     needs_seq = True
+    makes_seq = True  # a lazy root's sequence starts with the template's text (its own BOS)
 
     def __init__(self, role: str):
         self.role = role

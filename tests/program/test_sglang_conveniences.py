@@ -67,6 +67,62 @@ def test_open_assistant_turn_is_the_generation_prompt(engine):
     assert seen["ids"] == engine.tokenizer.encode(want, add_special_tokens=False)
 
 
+def test_chat_prompt_has_one_bos_when_the_tokenizer_adds_one(make_engine, tiny_model_dir, tmp_path):
+    """A tokenizer whose post-processor always prepends BOS (Llama 3's) plus a template
+    that renders ``{{ bos_token }}`` would give two BOS; the chat prompt is encoded
+    without the tokenizer's own, as ``generate --chat`` does."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    d = tmp_path / "bos-model"
+    shutil.copytree(tiny_model_dir, d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    bos = "<|bos|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(d / "tokenizer.json"))
+    from dendrite.engine import Engine
+
+    eng = Engine(d, device="cpu", num_pages=256)
+    try:
+        assert eng.tokenizer.encode("x")[0] == eng.tokenizer.bos_token_id  # the setup holds
+        seen = {}
+
+        @program
+        def p(s):
+            s.user("Hi")
+            s.then(lambda st: seen.update(ids=list(st._seq.tokens)))
+
+        p.run(eng)
+        assert seen["ids"].count(eng.tokenizer.bos_token_id) == 1
+        assert eng.tokenizer.decode(seen["ids"], skip_special_tokens=False) == \
+            _chat(eng, [{"role": "user", "content": "Hi"}])
+    finally:
+        eng.close()
+
+
+def test_assistant_turn_ended_by_its_grammar_gets_the_template_end(engine):
+    """A constrained answer ends with the grammar (no EOS generated): the template's
+    end of turn (an EOS token here) is appended as a token, once, before the next turn."""
+    seen = {}
+
+    @program
+    def p(s):
+        s.user("Say yes.")
+        s.assistant(gen("a", regex="yes"))
+        s.user("Again.")
+        s.then(lambda st: seen.update(ids=list(st._seq.tokens)))
+        return s
+
+    st = p.run(engine).value
+    msgs = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "Again."}]
+    assert st["a"] == "yes" and st.text == _chat(engine, msgs)
+    tok = engine.tokenizer
+    assert seen["ids"].count(tok.eos_token_ids[0]) == 1 and seen["ids"].count(tok.bos_token_id) == 1
+
+
 def test_sglang_style_role_expressions_and_shared_prefix(engine):
     """``s += user(...)`` works like ``s.user(...)``; forks after a turn share its KV
     and each continues the conversation on its own."""
