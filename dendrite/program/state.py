@@ -336,7 +336,6 @@ class State:
         self._root_seed: int | None = None
         self._chat: Any = None  # a dendrite.program.chat.ChatLog once a chat turn began
         self._marks: dict[str, int] = {}  # var_scope name -> where in the text it began
-        self._open_role: str | None = None  # the `with s.user():` being queued
 
     # ---- writing (lazy) ----
 

@@ -372,3 +372,45 @@ def test_programs_md_coming_from_sglang_example_runs(make_engine):
     ]
     assert st.text == _chat(engine, messages)
     assert "Images / parallel_encoding KV concatenation: not in scope" in section
+
+
+def test_script_programs_take_run_level_sampling_defaults(make_engine, dsl):
+    """A `.dendrite` script compiles to the same Program: ``run(temperature=0,
+    max_tokens=4)`` applies to its gens (greedy: seeds do not matter)."""
+    prog = dsl.loads('program p():\n    "A"\n    gen x(ignore_eos=true)\n    return x\n', "p.dendrite")
+    a = prog.run(make_engine(), seed=1, temperature=0, max_tokens=4)
+    b = prog.run(make_engine(), seed=2, temperature=0, max_tokens=4)
+    assert a.value == b.value and a.state.num_gen_tokens == 4
+
+
+def _with_template(make_engine, template):
+    eng = make_engine()
+    eng.tokenizer.chat_template = template
+    return eng
+
+
+def test_a_template_that_rewrites_earlier_turns_is_a_clear_error(make_engine):
+    """Rendering only the last message: turn 2's rendering does not continue turn 1's
+    text, which is already in the KV; the run fails naming the turn."""
+    eng = _with_template(make_engine, "{% for m in messages[-1:] %}[{{ m['role'] }}]{{ m['content'] }}"
+                                      "{% endfor %}")
+
+    @program
+    def p(s):
+        s.user("one")
+        s.user("two")
+
+    with pytest.raises(ValueError, match="not incremental at the start of a user turn"):
+        p.run(eng)
+
+
+def test_a_template_that_drops_a_role_is_a_clear_error(make_engine):
+    eng = _with_template(make_engine, "{% for m in messages %}{% if m['role'] != 'system' %}"
+                                      "[{{ m['role'] }}]{{ m['content'] }}{% endif %}{% endfor %}")
+
+    @program
+    def p(s):
+        s.system("Be brief.")
+
+    with pytest.raises(ValueError, match="drops system messages"):
+        p.run(eng)
