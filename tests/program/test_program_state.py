@@ -30,7 +30,8 @@ def test_text_gen_and_captures(engine):
     assert node.gen_tokens == 5 and node.captures == {"answer": r.value}
 
 
-def test_stop_string_is_cut_from_the_capture_but_stays_in_context(engine):
+def test_stop_string_is_cut_from_the_capture_and_the_text(engine):
+    # (Its tokens stay in the sequence; see tests/program/test_program_stream.py.)
     @dp.program
     def prog(s):
         s += "Say:"
@@ -39,8 +40,8 @@ def test_stop_string_is_cut_from_the_capture_but_stays_in_context(engine):
     r = prog.run(engine, seed=0)
     s = r.state
     assert s.finish_reason == "stop"  # a space is all but certain in 40 tokens
-    assert " " not in s["x"]
-    assert s.text.startswith("Say:" + s["x"] + " ")
+    assert " " not in s["x"] and s.meta_info("x")["matched_stop"] == " "
+    assert s.text.startswith("Say:" + s["x"]) and not s.text.endswith(" ")
 
 
 def test_constraints(engine):
