@@ -63,7 +63,7 @@ def test_stop_string_is_cut_from_text_but_its_tokens_stay(make_engine):
 def test_first_of_several_stops_and_stop_token_ids(make_engine):
     e = make_engine()
     _, free = greedy(e)
-    stop, last = spanning_stop(e, free.token_ids)
+    stop, _ = spanning_stop(e, free.token_ids)
     _, r = greedy(e, stop=["never in this text \x00", stop])
     assert r.matched_stop == stop
 

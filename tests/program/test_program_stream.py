@@ -112,7 +112,7 @@ def test_on_text_streams_deltas_that_join_to_each_capture(engine, full):
         early.append(name not in state._captures)
 
     r = p.run(engine, on_text=on_text)
-    (path0, d0), (path1, d1) = sorted(got.items())
+    (_, d0), (_, d1) = sorted(got.items())
     assert "".join(d0) == r.value[0] == full
     assert "".join(d1) == r.value[1] == full[:full.find(stop)]
     assert stop not in "".join(d1)
