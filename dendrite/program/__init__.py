@@ -29,7 +29,6 @@ branches (default `MAX_BRANCHES`) and ``run(max_steps=)`` engine steps
 from __future__ import annotations
 
 from dendrite.program import score
-from dendrite.program.chat import assistant, system, user
 from dendrite.program.options import GEN_OPTIONS, GenOptionError
 from dendrite.program.program import Param, Program, ProgramResult, program
 from dendrite.program.runtime import (
@@ -47,9 +46,12 @@ from dendrite.program.state import (
     State,
     StateGroup,
     StateReleasedError,
+    assistant,
     gen,
     gen_int,
     gen_string,
+    system,
+    user,
 )
 from dendrite.program.tree import Node, Segment, Tree
 

@@ -15,6 +15,7 @@ import hashlib
 from collections import deque
 from typing import Any, Callable, Iterable, Protocol
 
+from dendrite.program import chat
 from dendrite.program.options import GenSpec, make_spec
 from dendrite.program.tree import Node, Segment
 
@@ -291,6 +292,92 @@ class _CallOp(_Op):
         return True
 
 
+class _RoleOp(_Op):
+    """Begin or end a chat turn (`dendrite.program.chat`)."""
+
+    needs_seq = True
+    makes_seq = True  # a lazy root's sequence starts with the template's text (its own BOS)
+
+    def __init__(self, role: str, begin: bool):
+        self.role, self.begin = role, begin
+
+    def start(self, state, rt):
+        def append(text: str) -> None:
+            _TextOp(text, add_bos=False).start(state, rt)
+
+        tok = rt.engine.tokenizer
+        if self.begin:
+            log = chat.begin_turn(state._chat, state._text, tok, self.role, append)
+            state._chat = log
+            log.role, log.start = self.role, len(state._text)
+        else:
+            chat.end_turn(state._chat, state._text, tok, self.role, append)
+        return True
+
+
+class RoleScope:
+    """``with s.user(): s += ...``: everything appended inside is the turn's content."""
+
+    def __init__(self, state: "State", role: str):
+        self.state, self.role = state, role
+
+    def __enter__(self) -> "State":
+        self.state._push(_RoleOp(self.role, True))
+        return self.state
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.state._push(_RoleOp(self.role, False))
+
+
+class RoleExpr(Appendable):
+    """``s += user("hi")`` (SGLang's ``sgl.user(...)``)."""
+
+    __slots__ = ("content", "role")
+
+    def __init__(self, role: str, content: Any):
+        self.role, self.content = role, content
+
+    def append_to(self, state: "State") -> None:
+        state._role(self.role, self.content)
+
+
+def system(content: Any) -> RoleExpr:
+    """A system turn to append: ``s += system("Be brief.")``."""
+    return RoleExpr("system", content)
+
+
+def user(content: Any) -> RoleExpr:
+    """A user turn to append: ``s += user("Hi")``."""
+    return RoleExpr("user", content)
+
+
+def assistant(content: Any) -> RoleExpr:
+    """An assistant turn to append: ``s += assistant(gen("answer"))``."""
+    return RoleExpr("assistant", content)
+
+
+class VarScope:
+    """``with s.var_scope("name"):``: the text appended inside becomes ``s["name"]``."""
+
+    def __init__(self, state: "State", name: str):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"var_scope needs a capture name (a non-empty string), got {name!r}")
+        self.state, self.name = state, name
+
+    def __enter__(self) -> "State":
+        self.state.then(lambda st: st._marks.__setitem__(self.name, len(st._text)))
+        return self.state
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            def capture(st: "State") -> None:
+                text = st._text[st._marks.pop(self.name):]
+                st._captures[self.name] = text
+                st.node.captures[self.name] = text
+            self.state.then(capture)
+
+
 class _ReleaseOp(_Op):
     def start(self, state, rt):
         rt._release_seq(state)
@@ -334,7 +421,7 @@ class State:
         self._leaf = True  # counted in the runtime's live branches (not forked, not released)
         self._lazy_root = False  # root whose engine sequence starts with its first prompt
         self._root_seed: int | None = None
-        self._chat: Any = None  # a dendrite.program.chat.ChatLog once a chat turn began
+        self._chat: chat.ChatLog | None = None  # once a chat turn began
         self._marks: dict[str, int] = {}  # var_scope name -> where in the text it began
 
     # ---- writing (lazy) ----
@@ -380,8 +467,6 @@ class State:
     # ---- chat roles and scopes (dendrite.program.chat) ----
 
     def _role(self, role: str, content: Any = None) -> Any:
-        from dendrite.program.chat import RoleScope
-
         scope = RoleScope(self, role)
         if content is None:
             return scope
@@ -404,8 +489,6 @@ class State:
 
     def var_scope(self, name: str) -> Any:
         """``with s.var_scope("name"): ...`` captures all text appended inside as ``s[name]``."""
-        from dendrite.program.chat import VarScope
-
         return VarScope(self, name)
 
     def fork(self, n: int, label: str | None = None) -> "StateGroup":
