@@ -9,50 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from dendrite.server.errors import ApiError
+from dendrite.stopping import TextDeltas
 from dendrite.server.worker import EngineWorker, Generation, new_id
 
 FINISH = {"eos": "stop", "stop": "stop", "grammar": "stop", "length": "length",
           "abort": "abort"}
-
-
-class TextStream:
-    """Turns a growing token list into text deltas that never have to be taken back:
-    no half multi-byte character, and nothing that is (or may become) a stop
-    string, which the final text cuts off."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def feed(self, ids: list[int]) -> str:
-        """Add token ids; return the new text that is safe to send (no split UTF-8 char)."""
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        safe = len(text)
-        for s in self.stop:
-            k = text.find(s)
-            if k >= 0:
-                safe = min(safe, k)
-            for j in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:j]):
-                    safe = min(safe, len(text) - j)
-                    break
-        return self._emit(text[:safe])
-
-    def finish(self, final_text: str) -> str:
-        """The text not sent yet, given the generation's final text."""
-        return self._emit(final_text)
-
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.shown):
-            return ""  # a decode that changed earlier text: nothing safe to add
-        delta = text[len(self.shown):]
-        self.shown = text
-        return delta
 
 
 @dataclass
@@ -190,7 +151,7 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
     rid = new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
-    texts = [TextStream(tokenizer, stop) for _ in range(n)]
+    texts = [TextDeltas(tokenizer, stop) for _ in range(n)]
     choices = Choices(n)
     offsets = [0] * n
 
@@ -228,7 +189,7 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
                 continue
             i = ev[1]
             if ev[0] == "tokens":
-                delta = texts[i].feed(ev[2])
+                delta = texts[i].feed(choices.token_ids[i])
                 if delta or logprobs:
                     yield sse(chunk(i, delta, ev[2], ev[3], ev[4], None))
                     offsets[i] += len(delta)
