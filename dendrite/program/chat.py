@@ -35,6 +35,7 @@ class ChatLog:
     start: int = 0  # len(state text) where that turn's content began
 
     def copy(self) -> ChatLog:
+        """An independent copy for a forked branch (its turns then diverge)."""
         return ChatLog(self.base, self.skip, [dict(m) for m in self.messages], self.role, self.start)
 
 

@@ -339,6 +339,7 @@ class RoleExpr(Appendable):
         self.role, self.content = role, content
 
     def append_to(self, state: "State") -> None:
+        """Write this turn into `state` (what `state += user(...)` does)."""
         state._role(self.role, self.content)
 
 
