@@ -341,3 +341,16 @@ def env_line(env: dict[str, Any]) -> str:
     return (f"{env.get('date_utc')}, {dev}, torch {env.get('torch')}, transformers "
             f"{env.get('transformers')}, flashinfer {env.get('flashinfer')}; model "
             f"{env.get('model_dir')} ({env.get('dtype')})")
+
+
+def start(name: str, a: Any, render: Any) -> tuple[torch.device, torch.dtype, Path, "Budget", "Results"]:
+    """What every benchmark's main does first: resolve --device/--dtype/--model,
+    start the --budget clock and the results file (noting a tiny-model fallback)."""
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    model_dir = resolve_model(a.model)
+    res = Results(name, a.out, a, env_info(model_dir, device, dtype))
+    res.render = render
+    if warning := model_warning(a.model, model_dir):
+        res.note(warning)
+    return device, dtype, model_dir, Budget(a.budget), res

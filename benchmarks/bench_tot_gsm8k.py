@@ -482,14 +482,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    device = bc.resolve_device(a.device)
-    dtype = bc.resolve_dtype(a.dtype, device)
-    model_dir = bc.resolve_model(a.model)
-    budget = bc.Budget(a.budget)
-    res = bc.Results("tot_gsm8k", a.out, a, bc.env_info(model_dir, device, dtype))
-    res.render = render
-    if warning := bc.model_warning(a.model, model_dir):
-        res.note(warning)
+    device, dtype, model_dir, budget, res = bc.start("tot_gsm8k", a, render)
     need = max([a.num_questions, a.hf_questions, a.hf_naive_questions, *a.in_flight,
                 *a.hf_in_flight])
     questions, labels = load_questions(a.data, need)

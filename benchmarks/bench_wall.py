@@ -340,14 +340,7 @@ def long_prompt(tokenizer, n_tokens: int) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    device = bc.resolve_device(a.device)
-    dtype = bc.resolve_dtype(a.dtype, device)
-    model_dir = bc.resolve_model(a.model)
-    budget = bc.Budget(a.budget)
-    res = bc.Results("wall", a.out, a, bc.env_info(model_dir, device, dtype))
-    res.render = render
-    if warning := bc.model_warning(a.model, model_dir):
-        res.note(warning)
+    device, dtype, model_dir, budget, res = bc.start("wall", a, render)
     env = res.data["env"]
     env["copy_bandwidth_Bps"] = copy_bandwidth(device)
     env["weight_bytes_per_token"], env["weight_bytes"] = weight_bytes_per_token(model_dir, dtype)
