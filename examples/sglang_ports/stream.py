@@ -10,7 +10,7 @@ from dendrite.program import gen, program
 
 @program
 def story(s, topic: str):
-    s += f"Write one sentence about {topic}.\n" + gen("sentence", max_tokens=24, stop="\n")
+    s += f"Write one sentence about {topic}.\nSentence:" + gen("sentence", max_tokens=24, stop="\n")
     return s["sentence"]
 
 
