@@ -205,6 +205,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        #: Tensor parallel (set by dendrite.parallel): sums the row-parallel
+        #: o_proj / down_proj partial outputs over the ranks, in place. It runs
+        #: before the residual add, so the fused residual of the GEMV / few-row
+        #: kernels is bypassed then. None: one rank.
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -217,7 +222,7 @@ class DecoderLayer(nn.Module):
         step: _StepKernels,
     ) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
-        mm = step.matmul
+        mm, ar = step.matmul, self.all_reduce
         if mm is not None:
             # Decode of one row (GEMV) or a few (few-row matmul): four kernels
             # that also do the norms, the residual adds and SiLU*up (same
@@ -228,16 +233,25 @@ class DecoderLayer(nn.Module):
             qkv = mm(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
                      norm_weight=ln1.weight, eps=ln1.eps)
             o = attn.attend(qkv, cos, sin, meta, kv, backend, step.rows)
-            h = mm(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+            if ar is None:
+                h = mm(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+            else:  # tensor parallel: sum the partial outputs, then the residual
+                h = h + ar(mm(o, attn.o_proj.weight, attn.o_proj.bias))
             up, down = mlp.gate_up_proj, mlp.down_proj
             if one_row:
                 gate_up = gemv(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps)
+                if ar is not None:
+                    return h + ar(gemv(gate_up, down.weight, down.bias, glu=True))
                 return gemv(gate_up, down.weight, down.bias, glu=True, residual=h)
             act = skinny(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps,
                          glu_out=True)
+            if ar is not None:
+                return h + ar(skinny(act, down.weight, down.bias))
             return skinny(act, down.weight, down.bias, residual=h)
-        h = h + attn(self.input_layernorm(h), cos, sin, meta, kv, backend, step.rows)
-        return h + mlp(self.post_attention_layernorm(h))
+        a = attn(self.input_layernorm(h), cos, sin, meta, kv, backend, step.rows)
+        h = h + (a if ar is None else ar(a))
+        m = mlp(self.post_attention_layernorm(h))
+        return h + (m if ar is None else ar(m))
 
     def forward_rows(
         self,
@@ -257,10 +271,13 @@ class DecoderLayer(nn.Module):
         layer. Rounding is `forward`'s (dendrite/kernels/rows.py).
         """
         ln1, ln2, mlp = self.input_layernorm, self.post_attention_layernorm, self.mlp
+        ar = self.all_reduce
         normed, residual = add_rms_norm(x, residual, ln1.weight, ln1.eps)
         a = self.self_attn(normed, cos, sin, meta, kv, backend, rows=True)
-        normed, residual = add_rms_norm(a, residual, ln2.weight, ln2.eps)
-        return mlp.down_proj(silu_mul(mlp.gate_up_proj(normed))), residual
+        normed, residual = add_rms_norm(a if ar is None else ar(a), residual,
+                                        ln2.weight, ln2.eps)
+        out = mlp.down_proj(silu_mul(mlp.gate_up_proj(normed)))
+        return (out if ar is None else ar(out)), residual
 
 
 class _Body(nn.Module):
