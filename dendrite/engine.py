@@ -287,7 +287,9 @@ class Engine:
 
     `model_dir`, `device`, `dtype`, `num_pages`, `page_size`, `attention`,
     `cuda_graphs`, `cascade` and `kernels` build the engine's `ModelRunner`
-    (see there); with a ready `runner` they are not used.
+    (see there); with a ready `runner` they are not used. `speculative` (a
+    `dendrite.speculative.SpeculativeConfig`, default None: off) turns on
+    speculative decoding (docs/speculative.md).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str | None = None,
@@ -296,6 +298,7 @@ class Engine:
                  prefix_cache: bool = True, max_wait_steps: int = 64,
                  cuda_graphs: bool = True, cascade: str = "auto",
                  lookahead: bool | None = None, kernels: KernelConfig | None = None,
+                 speculative: object | None = None,
                  runner: ModelRunner | None = None) -> None:
         # Sizes are checked before the model loads: a typo costs no load time.
         max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
@@ -305,6 +308,10 @@ class Engine:
             num_pages = _check_int("num_pages", num_pages, 1)
         if cascade not in ("auto", "always", "never"):
             raise ValueError(f"cascade must be 'auto', 'always' or 'never', got {cascade!r}")
+        if speculative is not None and not hasattr(speculative, "attach"):
+            raise TypeError(f"speculative must be a dendrite.speculative.SpeculativeConfig or "
+                            f"None (SpeculativeConfig.parse reads 'ngram:k=4'), got "
+                            f"{type(speculative).__name__}")
         self._lock = threading.RLock()
         if runner is None:
             if model_dir is None:
@@ -353,6 +360,9 @@ class Engine:
         self.stats = {"steps": 0, "forward_tokens": 0, "forks": 0, "preemptions": 0,
                       "prefix_tokens_reused": 0, "fork_seconds": 0.0, "lookahead_steps": 0,
                       "lookahead_rows_wasted": 0, "errors": 0}
+        # Speculative decoding (dendrite/speculative): each step first asks
+        # `self._spec.try_step()`, which runs a draft-and-verify step or says no.
+        self._spec = speculative.attach(self) if speculative is not None else None
 
     # -- sequences -------------------------------------------------------------
     @_locked
@@ -634,6 +644,10 @@ class Engine:
         still queued; the next call completes it.
         """
         cur, self._ahead = self._ahead, None
+        if cur is None and self._spec is not None:
+            finished = self._spec.try_step()
+            if finished is not None:
+                return finished
         if cur is None:
             plan = self._schedule()
             if not plan:
@@ -765,6 +779,8 @@ class Engine:
                     or len(h.token_ids) + 2 > h.params.max_tokens):
                 return None
         if self._runnable():
+            return None
+        if self._spec is not None and self._spec.would_speculate(cur.seqs):
             return None
         nodes = np.asarray([s.node for s in cur.seqs], dtype=np.int64)
         if self.tree.pages_needed(nodes, np.ones(len(nodes), dtype=np.int32)) > self.pool.free:

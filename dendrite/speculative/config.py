@@ -1,0 +1,164 @@
+"""`SpeculativeConfig`: which drafter, which draft trees, and when speculation is off.
+
+`Engine(..., speculative=SpeculativeConfig(...))` turns speculative decoding
+on; `SpeculativeConfig.parse("ngram:k=4,n=3")` reads the one-string form the
+command line and the DSL take:
+
+    off | ngram[:OPTS] | model:DIR[,OPTS]        OPTS: key=value,...
+
+keys: k (draft depth), width (static tree), tree (static|dynamic), top_k and
+budget (dynamic tree), n and n_min (n-gram lengths), max_rows, break_even.
+
+The on/off rule (docs/speculative.md has the measurement behind the
+defaults): a step speculates only when it has at most `max_rows` decoding
+branches (beyond that a batched decode step is already compute-bound and
+the verify tokens cost as much as they save), and only for the branches
+whose recent acceptance length (an exponential average, `ema` weight of the
+newest step) is at least `break_even` tokens per step; a branch below it
+drafts again after `probe_every` plain steps, to see whether the text
+became predictable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dendrite.speculative.drafters import Drafter
+from dendrite.speculative.tree import TREE_KINDS, TreeShape
+
+if TYPE_CHECKING:
+    from dendrite.engine import Engine
+    from dendrite.speculative.step import Speculator
+
+__all__ = ["SpeculativeConfig", "METHODS"]
+
+#: Drafting methods by name.
+METHODS = ("ngram", "model")
+
+_INT_KEYS = {"k": "num_draft", "width": "width", "top_k": "top_k", "budget": "budget",
+             "n": "ngram_max", "n_min": "ngram_min", "max_rows": "max_rows",
+             "probe_every": "probe_every"}
+_FLOAT_KEYS = {"break_even": "break_even"}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding settings (see the module docstring)."""
+
+    method: str = "ngram"
+    draft_model: str | None = None  # model directory, for method "model"
+    drafter: Drafter | None = field(default=None, compare=False)  # a ready drafter wins
+    tree: str = "static"
+    num_draft: int = 4  # draft tokens per path (tree depth)
+    width: int = 1  # static tree: branches at the first draft token
+    top_k: int = 4  # dynamic tree
+    budget: int = 16  # dynamic tree: nodes kept
+    ngram_min: int = 1
+    ngram_max: int = 3
+    draft_pages: int = 4096  # the draft model's KV pool
+    #: The rule (see the module docstring and docs/speculative.md).
+    max_rows: int = 16
+    break_even: float = 1.5
+    ema: float = 0.5
+    probe_every: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
+        if self.method == "model" and self.draft_model is None and self.drafter is None:
+            raise ValueError("speculative method 'model' needs draft_model (a model directory)")
+        if self.drafter is not None and not isinstance(self.drafter, Drafter):
+            raise TypeError(f"drafter must implement Drafter (propose, forget), got "
+                            f"{type(self.drafter).__name__}")
+        if self.tree not in TREE_KINDS:
+            raise ValueError(f"speculative tree must be one of {', '.join(TREE_KINDS)}, "
+                             f"got {self.tree!r}")
+        for name in ("num_draft", "width", "top_k", "budget", "ngram_min", "ngram_max",
+                     "draft_pages", "max_rows", "probe_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"speculative {name} must be an int >= 1, got {v!r}")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"speculative n_min ({self.ngram_min}) must be <= n "
+                             f"({self.ngram_max})")
+        for name, low, high in (("break_even", 0.0, float("inf")), ("ema", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise ValueError(f"speculative {name} must be a number in [{low}, {high}], "
+                                 f"got {v!r}")
+
+    @property
+    def shape(self) -> TreeShape:
+        """The draft trees' shape."""
+        return TreeShape(kind=self.tree, depth=self.num_draft, width=self.width,
+                         top_k=self.top_k, budget=self.budget)
+
+    @classmethod
+    def parse(cls, spec: "str | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """`off` / `ngram[:OPTS]` / `model:DIR[,OPTS]` -> a config (None for off)."""
+        if spec is None or isinstance(spec, SpeculativeConfig):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"speculative must be a string like 'ngram:k=4' or a "
+                            f"SpeculativeConfig, got {type(spec).__name__}")
+        text = spec.strip()
+        if text in ("", "off", "none"):
+            return None
+        method, _, rest = text.partition(":")
+        if method not in METHODS:
+            raise ValueError(f"speculative: unknown method {method!r} in {spec!r}; allowed: "
+                             f"off, ngram[:k=4,...], model:DIR[,k=4,...]")
+        parts = [p.strip() for p in rest.split(",")] if rest else []
+        kw: dict[str, object] = {"method": method}
+        if method == "model":
+            if not parts or not parts[0] or "=" in parts[0]:
+                raise ValueError(f"speculative: 'model' needs a directory, as model:DIR, "
+                                 f"got {spec!r}")
+            kw["draft_model"] = str(Path(parts.pop(0)).expanduser())
+        for part in parts:
+            key, eq, val = part.partition("=")
+            key = key.strip()
+            if not eq:
+                raise ValueError(f"speculative: option {part!r} must be key=value")
+            if key == "tree":
+                kw["tree"] = val.strip()
+            elif key in _INT_KEYS:
+                try:
+                    kw[_INT_KEYS[key]] = int(val)
+                except ValueError:
+                    raise ValueError(f"speculative: {key} must be an int, got {val!r}") from None
+            elif key in _FLOAT_KEYS:
+                try:
+                    kw[_FLOAT_KEYS[key]] = float(val)
+                except ValueError:
+                    raise ValueError(f"speculative: {key} must be a number, got {val!r}") \
+                        from None
+            else:
+                allowed = ", ".join(["tree", *_INT_KEYS, *_FLOAT_KEYS])
+                raise ValueError(f"speculative: unknown option {key!r}; allowed: {allowed}")
+        return cls(**kw)
+
+    def with_(self, **changes) -> "SpeculativeConfig":
+        """A copy with `changes`."""
+        return replace(self, **changes)
+
+    def make_drafter(self, engine: "Engine") -> Drafter:
+        """The drafter this config names, built for `engine`'s tokenizer and device."""
+        if self.drafter is not None:
+            return self.drafter
+        from dendrite.speculative.drafters import ModelDrafter, NgramDrafter
+
+        if self.method == "ngram":
+            return NgramDrafter(self.ngram_min, self.ngram_max)
+        return ModelDrafter(self.draft_model, tokenizer=engine.tokenizer, device=engine.device,
+                            dtype=engine.runner.dtype, num_pages=self.draft_pages,
+                            page_size=engine.page_size, vocab_size=engine.runner.vocab_size)
+
+    def attach(self, engine: "Engine") -> "Speculator":
+        """The speculator the engine's steps call (the engine's one entry point here)."""
+        from dendrite.speculative.step import Speculator
+
+        return Speculator(engine, self)

@@ -1,0 +1,382 @@
+"""`Speculator`: the engine's speculative decode step (draft, verify in one forward, commit).
+
+`Engine.step()` asks `try_step()` first; None means "not this step" and the
+engine runs its usual step. A speculative step runs when every runnable leaf
+is a decoding branch (one pending token, a live request, nothing owed) and
+the on/off rule of `SpeculativeConfig` says so. Then, for every branch of
+the batch, in one step:
+
+1. Draft: the drafter proposes a `DraftTree` after the branch's tokens (at
+   most `max_tokens - generated - 1` deep); a grammar-constrained branch
+   drops the nodes its grammar forbids (`prune_by_grammar`).
+2. Verify in one forward. A chain (one path) is appended to the branch's own
+   KV node: its row is [last token, d1..dk]. A tree with several paths forks
+   the branch's node once per root-to-leaf path (O(1), pages shared by
+   reference) and each fork's row is [last token, its path]: shared draft
+   prefixes are recomputed per path, which keeps every row an ordinary
+   causal row of the existing attention backends and CUDA paths (no custom
+   mask). Logits come back at every position.
+3. Accept (dendrite/speculative/verify.py): the engine's sampler draws the
+   target token at every tree node, with the branch's seed and the node's
+   absolute position, its penalties and its grammar mask; the walk follows
+   the drawn tokens down the tree. This is the point-mass case of recursive
+   rejection sampling, so it is exact; and since the draws are the ones a
+   plain step would make, the tokens are those of a non-speculative run.
+4. Commit: the accepted path's fork becomes the branch's node, the other
+   forks are released at once (their pages go back to the pool in this
+   step), the KV is cut after the last accepted draft token, and the
+   accepted tokens go through the engine's own bookkeeping (stop strings,
+   EOS, grammar, forced tokens, max_tokens) exactly as if sampled one per
+   step: the first that ends the request or makes the grammar force tokens
+   is handed to the engine from the state a plain step would have had.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dendrite.model.runner import StepPlan
+from dendrite.speculative.tree import DraftTree
+from dendrite.speculative.verify import prune_by_grammar, walk
+
+if TYPE_CHECKING:
+    from dendrite.engine import Engine, GenHandle, Sequence
+    from dendrite.speculative.config import SpeculativeConfig
+
+__all__ = ["Speculator", "SPEC_STATS"]
+
+#: The counters a speculator adds to `Engine.stats`.
+SPEC_STATS = ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_off_steps")
+
+
+class _Row:
+    """One branch of a speculative step: its draft tree and where its rows went."""
+
+    __slots__ = ("seq", "tree", "states", "paths", "nodes", "forked", "cached", "last",
+                 "first_row")
+
+    def __init__(self, seq: "Sequence", tree: DraftTree, states: list | None) -> None:
+        self.seq = seq
+        self.tree = tree
+        self.states = states  # grammar state after each node (constrained only)
+        self.paths = tree.paths() or [[]]
+        self.nodes: list[int] = []  # KV node of each path's row
+        self.forked = len(self.paths) > 1
+        self.cached = seq.num_cached
+        self.last = seq.pending[0]
+        self.first_row = 0  # index of its first row in the step
+
+
+class Speculator:
+    """Drafts, verifies and commits for an engine (see the module docstring)."""
+
+    def __init__(self, engine: "Engine", config: "SpeculativeConfig") -> None:
+        self.engine = engine
+        self.config = config
+        self.shape = config.shape
+        self.drafter = config.make_drafter(engine)
+        self._ema: dict[int, float] = {}  # id(seq) -> recent acceptance length
+        self._paused: dict[int, int] = {}  # id(seq) -> plain steps since it stopped drafting
+        self._keys: set[int] = set()  # branches the drafter has seen
+        for k in SPEC_STATS:
+            engine.stats.setdefault(k, 0)
+        engine.stats.setdefault("spec_mean_accept_len", 0.0)
+
+    # -- the rule ---------------------------------------------------------------------
+    def _decode_rows(self) -> list["Sequence"] | None:
+        """The runnable leaves if all are plain decoding branches, else None."""
+        runnable = self.engine._runnable()
+        if not runnable:
+            return None
+        for s in runnable:
+            h = s.handle
+            if (h is None or h.done or h.finishing is not None or h.owed
+                    or len(s.pending) != 1):
+                return None
+        return runnable
+
+    def _wants(self, s: "Sequence") -> bool:
+        ema = self._ema.get(id(s))
+        if ema is None or ema >= self.config.break_even:
+            return True
+        return self._paused.get(id(s), 0) >= self.config.probe_every
+
+    def would_speculate(self, seqs: Seq["Sequence"]) -> bool:
+        """Whether the next step over `seqs` may speculate (the engine then launches
+        no step ahead)."""
+        return len(seqs) <= self.config.max_rows and any(self._wants(s) for s in seqs)
+
+    def _forget_gone(self) -> None:
+        live = {id(s) for s in self.engine._live.values()}
+        for key in self._keys - live:
+            self.drafter.forget(key)
+            self._ema.pop(key, None)
+            self._paused.pop(key, None)
+        self._keys &= live
+
+    # -- the step ----------------------------------------------------------------------
+    def try_step(self) -> list["GenHandle"] | None:
+        """One speculative step, or None when this step should be a plain one."""
+        e = self.engine
+        seqs = self._decode_rows()
+        if seqs is None:
+            return None
+        stats = e.stats
+        if len(seqs) > self.config.max_rows:
+            stats["spec_off_steps"] += 1
+            return None
+        want = [s for s in seqs if self._wants(s)]
+        for s in seqs:
+            if s not in want:
+                self._paused[id(s)] = self._paused.get(id(s), 0) + 1
+        if not want:
+            stats["spec_off_steps"] += 1
+            return None
+        # Matchers are advanced below: no mask prefetch may be computing or kept.
+        e._settle_masks()
+        if e._mask_worker is not None:
+            e._mask_worker.prefetch([])
+        self._forget_gone()
+        trees = self._draft(want)
+        if not any(len(t) for t in trees.values()):
+            return None
+        rows = []
+        for s in seqs:
+            tree = trees.get(id(s), DraftTree())
+            states = None
+            if s.handle.matcher is not None and len(tree):
+                tree, states = prune_by_grammar(tree, s.handle.matcher)
+            rows.append(_Row(s, tree, states))
+        for s in want:
+            self._paused.pop(id(s), None)
+        return self._run(rows)
+
+    def _draft(self, want: list["Sequence"]) -> dict[int, DraftTree]:
+        depths = [max(0, min(self.config.num_draft,
+                             s.handle.params.max_tokens - len(s.handle.token_ids) - 1))
+                  for s in want]
+        keys = [id(s) for s in want]
+        self._keys.update(keys)
+        trees = self.drafter.propose(keys, [s.tokens for s in want], self.shape, depths)
+        return {k: t for k, t in zip(keys, trees)}
+
+    def _pages_needed(self, rows: list[_Row]) -> int:
+        e = self.engine
+        ps = e.page_size
+        need = 0
+        chains = [(r.seq.node, 1 + len(r.paths[0])) for r in rows if not r.forked]
+        if chains:
+            need += e.tree.pages_needed(np.asarray([n for n, _ in chains], dtype=np.int64),
+                                        np.asarray([c for _, c in chains], dtype=np.int32))
+        for r in rows:
+            if r.forked:  # a fork's first write copies the parent's partly filled page
+                need += sum(-(-(r.cached % ps + 1 + len(p)) // ps) for p in r.paths)
+        return need
+
+    def _run(self, rows: list[_Row]) -> list["GenHandle"] | None:
+        e = self.engine
+        total = sum(1 + len(p) for r in rows for p in r.paths)
+        if total > e.max_batch_tokens:
+            return None
+        need = self._pages_needed(rows)
+        if need > e.pool.free and e.cache is not None:
+            e.cache.evict(need - e.pool.free)
+        if need > e.pool.free:
+            return None  # the plain step preempts; speculation never does
+        nodes: list[int] = []
+        counts: list[int] = []
+        flat: list[int] = []
+        try:
+            for r in rows:
+                r.first_row = len(nodes)
+                r.nodes = [int(n) for n in e.tree.fork(r.seq.node, len(r.paths))] \
+                    if r.forked else [r.seq.node]
+                for node, path in zip(r.nodes, r.paths):
+                    toks = [r.last] + [r.tree.tokens[i] for i in path]
+                    nodes.append(node)
+                    counts.append(len(toks))
+                    flat.extend(toks)
+            logits, qo = self._forward(rows, nodes, counts, flat)
+            out = self._sample(rows, logits, qo)
+        except BaseException:
+            self._rollback(rows)
+            raise
+        return self._commit(rows, out)
+
+    def _forward(self, rows: list[_Row], nodes: list[int], counts: list[int], flat: list[int]
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+        """Append every row's tokens and run them; logits at every new token."""
+        e = self.engine
+        nodes_a = np.asarray(nodes, dtype=np.int64)
+        counts_a = np.asarray(counts, dtype=np.int32)
+        flat_a = np.asarray(flat, dtype=np.int32)
+        starts = np.asarray([e.tree.num_tokens(n) for n in nodes], dtype=np.int64)
+        appended = e.tree.append_batch(nodes_a, counts_a, flat_a)
+        for r in rows:
+            r.seq.pending = []
+        indptr, indices, last_len = e.tree.export_csr(nodes_a)
+        qo = np.zeros(len(nodes) + 1, dtype=np.int32)
+        np.cumsum(counts_a, out=qo[1:])
+        positions = np.repeat(starts - qo[:-1], counts_a) + np.arange(len(flat_a))
+        plan = StepPlan(input_ids=flat_a, positions=positions,
+                        slot_mapping=appended.slot_mapping, qo_indptr=qo, kv_indptr=indptr,
+                        kv_indices=indices, kv_last_page_len=last_len, copies=appended.copies,
+                        sample_rows=np.zeros(0, dtype=np.int64),
+                        score_rows=np.arange(len(flat_a), dtype=np.int64))
+        logits = e.runner.execute(plan)
+        e.stats["steps"] += 1
+        e.stats["forward_tokens"] += len(flat_a)
+        return logits, qo
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, qo: np.ndarray):
+        """The target's draw at every tree node (root included), in one sampler call.
+
+        Returns per row a dict node -> (token, logprob, top alternatives or None)."""
+        e = self.engine
+        index: list[int] = []
+        params, positions, history, matchers = [], [], [], []
+        owners: list[tuple[int, int]] = []
+        need_history = any(r.seq.handle.params.repetition_penalty != 1.0 for r in rows)
+        for k, r in enumerate(rows):
+            h = r.seq.handle
+            ctx = None
+            if need_history:
+                ctx = e.tree.tokens(r.nodes[0])[:r.cached + 1].tolist()
+            where = {-1: (0, 0)}  # node -> (path index, offset in its row)
+            for pi, path in enumerate(r.paths):
+                for d, node in enumerate(path, 1):
+                    where.setdefault(node, (pi, d))
+            for node, (pi, d) in sorted(where.items()):
+                index.append(int(qo[r.first_row + pi]) + d)
+                params.append(h.params)
+                positions.append(r.cached + 1 + d)
+                if need_history:
+                    history.append(ctx + r.tree.path_tokens(node))
+                if h.matcher is not None:
+                    matchers.append((len(owners), h.matcher if node < 0 else r.states[node]))
+                owners.append((k, node))
+        allowed = None
+        if matchers:
+            from dendrite.grammar.masks import fill_masks
+
+            allowed = matchers[0][1].tokenizer.allocate_bitmask(len(owners), pin_memory=False)
+            fill_masks([m for _, m in matchers], allowed, [i for i, _ in matchers])
+        idx = torch.as_tensor(index, dtype=torch.int64, device=logits.device)
+        out = e.sampler(logits[idx], params, positions,
+                        prev_tokens=history if need_history else None, allowed=allowed).cpu()
+        toks, lps = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        drawn: list[dict[int, tuple]] = [{} for _ in rows]
+        for j, (k, node) in enumerate(owners):
+            n = rows[k].seq.handle.params.logprobs
+            top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n > 0 else None
+            drawn[k][node] = (toks[j], lps[j], top)
+        return drawn
+
+    def _rollback(self, rows: list[_Row]) -> None:
+        """Undo a step that failed before its commit: forks released, KV cut back,
+        the last token pending again."""
+        e = self.engine
+        for r in rows:
+            if r.forked:
+                for node in r.nodes:
+                    e.tree.release(node)
+            elif e.tree.num_tokens(r.seq.node) > r.cached:
+                e.tree.truncate(r.seq.node, r.cached)
+            r.seq.pending = [r.last]
+            r.nodes = []
+
+    def _commit(self, rows: list[_Row], drawn: list[dict[int, tuple]]) -> list["GenHandle"]:
+        e = self.engine
+        stats = e.stats
+        finished: list[GenHandle] = []
+        stats["spec_steps"] += 1
+        for r, dr in zip(rows, drawn):
+            seq, h = r.seq, r.seq.handle
+            accepted, _ = walk(r.tree, lambda n: dr[n][0])
+            j = len(accepted)
+            if len(r.tree):
+                stats["spec_rows"] += 1
+                stats["spec_drafted"] += len(r.tree)
+                stats["spec_accepted"] += j
+                a = self.config.ema
+                old = self._ema.get(id(seq), j + 1.0)
+                self._ema[id(seq)] = (1 - a) * old + a * (j + 1)
+            # The row that holds the accepted path becomes the branch.
+            pick = 0
+            if j:
+                pick = next(i for i, p in enumerate(r.paths) if p[:j] == accepted)
+            if seq.waited >= e.max_wait_steps:
+                e.scheduler.set_priority(seq.node, seq.priority)
+            seq.waited = 0
+            if r.forked:
+                old = seq.node
+                e._untrack(seq)
+                for i, node in enumerate(r.nodes):
+                    if i != pick:
+                        e.tree.release(node)  # its pages go back now
+                seq.node = r.nodes[pick]
+                e.tree.release(old)  # kept alive by the branch's new node
+                e._track(seq)
+            e.tree.truncate(seq.node, r.cached + 1 + j)
+            # The draw at a node is the token after it: the draws at the root and
+            # the accepted nodes are d1..dj and then the new token.
+            emitted = [dr[n] for n in [-1] + accepted]
+            if self._accept_all(r, h, emitted, j):
+                finished.append(h)
+        rows_spec = stats["spec_rows"]
+        if rows_spec:
+            stats["spec_mean_accept_len"] = (stats["spec_accepted"] + rows_spec) / rows_spec
+        return finished
+
+    def _accept_all(self, r: _Row, h: "GenHandle", emitted: list[tuple], j: int) -> bool:
+        """Hand the accepted tokens to the engine as a plain step would have.
+
+        `emitted[:j]` are accepted draft tokens (their KV is already in the
+        branch), `emitted[j]` the token drawn after them. A draft token that
+        neither ends the request nor makes the grammar force tokens is only
+        recorded; the first one that does, and the last token, go through
+        `Engine._accept` with the KV cut to just before them. Returns whether
+        the request finished."""
+        e, seq = self.engine, r.seq
+        for i, (tok, lp, top) in enumerate(emitted):
+            if math.isnan(lp):
+                e.tree.truncate(seq.node, r.cached + 1 + i)
+                e._reject_row(h, e.stats["steps"], placeholders=False)
+                return True
+            if i < j and self._record_if_plain(h, tok, lp, top):
+                continue
+            e.tree.truncate(seq.node, r.cached + 1 + i)
+            return e._accept(h, tok, lp, top)
+        return False
+
+    @staticmethod
+    def _record_if_plain(h: "GenHandle", tok: int, lp: float, top) -> bool:
+        """Record a draft token if the request simply goes on after it; otherwise
+        leave everything as it was and return False."""
+        h.token_ids.append(tok)
+        h.logprobs.append(lp)
+        if top is not None:
+            h.top_logprobs.append(top)
+        m = h.matcher
+        if m is not None:
+            m.consume(tok)
+        plain = (h.stop.check(h.token_ids) is None
+                 and len(h.token_ids) < h.params.max_tokens
+                 and (m is None or (not m.is_stopped() and not m.forced_tokens())))
+        if plain:
+            return True
+        h.token_ids.pop()
+        h.logprobs.pop()
+        if top is not None:
+            h.top_logprobs.pop()
+        if m is not None:
+            m.rollback(1)
+        h.stop.matched = None
+        return False
