@@ -178,7 +178,7 @@ class _Workers:
                 with self._lock:
                     if self.closing:
                         return
-                    w.proc.join(0)
+                    w.proc.join(1)  # (its pipe closes just before it can be reaped)
                     self.died = self.died or (
                         f"{w.describe()} exited with code {w.proc.exitcode}")
                 log.error("%s", self.died)
