@@ -289,7 +289,9 @@ class Engine:
     `cuda_graphs`, `cascade` and `kernels` build the engine's `ModelRunner`
     (see there); with a ready `runner` they are not used. `speculative` (a
     `dendrite.speculative.SpeculativeConfig`, default None: off) turns on
-    speculative decoding (docs/speculative.md).
+    speculative decoding (docs/speculative.md). `tensor_parallel=N`
+    shards the model over N processes, one per device (dendrite.parallel);
+    this process is rank 0 and holds the engine.
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str | None = None,
@@ -299,7 +301,7 @@ class Engine:
                  cuda_graphs: bool = True, cascade: str = "auto",
                  lookahead: bool | None = None, kernels: KernelConfig | None = None,
                  speculative: object | None = None,
-                 runner: ModelRunner | None = None) -> None:
+                 runner: ModelRunner | None = None, tensor_parallel: int = 1) -> None:
         # Sizes are checked before the model loads: a typo costs no load time.
         max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
         max_wait_steps = _check_int("max_wait_steps", max_wait_steps, 1)
@@ -312,7 +314,13 @@ class Engine:
             raise TypeError(f"speculative must be a dendrite.speculative.SpeculativeConfig or "
                             f"None (SpeculativeConfig.parse reads 'ngram:k=4'), got "
                             f"{type(speculative).__name__}")
+        tensor_parallel = _check_int("tensor_parallel", tensor_parallel, 1)
+        if tensor_parallel > 1 and runner is not None:
+            raise ValueError("tensor_parallel applies to the runner the engine builds; "
+                             "with a ready runner leave it at 1")
         self._lock = threading.RLock()
+        # A runner built here is closed by `close` (tensor parallel: its processes).
+        self._own_runner = runner is None
         if runner is None:
             if model_dir is None:
                 model_dir = os.environ.get("DENDRITE_MODEL")
@@ -324,9 +332,18 @@ class Engine:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             # Decode steps whose leaves share a long prefix replay a cascade graph
             # ("auto": when the graph rule says it is faster; "always"; "never").
-            runner = ModelRunner(model_dir, device=device, dtype=dtype, num_pages=num_pages,
-                                 page_size=page_size, attention=attention, kernels=kernels,
-                                 cuda_graphs=cuda_graphs, cascade=cascade)
+            if tensor_parallel > 1:  # one process per device; this one is rank 0
+                from dendrite.parallel import start_tensor_parallel
+
+                runner = start_tensor_parallel(
+                    model_dir, tensor_parallel, device=device, dtype=dtype,
+                    num_pages=num_pages, page_size=page_size, attention=attention,
+                    kernels=kernels, cuda_graphs=cuda_graphs, cascade=cascade)
+            else:
+                runner = ModelRunner(model_dir, device=device, dtype=dtype,
+                                     num_pages=num_pages, page_size=page_size,
+                                     attention=attention, kernels=kernels,
+                                     cuda_graphs=cuda_graphs, cascade=cascade)
         self.runner = runner
         self.model_dir = Path(runner.loaded.path)
         self.tokenizer = runner.tokenizer
@@ -1166,8 +1183,12 @@ class Engine:
 
     @_locked
     def close(self) -> None:
-        """Release every live sequence and stop the grammar mask worker."""
+        """Release every live sequence and stop the grammar mask worker (and the
+        tensor-parallel worker processes of a runner the engine built)."""
         for seq in list(self._live.values()):
             self.release(seq)
         if self._mask_worker is not None:
             self._mask_worker.close()
+        close_runner = getattr(self.runner, "close", None) if self._own_runner else None
+        if close_runner is not None:
+            close_runner()
