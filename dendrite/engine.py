@@ -286,7 +286,8 @@ class Engine:
     """Batched generation over a KV tree of forkable sequences.
 
     `model_dir`, `device`, `dtype`, `num_pages`, `page_size`, `attention`,
-    `cuda_graphs`, `cascade` and `kernels` build the engine's `ModelRunner`
+    `cuda_graphs`, `cascade`, `kernels` and `kv_dtype` (None / "auto": the
+    model dtype, or "fp8_e4m3") build the engine's `ModelRunner`
     (see there); with a ready `runner` they are not used. `speculative` (a
     `dendrite.speculative.SpeculativeConfig`, default None: off) turns on
     speculative decoding (docs/speculative.md). `tensor_parallel=N`
@@ -300,6 +301,7 @@ class Engine:
                  prefix_cache: bool = True, max_wait_steps: int = 64,
                  cuda_graphs: bool = True, cascade: str = "auto",
                  lookahead: bool | None = None, kernels: KernelConfig | None = None,
+                 kv_dtype: str | None = None,
                  speculative: object | None = None,
                  runner: ModelRunner | None = None, tensor_parallel: int = 1) -> None:
         # Sizes are checked before the model loads: a typo costs no load time.
@@ -343,7 +345,8 @@ class Engine:
                 runner = ModelRunner(model_dir, device=device, dtype=dtype,
                                      num_pages=num_pages, page_size=page_size,
                                      attention=attention, kernels=kernels,
-                                     cuda_graphs=cuda_graphs, cascade=cascade)
+                                     cuda_graphs=cuda_graphs, cascade=cascade,
+                                     kv_dtype=kv_dtype)
         self.runner = runner
         self.model_dir = Path(runner.loaded.path)
         self.tokenizer = runner.tokenizer
@@ -1176,10 +1179,13 @@ class Engine:
     # -- introspection ---------------------------------------------------------------------
     @_locked
     def memory_stats(self) -> dict:
-        """KV page counts (used, free, total, high watermark) and bytes per page."""
+        """KV page counts (used, free, total, high watermark), bytes per page and
+        per token, and the pool's element format ("auto" or "fp8_e4m3")."""
         return {"pages_used": self.pool.used, "pages_free": self.pool.free,
                 "pages_total": self.num_pages, "high_watermark": self.pool.high_watermark,
-                "bytes_per_page": self.runner.kv_bytes_per_page}
+                "bytes_per_page": self.runner.kv_bytes_per_page,
+                "kv_bytes_per_token": self.runner.kv_bytes_per_page // self.page_size,
+                "kv_dtype": getattr(self.runner, "kv_dtype", "auto")}
 
     @_locked
     def close(self) -> None:

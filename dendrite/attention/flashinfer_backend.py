@@ -1,4 +1,4 @@
-"""FlashInfer attention backend (GPU, fp16/bf16) over Dendrite's paged KV cache.
+"""FlashInfer attention backend (GPU, fp16/bf16; FP8 pages) over Dendrite's paged KV cache.
 
 One step = one `plan()` then one `forward()` per layer. `plan()` picks the
 wrapper for the step's shape and plans it once; every layer reuses that plan:
@@ -20,6 +20,15 @@ FlashInfer, so layers are grouped by window and each group gets its own
 wrappers. A window that no sequence of the step has outgrown masks nothing,
 so such steps use the full-attention plan (and its already built kernels).
 
+FP8 pages (`kv_dtype=torch.float8_e4m3fn`, dendrite/model/kv_cache.py): every
+wrapper is planned with `kv_data_type` float8_e4m3fn and fp16/bf16 queries
+(FlashInfer's CUDA-core decode and its fa2 prefill convert the pages to the
+query dtype in the kernel; its fa3 kernels would need FP8 queries, so "auto"
+resolves to fa2). A layer's scales (`kv_scales`) go to `run()` as FlashInfer's
+`k_scale` (folded into the softmax scale on the host) and `v_scale` (an
+`out *= v_scale` after the kernel, skipped when the scale is 1, as calibrated
+scales usually are). The graph wrappers take the same two arguments.
+
 FlashInfer is optional: it is imported only when a backend is built, so CPU
 installs never touch it. `flashinfer_available()` answers whether it can run.
 """
@@ -28,12 +37,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+if TYPE_CHECKING:
+    from dendrite.model.kv_cache import KVScales
+
 __all__ = ["FlashInferBackend", "GraphCascadeWrapper", "GraphDecodeWrapper", "PlanFence", "flashinfer_available",
-           "import_flashinfer", "DEFAULT_WORKSPACE_BYTES"]
+           "import_flashinfer", "scale_kwargs", "DEFAULT_WORKSPACE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,21 @@ DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
 
 #: Activation / KV dtypes FlashInfer's kernels are built for here.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+#: Page dtypes besides the activation dtype (read with fp16/bf16 queries).
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+
+
+def scale_kwargs(kv_scales: KVScales | None, layer: int) -> dict[str, float]:
+    """`k_scale` / `v_scale` keyword arguments of a FlashInfer `run()` for
+    `layer`, leaving out a scale of 1 (nothing to fold)."""
+    if kv_scales is None:
+        return {}
+    kw = {}
+    if kv_scales.k[layer] != 1.0:
+        kw["k_scale"] = float(kv_scales.k[layer])
+    if kv_scales.v[layer] != 1.0:
+        kw["v_scale"] = float(kv_scales.v[layer])
+    return kw
 
 
 def import_flashinfer() -> Any:
@@ -152,6 +179,8 @@ class FlashInferBackend:
         decode_tensor_cores: run decode through the tensor-core (prefill)
             kernels. Off by default: at small batch the CUDA-core decode
             kernel is as fast, and it JIT-builds in seconds.
+        kv_dtype: the pages' dtype: None (= `dtype`) or float8_e4m3fn.
+        kv_scales: the FP8 pool's per-layer `KVScales` (None: unit scales).
     """
 
     name = "flashinfer"
@@ -161,9 +190,13 @@ class FlashInferBackend:
                  device: torch.device | str = "cuda", sm_scale: float | None = None,
                  sliding_windows: Sequence[int | None] | None = None,
                  workspace: torch.Tensor | None = None, prefill_backend: str = "auto",
-                 decode_tensor_cores: bool = False) -> None:
+                 decode_tensor_cores: bool = False, kv_dtype: torch.dtype | None = None,
+                 kv_scales: KVScales | None = None) -> None:
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"FlashInfer backend supports float16/bfloat16, not {dtype}")
+        if kv_dtype is not None and kv_dtype != dtype and kv_dtype not in FP8_KV_DTYPES:
+            raise ValueError(f"kv_dtype must be None, {dtype} or torch.float8_e4m3fn, "
+                             f"got {kv_dtype}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of "
                              f"num_kv_heads={num_kv_heads}")
@@ -171,6 +204,8 @@ class FlashInferBackend:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size = page_size
         self.dtype = dtype
+        self.kv_dtype = kv_dtype if kv_dtype is not None else dtype
+        self.kv_scales = kv_scales
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -245,7 +280,7 @@ class FlashInferBackend:
         wrapper.plan(_host_i32(kv_indptr), kv_indices, _host_i32(kv_last_page_len),
                      self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                      window_left=window_left, q_data_type=self.dtype,
-                     kv_data_type=self.dtype, sm_scale=self.sm_scale)
+                     kv_data_type=self.kv_dtype, sm_scale=self.sm_scale)
         self.fence.after(wrapper)
 
     def _plan_prefill(self, g: _WindowGroup, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
@@ -253,7 +288,7 @@ class FlashInferBackend:
         args = (qo_indptr, kv_indptr, kv_indices, kv_last,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.page_size)
         kwargs = dict(causal=True, window_left=window_left, q_data_type=self.dtype,
-                      kv_data_type=self.dtype, sm_scale=self.sm_scale)
+                      kv_data_type=self.kv_dtype, sm_scale=self.sm_scale)
         w = self._prefill_wrapper(g)
         try:
             self.fence.before(w)
@@ -278,7 +313,7 @@ class FlashInferBackend:
         w = self._layer_wrapper.get(layer, self._default_wrapper)
         if w is None:
             raise RuntimeError("FlashInferBackend.forward called before plan()")
-        return w.run(q.contiguous(), (k_cache, v_cache))
+        return w.run(q.contiguous(), (k_cache, v_cache), **scale_kwargs(self.kv_scales, layer))
 
 
 class GraphDecodeWrapper:
@@ -331,9 +366,11 @@ class GraphDecodeWrapper:
         self.plans += 1
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            return_lse: bool = False) -> Any:
-        """Decode attention of `q` over the planned pages (with its LSE when asked)."""
-        return self.wrapper.run(q.contiguous(), (k_cache, v_cache), return_lse=return_lse)
+            return_lse: bool = False, **scales: float) -> Any:
+        """Decode attention of `q` over the planned pages (with its LSE when asked);
+        `scales`: FP8 pages' `k_scale` / `v_scale` (`scale_kwargs`)."""
+        return self.wrapper.run(q.contiguous(), (k_cache, v_cache), return_lse=return_lse,
+                                **scales)
 
 
 class GraphCascadeWrapper:
@@ -387,16 +424,21 @@ class GraphCascadeWrapper:
                              torch.tensor([0, n], dtype=i32), shared_indices,
                              torch.tensor([b.page_size], dtype=i32), b.num_heads,
                              b.num_kv_heads, b.head_dim, b.page_size, causal=False,
-                             sm_scale=b.sm_scale, q_data_type=b.dtype, kv_data_type=b.dtype)
+                             sm_scale=b.sm_scale, q_data_type=b.dtype,
+                             kv_data_type=b.kv_dtype)
             b.fence.after(self.shared)
             self._shared_pages = n
             self.plans += 1
         self.unique.plan(unique_indptr, unique_indices, last_page_len)
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """Cascade attention: shared-prefix and own-suffix parts, merged by their LSEs."""
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            **scales: float) -> torch.Tensor:
+        """Cascade attention: shared-prefix and own-suffix parts, merged by their LSEs.
+
+        `scales` (FP8 pages): both levels take them, so both LSEs are the true
+        ones and both outputs carry `v_scale`: the merge is unchanged."""
         q = q.contiguous()
-        out, lse = self.shared.run(q, (k_cache, v_cache), return_lse=True)
-        own, own_lse = self.unique.run(q, k_cache, v_cache, return_lse=True)
+        out, lse = self.shared.run(q, (k_cache, v_cache), return_lse=True, **scales)
+        own, own_lse = self.unique.run(q, k_cache, v_cache, return_lse=True, **scales)
         self.backend.fi.merge_state_in_place(out, lse, own, own_lse)
         return out

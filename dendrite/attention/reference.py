@@ -11,6 +11,10 @@ into flat slot indices once per step; every layer reuses them:
 
 An optional per-layer sliding window `w` additionally hides KV `j <= pos - w`
 (HF's convention: a token sees itself and the `w - 1` before it).
+
+FP8 pages (dendrite/model/kv_cache.py): the gathered K/V rows are widened to
+float32 and multiplied by the layer's scales (`kv_scales`) -- a dequantized
+copy of the gathered rows, which is fine for the reference.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dendrite.attention.base import AttentionMetadata
+
+if TYPE_CHECKING:
+    from dendrite.model.kv_cache import KVScales
 
 __all__ = ["ReferenceBackend"]
 
@@ -41,8 +49,16 @@ class _DecodeGroup:
     kv_lens: torch.Tensor  # int64 [Bd]
 
 
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x * scale if scale != 1.0 else x
+
+
 class ReferenceBackend:
-    """AttentionBackend in plain torch; any dtype, any device."""
+    """AttentionBackend in plain torch; any dtype, any device.
+
+    `kv_scales`: the pool's `KVScales` when it stores scaled values (FP8);
+    None reads the caches as they are.
+    """
 
     name = "reference"
 
@@ -54,6 +70,7 @@ class ReferenceBackend:
         page_size: int = 16,
         sm_scale: float | None = None,
         sliding_windows: Sequence[int | None] | None = None,
+        kv_scales: KVScales | None = None,
     ) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(
@@ -63,6 +80,7 @@ class ReferenceBackend:
         self.page_size = page_size
         self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
         self.sliding_windows = list(sliding_windows) if sliding_windows is not None else None
+        self.kv_scales = kv_scales
         self._prefills: list[_Prefill] = []
         self._decode: _DecodeGroup | None = None
         self._planned = False
@@ -98,6 +116,14 @@ class ReferenceBackend:
             self._decode = _DecodeGroup(torch.tensor(dec_rows, device=dev), pad, valid, n)
         self._planned = True
 
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """float32 K or V [*slots.shape, Hkv, D] of `slots` (a subclass may decode
+        another page format here)."""
+        flat = cache.view(-1, self.num_kv_heads, self.head_dim)
+        if flat.element_size() == 1:  # fp8: gather the bytes (index kernels need no fp8)
+            return flat.view(torch.uint8)[slots].view(flat.dtype).float()
+        return flat[slots].float()
+
     def _window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows is not None else None
 
@@ -109,15 +135,17 @@ class ReferenceBackend:
             raise RuntimeError("ReferenceBackend.forward called before plan()")
         hkv, d = self.num_kv_heads, self.head_dim
         g = self.num_heads // hkv
-        k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
         window = self._window(layer)
+        ks = self.kv_scales.k[layer] if self.kv_scales is not None else 1.0
+        vs = self.kv_scales.v[layer] if self.kv_scales is not None else 1.0
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         qf = q.float()
 
         if self._decode is not None:
             dg = self._decode
             qd = qf[dg.rows].view(-1, hkv, g, d)  # [Bd, Hkv, G, D]
-            k, v = k_flat[dg.slots].float(), v_flat[dg.slots].float()  # [Bd, L, Hkv, D]
+            k, v = self._gather(k_cache, dg.slots), self._gather(v_cache, dg.slots)
+            k, v = _scaled(k, ks), _scaled(v, vs)
             s = torch.einsum("bhgd,blhd->bhgl", qd, k) * self.sm_scale
             mask = dg.valid
             if window is not None:  # the query sits at kv_len - 1
@@ -130,7 +158,8 @@ class ReferenceBackend:
         for p in self._prefills:
             n = p.slots.shape[0]
             qp = qf[p.q_start : p.q_start + p.q_len].view(p.q_len, hkv, g, d)
-            k, v = k_flat[p.slots].float(), v_flat[p.slots].float()  # [n, Hkv, D]
+            k, v = self._gather(k_cache, p.slots), self._gather(v_cache, p.slots)
+            k, v = _scaled(k, ks), _scaled(v, vs)
             s = torch.einsum("qhgd,khd->hgqk", qp, k) * self.sm_scale
             qpos = torch.arange(n - p.q_len, n, device=q.device)[:, None]
             kpos = torch.arange(n, device=q.device)[None, :]

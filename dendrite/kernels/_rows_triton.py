@@ -41,11 +41,24 @@ def silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rope_store(src_ptr, dst_ptr, c1, s1, c2, s2, heads,
-                HALF: tl.constexpr, HBLOCK: tl.constexpr):
+def _store_kv(ptr, x, inv_scale, max_value, mask, QUANT: tl.constexpr):
+    """Store `x` (float32 values of the model dtype) into a cache of the model
+    dtype, or as FP8: x * inv_scale clamped to +-max_value (NaN kept), rounded
+    to nearest even (KVCache.write's `quantize`)."""
+    if QUANT:
+        y = tl.clamp(x * inv_scale, -max_value, max_value, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_store(src_ptr, dst_ptr, c1, s1, c2, s2, heads, inv_scale, max_value,
+                HALF: tl.constexpr, HBLOCK: tl.constexpr, QUANT: tl.constexpr):
     """dst = src * cos + rotate_half(src) * sin for [heads, 2 HALF] rows, each
-    product rounded to the dtype before the sum, as the torch expression."""
-    dt = dst_ptr.dtype.element_ty
+    product rounded to the dtype before the sum, as the torch expression
+    (stored as FP8 with QUANT, see `_store_kv`)."""
+    dt = src_ptr.dtype.element_ty
     h = tl.arange(0, HBLOCK)[:, None]
     j = tl.arange(0, HALF)[None, :]
     ok = h < heads
@@ -55,14 +68,17 @@ def _rope_store(src_ptr, dst_ptr, c1, s1, c2, s2, heads,
     # rotate_half(x) = [-x2, x1]
     lo = round_to(x1 * c1, dt) + round_to(-x2 * s1, dt)
     hi = round_to(x2 * c2, dt) + round_to(x1 * s2, dt)
-    tl.store(dst_ptr + row + j, lo.to(dt), mask=ok)
-    tl.store(dst_ptr + row + HALF + j, hi.to(dt), mask=ok)
+    if QUANT:  # quantize the value the model dtype holds, as KVCache.write does
+        lo, hi = round_to(lo, dt), round_to(hi, dt)
+    _store_kv(dst_ptr + row + j, lo, inv_scale, max_value, ok, QUANT)
+    _store_kv(dst_ptr + row + HALF + j, hi, inv_scale, max_value, ok, QUANT)
 
 
 @triton.jit
 def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                      k_inv_scale, v_inv_scale, max_value,
                       HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-                      HQ_BLOCK: tl.constexpr, HKV_BLOCK: tl.constexpr):
+                      HQ_BLOCK: tl.constexpr, HKV_BLOCK: tl.constexpr, QUANT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     j = tl.arange(0, HALF)[None, :]
@@ -71,11 +87,16 @@ def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v
     s1 = tl.load(sin_ptr + t * D + j).to(tl.float32)
     s2 = tl.load(sin_ptr + t * D + HALF + j).to(tl.float32)
     src = qkv_ptr + t * ((HQ + 2 * HKV) * D)
-    _rope_store(src, q_ptr + t * (HQ * D), c1, s1, c2, s2, HQ, HALF, HQ_BLOCK)
+    _rope_store(src, q_ptr + t * (HQ * D), c1, s1, c2, s2, HQ, 1.0, max_value, HALF,
+                HQ_BLOCK, False)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    _rope_store(src + HQ * D, k_cache_ptr + slot * (HKV * D), c1, s1, c2, s2, HKV, HALF,
-                HKV_BLOCK)
+    _rope_store(src + HQ * D, k_cache_ptr + slot * (HKV * D), c1, s1, c2, s2, HKV,
+                k_inv_scale, max_value, HALF, HKV_BLOCK, QUANT)
     h = tl.arange(0, HKV_BLOCK)[:, None]
     d = tl.arange(0, D)[None, :]
     v = tl.load(src + (HQ + HKV) * D + h * D + d, mask=h < HKV, other=0.0)
-    tl.store(v_cache_ptr + slot * (HKV * D) + h * D + d, v, mask=h < HKV)
+    if QUANT:
+        _store_kv(v_cache_ptr + slot * (HKV * D) + h * D + d, v.to(tl.float32), v_inv_scale,
+                  max_value, h < HKV, QUANT)
+    else:
+        tl.store(v_cache_ptr + slot * (HKV * D) + h * D + d, v, mask=h < HKV)

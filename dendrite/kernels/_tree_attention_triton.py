@@ -4,8 +4,8 @@
 item is (a run of leaves, a token range of one page list, a split slot) for
 one KV head. Its program loads the queries of those leaves' GQA group heads
 as the rows of one tile (leaf-major: row = leaf * GROUP + g), streams the
-range's K/V rows through the page table, and keeps an online softmax in
-float32 (base 2). It stores the range's normalized output (in the model
+range's K/V rows through the page table (FP8 pages converted to the query
+dtype as they load), and keeps an online softmax in float32 (base 2). It stores the range's normalized output (in the model
 dtype) and log-sum-exp (float32) per (leaf, query head) in the split slot.
 
 `tree_attention_merge`: one program per (leaf, query head) combines the
@@ -18,7 +18,8 @@ import triton.language as tl
 
 @triton.jit
 def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_ptr,
-                           lse_part_ptr, sm_scale_log2, stride_page, stride_tok, items_off,
+                           lse_part_ptr, sm_scale_log2, v_scale, stride_page, stride_tok,
+                           items_off,
                            HQ: tl.constexpr, HKV: tl.constexpr,
                            D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                            MAX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -27,13 +28,14 @@ def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_p
 
     sched[0] is the number of items; item i is the 6 int32 at
     sched[items_off + 6 i]: first leaf, leaves, page-list offset in
-    `indices`, first token, end token, split slot.
+    `indices`, first token, end token, split slot. `sm_scale_log2` includes
+    the K scale of FP8 pages; `v_scale` multiplies the output.
     """
     pid = tl.program_id(0)
     n_work = tl.load(sched_ptr) * HKV
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    dt = k_ptr.dtype.element_ty
+    dt = q_ptr.dtype.element_ty  # the compute dtype; the pages may be FP8
     for w in range(pid, n_work, tl.num_programs(0)):
         rec = sched_ptr + items_off + (w // HKV) * 6
         h = w % HKV
@@ -56,8 +58,10 @@ def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_p
             ok = t < t1
             page = tl.load(indices_ptr + page_off + t // PAGE, mask=ok, other=0)
             kv_off = page.to(tl.int64) * stride_page + (t % PAGE) * stride_tok + h * D
-            k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+            k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=ok[:, None],
+                        other=0.0).to(dt)
+            v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=ok[:, None],
+                        other=0.0).to(dt)
             s = tl.dot(q, tl.trans(k)) * sm_scale_log2
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -66,7 +70,7 @@ def tree_attention_partial(q_ptr, k_ptr, v_ptr, indices_ptr, sched_ptr, o_part_p
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc / l_i[:, None] * v_scale
         lse = m_i + tl.log2(l_i)
         slot = ((leaf * HQ + head) * MAX_SPLITS + split).to(tl.int64)
         tl.store(o_part_ptr + slot[:, None] * D + offs_d[None, :],

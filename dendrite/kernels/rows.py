@@ -18,6 +18,13 @@ summation order differs.
 `rows_supported(x, kernels)` says when they apply: `kernels.fused_rows`,
 CUDA, fp16/bf16, Triton present, and not under torch.compile (which fuses the
 torch ops itself).
+
+FP8 KV pages (dendrite/model/kv_cache.py): `rope_write` quantizes on store,
+as `KVCache.write` does -- the rotated k (rounded to the model dtype) and v
+are multiplied by 1 / scale, clamped to +-448 (NaN kept) and rounded to
+nearest even into float8_e4m3fn, so both writers store the same bytes.
+Triton converts to FP8 natively from compute capability 8.9 (`fp8_supported`);
+below that `rope_write` does the FP8 store in torch.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 
 from dendrite.kernels.config import KernelConfig, triton_available
 
-__all__ = ["add_rms_norm", "rope_write", "rope_write_supported", "rows_supported", "silu_mul"]
+__all__ = ["add_rms_norm", "fp8_supported", "rope_write", "rope_write_supported",
+           "rows_supported", "silu_mul"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _ALL = KernelConfig()
@@ -36,6 +44,14 @@ def rows_supported(x: torch.Tensor, kernels: KernelConfig = _ALL) -> bool:
     """True when the fused row kernels can take `x` (see the module docstring)."""
     return (kernels.fused_rows and x.is_cuda and x.dtype in _DTYPES
             and not torch.compiler.is_compiling() and triton_available())
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """Whether Triton kernels on `device` can load and store float8_e4m3fn (CUDA, sm 8.9+)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
 def _k():
@@ -82,21 +98,51 @@ def rope_write_supported(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+_FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (the stores saturate there)
+
+
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+               num_heads: int, num_kv_heads: int, head_dim: int,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """RoPE on q and k of `qkv` [T, (Hq + 2 Hkv) D]; writes k and v at their slots.
 
     `cos`/`sin` are [T, ..., D] in the model dtype; `k_cache`/`v_cache` any
-    contiguous views whose slot `s` starts at element `s * Hkv * D`. Returns
-    the rotated q [T, Hq, D].
+    contiguous views whose slot `s` starts at element `s * Hkv * D`, in the
+    model dtype or float8_e4m3fn (then stored as value / scale, saturated;
+    see the module docstring). Returns the rotated q [T, Hq, D].
     """
     qkv = qkv.contiguous()
     t = qkv.shape[0]
     q = qkv.new_empty((t, num_heads, head_dim))
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and not fp8_supported(qkv.device):
+        return _rope_write_torch(qkv, cos, sin, slot_mapping, k_cache, v_cache, num_heads,
+                                 num_kv_heads, head_dim, k_scale, v_scale)
     if t:
         _k().rope_write_kernel[(t,)](
             qkv, cos.contiguous(), sin.contiguous(), slot_mapping, q, k_cache, v_cache,
+            1.0 / k_scale, 1.0 / v_scale, _FP8_MAX,
             HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, HQ_BLOCK=_pow2(num_heads),
-            HKV_BLOCK=_pow2(num_kv_heads), num_warps=4)
+            HKV_BLOCK=_pow2(num_kv_heads), QUANT=fp8, num_warps=4)
+    return q
+
+
+def _rope_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      hq: int, hkv: int, d: int, k_scale: float, v_scale: float) -> torch.Tensor:
+    """`rope_write` in torch ops (the model's unfused expressions), for FP8 pages
+    on GPUs whose Triton lacks FP8 conversions."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    q, k = rot(q), rot(k)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        y = (x.float() * (1.0 / scale)).clamp(-_FP8_MAX, _FP8_MAX).to(cache.dtype)
+        cache.view(torch.uint8).view(-1, hkv, d)[slot_mapping] = y.view(torch.uint8)
     return q

@@ -21,6 +21,12 @@ H100, where one leaf's flat decode takes ~12 us). Here one step is
 With `shared_pages=0` the same kernels are flat split-KV decode. All inputs
 that change per step live in fixed buffers (`indices`, `sched`), so `run()`
 can be captured in a CUDA graph once per batch size and replayed.
+
+FP8 pages (float8_e4m3fn, dendrite/model/kv_cache.py): the partial kernel
+loads the bytes and converts K/V to the query dtype in registers (no
+dequantized copy); `run(k_scale=, v_scale=)` folds the layer's K scale into
+the softmax scale and multiplies each partial output by the V scale, so the
+scales cost nothing. Triton's fp8 conversions need compute capability 8.9+.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from dendrite.kernels.config import KernelConfig, triton_available
+from dendrite.kernels.rows import fp8_supported
 
 __all__ = ["TreeAttention", "WorkPlan", "plan_work", "supported"]
 
@@ -43,10 +50,14 @@ _ALL = KernelConfig()
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device | str, kernels: KernelConfig = _ALL) -> bool:
-    """Whether `TreeAttention` can run these shapes and `kernels.tree_attention` allows it."""
+              device: torch.device | str, kernels: KernelConfig = _ALL,
+              kv_dtype: torch.dtype | None = None) -> bool:
+    """Whether `TreeAttention` can run these shapes (queries in `dtype`, pages in
+    `kv_dtype`, default `dtype`) and `kernels.tree_attention` allows it."""
+    kv_ok = kv_dtype in (None, dtype) or (kv_dtype == torch.float8_e4m3fn
+                                          and fp8_supported(device))
     return (kernels.tree_attention and torch.device(device).type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16)
+            and dtype in (torch.float16, torch.bfloat16) and kv_ok
             and num_heads % num_kv_heads == 0 and head_dim in (64, 128, 256)
             and triton_available())
 
@@ -198,8 +209,12 @@ class TreeAttention:
         self.last_plan = WorkPlan(wp.items.copy(), wp.splits.copy(), wp.tokens_per_item)
         return self.last_plan
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """Attention of `q` [batch_size, Hq, D] as planned; returns [batch_size, Hq, D]."""
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """Attention of `q` [batch_size, Hq, D] as planned; returns [batch_size, Hq, D].
+
+        The caches hold the query dtype or float8_e4m3fn; `k_scale` / `v_scale`
+        dequantize FP8 pages (value = stored * scale)."""
         from dendrite.kernels._tree_attention_triton import (  # noqa: PLC0415
             tree_attention_merge,
             tree_attention_partial,
@@ -217,10 +232,14 @@ class TreeAttention:
                 or k_cache.stride()[1:] != (hkv * d, d, 1) or v_cache.stride() != k_cache.stride():
             raise ValueError(f"K/V caches must be NHD pages {self.page_size} x "
                              f"{self.num_kv_heads} x {self.head_dim} with dense tokens")
+        if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or v_cache.dtype != k_cache.dtype:
+            raise ValueError(f"K/V caches must be {q.dtype} or float8_e4m3fn, got "
+                             f"{k_cache.dtype} / {v_cache.dtype}")
         out = torch.empty_like(q)
         tree_attention_partial[(self.programs,)](
             q, k_cache, v_cache, self.indices, self.sched, self.o_part, self.lse_part,
-            self.sm_scale * math.log2(math.e), k_cache.stride(0), k_cache.stride(1),
+            self.sm_scale * float(k_scale) * math.log2(math.e), float(v_scale),
+            k_cache.stride(0), k_cache.stride(1),
             self.items_offset, HQ=self.num_heads, HKV=self.num_kv_heads,
             D=self.head_dim, GROUP=self.group, PAGE=self.page_size,
             MAX_SPLITS=self.max_splits, BLOCK_M=self.block_m, BLOCK_N=self.block_n,

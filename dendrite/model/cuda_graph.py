@@ -26,8 +26,10 @@ sequence's KV. That page must never be handed out by the page allocator
 (default: the pool's last page -- give the allocator `num_pages - 1`).
 
 The kernels captured are those the runner's `KernelConfig` allows (fixed at
-capture). The output (`logits` [B, V] float32) is a view of a static buffer:
-the next `run()` overwrites it, so consume or copy it first.
+capture). An FP8 pool's per-layer scales are passed to every layer's
+attention call (`_GraphAttention`) and baked into the graph at capture.
+The output (`logits` [B, V] float32) is a view of a static buffer: the next
+`run()` overwrites it, so consume or copy it first.
 No host sync happens in `run()` except the backend's `PlanFence` when a
 bucket's wrapper is re-planned: it keeps FlashInfer's pinned planning buffer
 from being rewritten while the previous plan's copy out of it is still queued.
@@ -47,11 +49,12 @@ from dendrite.attention.flashinfer_backend import (
     FlashInferBackend,
     GraphCascadeWrapper,
     GraphDecodeWrapper,
+    scale_kwargs,
 )
 from dendrite.kernels import tree_attention
 from dendrite.kernels.config import KernelConfig
 from dendrite.kernels.tree_attention import TreeAttention
-from dendrite.model.kv_cache import KVCache
+from dendrite.model.kv_cache import KVCache, KVScales
 
 __all__ = ["CudaGraphDecodeRunner", "DEFAULT_BUCKETS", "GRAPH_CASCADE_RULE", "GRAPH_TREE_RULE",
            "bucket_for", "tree_attention_supported"]
@@ -85,7 +88,7 @@ def tree_attention_supported(backend: FlashInferBackend, kv_cache: KVCache,
     return (not any(w is not None for w in (backend.sliding_windows or []))
             and tree_attention.supported(backend.num_heads, backend.num_kv_heads,
                                          backend.head_dim, kv_cache.dtype, kv_cache.device,
-                                         kernels))
+                                         kernels, kv_dtype=kv_cache.storage_dtype))
 
 
 def bucket_for(batch_size: int, buckets: Sequence[int]) -> int | None:
@@ -102,18 +105,21 @@ class _GraphAttention:
     `plan()` is a no-op (the runner plans the bucket's wrapper before each
     replay); `forward()` runs that wrapper (FlashInfer's flat decode or two
     cascade levels, or Dendrite's `TreeAttention`), so the captured kernels
-    read the wrapper's fixed buffers.
+    read the wrapper's fixed buffers. `scales`: an FP8 pool's per-layer
+    scales, passed to the wrapper with each layer's call.
     """
 
-    def __init__(self, gw: GraphDecodeWrapper | GraphCascadeWrapper | TreeAttention) -> None:
+    def __init__(self, gw: GraphDecodeWrapper | GraphCascadeWrapper | TreeAttention,
+                 scales: KVScales | None = None) -> None:
         self.gw = gw
+        self.scales = scales
 
     def plan(self, meta: AttentionMetadata) -> None:  # planned outside the graph
         return None
 
     def forward(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
-        return self.gw.run(q, k_cache, v_cache)
+        return self.gw.run(q, k_cache, v_cache, **scale_kwargs(self.scales, layer))
 
 
 @dataclass
@@ -161,6 +167,7 @@ class CudaGraphDecodeRunner:
         if kv_cache.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA KV cache")
         self.model, self.kv, self.backend = model, kv_cache, backend
+        self._scales = kv_cache.scales if kv_cache.quantized else None
         self.device = kv_cache.device
         self.page_size = kv_cache.page_size
         self.pad_page = kv_cache.num_pages - 1 if pad_page is None else int(pad_page)
@@ -227,7 +234,7 @@ class CudaGraphDecodeRunner:
 
     def _flat_attention(self, gw: GraphDecodeWrapper) -> _GraphAttention:
         """The attention a flat bucket captures around its decode wrapper."""
-        return _GraphAttention(gw)
+        return _GraphAttention(gw, self._scales)
 
     def _outputs(self, out: Any, b: int) -> Any:
         """The first `b` rows of a bucket's captured output (what `run` returns)."""
@@ -249,11 +256,11 @@ class CudaGraphDecodeRunner:
                 qo_indptr=self.qo_indptr[:bs + 1], kv_indptr=self.qo_indptr[:bs + 1],
                 kv_indices=gw.indices, kv_last_page_len=self.kv_lens[:bs],
                 kv_lens=self.kv_lens[:bs], is_decode=True, page_size=self.page_size, host=None)
-            attn = _GraphAttention(gw)
+            attn = _GraphAttention(gw, self._scales)
         elif cascade:  # the shared level: the pad page, as one full page
             gw = GraphCascadeWrapper(self.backend, bs, self.max_pages)
             gw.plan(pad[:1], rows, pad, ones)
-            meta, attn = self._static_meta(bs, gw.unique), _GraphAttention(gw)
+            meta, attn = self._static_meta(bs, gw.unique), _GraphAttention(gw, self._scales)
         else:
             gw = GraphDecodeWrapper(self.backend, bs, self.max_pages)
             gw.plan(rows, pad, ones)

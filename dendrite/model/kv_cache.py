@@ -1,24 +1,139 @@
-"""The device KV pool and copy-on-write execution.
+"""The device KV pool and copy-on-write execution, in the model dtype or FP8.
 
 One tensor `kv[num_layers, 2, num_pages, page_size, Hkv, D]`; `kv[l, 0]` and
 `kv[l, 1]` are layer `l`'s K and V caches in FlashInfer's NHD paged layout.
 Page ids come from the native core; this module never decides who owns a page.
 Its sizes, dtype and device are checked (ValueError naming the argument)
 before the pool is allocated.
+
+The element format of the pool is a `KVFormat` (`kv_format(kv_dtype)`, the one
+place a KV dtype name is turned into storage): "auto" stores K/V in the model
+dtype; "fp8_e4m3" stores `torch.float8_e4m3fn` (one byte an element, twice the
+tokens in the same memory) with static per-layer scales for K and for V
+(`KVScales`): stored = clamp(value / scale, -448, 448), value = stored * scale.
+The scales are per layer, not per page, so a copy-on-write copy moves bytes
+only and a fork touches nothing. Readers fold the scales into the attention
+they already do (K's into the softmax scale, V's into the output), so no
+kernel needs a dequantized copy (docs/quantization.md says why per layer and
+how they are calibrated, dendrite/model/kv_calibration.py).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dendrite.model.devices import check_device, check_dtype, check_int, check_kv_size
 
-__all__ = ["KVCache"]
+__all__ = ["FP8_E4M3_MAX", "KVCache", "KVFormat", "KVScales", "KV_DTYPES", "dequantize",
+           "kv_format", "quantize"]
+
+#: The KV dtype names `kv_format` accepts (None means "auto").
+KV_DTYPES = ("auto", "fp8_e4m3")
+
+#: Largest finite magnitude of float8_e4m3fn; stores saturate here, never overflow to NaN.
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How the KV pool stores an element.
+
+    `storage` is the pool's element dtype, None for the model dtype;
+    `max_value` the largest magnitude a quantized format stores (None: not
+    quantized, no scales).
+    """
+
+    name: str
+    storage: torch.dtype | None
+    max_value: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether values are stored scaled and saturated (`KVScales` apply)."""
+        return self.max_value is not None
+
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The pool's element dtype for a model running in `model_dtype`."""
+        return self.storage if self.storage is not None else model_dtype
+
+
+_FORMATS = {
+    "auto": KVFormat("auto", None),
+    "fp8_e4m3": KVFormat("fp8_e4m3", torch.float8_e4m3fn, FP8_E4M3_MAX),
+}
+
+
+def kv_format(kv_dtype: object) -> KVFormat:
+    """The `KVFormat` of a `kv_dtype` argument: None / "auto" or "fp8_e4m3"."""
+    if isinstance(kv_dtype, KVFormat):
+        return kv_dtype
+    if kv_dtype is None:
+        kv_dtype = "auto"
+    if not isinstance(kv_dtype, str) or kv_dtype not in _FORMATS:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or None for auto), "
+                         f"got {kv_dtype!r}")
+    return _FORMATS[kv_dtype]
+
+
+class KVScales:
+    """Per-layer dequantization scales of a quantized pool: value = stored * scale.
+
+    `k[l]` and `v[l]` are Python floats (1.0 until calibrated), read by the
+    writers and by the attention backends at every call, so kernels captured
+    in a CUDA graph take the values current at capture: set them before.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.k: list[float] = [1.0] * num_layers
+        self.v: list[float] = [1.0] * num_layers
+
+    def set(self, k: Sequence[float], v: Sequence[float]) -> None:
+        """Replace every layer's scales (positive finite floats, one per layer)."""
+        for name, vals in (("k", k), ("v", v)):
+            vals = [float(x) for x in vals]
+            if len(vals) != len(self.k):
+                raise ValueError(f"{name} scales: {len(vals)} values for {len(self.k)} layers")
+            if not all(math.isfinite(x) and x > 0 for x in vals):
+                raise ValueError(f"{name} scales must be positive and finite, got {vals}")
+        self.k, self.v = [float(x) for x in k], [float(x) for x in v]
+
+    def is_unit(self, layer: int) -> bool:
+        """Both of `layer`'s scales are 1 (readers can skip the rescaling)."""
+        return self.k[layer] == 1.0 and self.v[layer] == 1.0
+
+    def __repr__(self) -> str:
+        return f"KVScales(k={self.k}, v={self.v})"
+
+
+def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype = torch.float8_e4m3fn,
+             max_value: float = FP8_E4M3_MAX) -> torch.Tensor:
+    """`x / scale` saturated to +-`max_value`, rounded to nearest even into `dtype`.
+
+    In float32, so a power-of-two scale adds no rounding of its own and the
+    result equals the fused Triton writer's bit for bit. NaN stays NaN.
+    """
+    y = x.float() * (1.0 / scale)
+    return y.clamp(-max_value, max_value).to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 `x * scale` (the reference readers' view of stored values)."""
+    y = x.float()
+    return y * scale if scale != 1.0 else y
 
 
 class KVCache:
-    """Paged K/V storage for every layer in one allocation."""
+    """Paged K/V storage for every layer in one allocation.
+
+    `dtype` is the model dtype (of the K/V written and of the queries);
+    `kv_dtype` picks the storage (`kv_format`); `storage_dtype` is the pool's
+    element dtype, and `scales` its per-layer scales when quantized.
+    """
 
     def __init__(
         self,
@@ -29,6 +144,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_dtype: str | KVFormat | None = None,
     ) -> None:
         num_layers = check_int("num_layers", num_layers)
         num_pages = check_int("num_pages", num_pages)
@@ -37,16 +153,20 @@ class KVCache:
         head_dim = check_int("head_dim", head_dim)
         if check_dtype(dtype) is None:
             raise TypeError("dtype must be given (float32, float16 or bfloat16), got None")
+        fmt = kv_format(kv_dtype)
         dtype, device = check_dtype(dtype), check_device(device)
+        storage = fmt.storage_dtype(dtype)
         check_kv_size(
             num_pages,
             page_size,
-            self.bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, dtype),
+            self.bytes_per_page(num_layers, page_size, num_kv_heads, head_dim, storage),
             device,
         )
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
+        self.format, self.storage_dtype = fmt, storage
+        self.scales = KVScales(num_layers)
         # zeros, not empty: padded/unused slots are masked, but NaN garbage
         # times a zero attention weight would still be NaN.
         self.kv = torch.zeros(
@@ -56,7 +176,7 @@ class KVCache:
             page_size,
             num_kv_heads,
             head_dim,
-            dtype=dtype,
+            dtype=storage,
             device=self.device,
         )
 
@@ -64,7 +184,7 @@ class KVCache:
     def bytes_per_page(
         num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        """Bytes one page takes across all layers (K and V)."""
+        """Bytes one page takes across all layers (K and V), `dtype` the storage dtype."""
         elem = torch.empty((), dtype=dtype).element_size()
         return num_layers * 2 * page_size * num_kv_heads * head_dim * elem
 
@@ -73,6 +193,16 @@ class KVCache:
         """Bytes of the whole cache tensor."""
         return self.kv.numel() * self.kv.element_size()
 
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token takes across all layers (K and V)."""
+        return self.nbytes // (self.num_pages * self.page_size)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the pool stores scaled, saturated values (`scales` apply)."""
+        return self.format.quantized
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) caches of `layer`, each [num_pages, page_size, Hkv, D]."""
         return self.kv[layer, 0], self.kv[layer, 1]
@@ -80,8 +210,15 @@ class KVCache:
     def write(
         self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        """Store the step's new K/V ([T, Hkv, D]) at their slots."""
+        """Store the step's new K/V ([T, Hkv, D]) at their slots (quantized when
+        the format is)."""
         k_cache, v_cache = self.layer(layer)
+        if self.format.quantized:
+            m = self.format.max_value
+            k = quantize(k, self.scales.k[layer], self.storage_dtype, m)
+            v = quantize(v, self.scales.v[layer], self.storage_dtype, m)
+        if self.kv.element_size() == 1:  # as raw bytes: index kernels need not know fp8
+            k_cache, v_cache, k, v = (t.view(torch.uint8) for t in (k_cache, v_cache, k, v))
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[slot_mapping] = k
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[slot_mapping] = v
 
@@ -91,7 +228,9 @@ class KVCache:
         Copies the first `num_tokens` slots of `src` into `dst`, for all layers
         and both K and V, as one gather plus one scatter. Must run before the
         step's forward writes new tokens into `dst`. All sources are read
-        before any destination is written, so rows may chain safely.
+        before any destination is written, so rows may chain safely. Bytes
+        are copied as they are: the scales are per layer, so a copied page
+        needs none of its own.
         """
         if isinstance(copies, torch.Tensor):
             copies = copies.detach().cpu().numpy()
@@ -120,5 +259,7 @@ class KVCache:
             )
         )
         idx = idx.to(self.device, non_blocking=True)
-        flat = self.kv.view(self.num_layers, 2, -1, self.num_kv_heads, self.head_dim)
+        # (as raw bytes: index kernels need not know the fp8 dtypes)
+        kv = self.kv.view(torch.uint8) if self.kv.element_size() == 1 else self.kv
+        flat = kv.view(self.num_layers, 2, -1, self.num_kv_heads, self.head_dim)
         flat[:, :, idx[1]] = flat[:, :, idx[0]]

@@ -33,7 +33,7 @@ from dendrite.attention.base import (
 from dendrite.attention.reference import ReferenceBackend
 from dendrite.kernels.config import KernelConfig
 from dendrite.model.config import ModelConfig
-from dendrite.model.kv_cache import KVCache
+from dendrite.model.kv_cache import KVCache, KVScales, kv_format
 from dendrite.model.loader import LoadedModel, load
 from dendrite.model.runner_args import check_runner_args
 from dendrite.model.step import StepPlan
@@ -62,9 +62,12 @@ def make_backend(
     device: torch.device,
     dtype: torch.dtype,
     page_size: int,
+    kv_dtype: torch.dtype | None = None,
+    kv_scales: KVScales | None = None,
 ) -> AttentionBackend:
     """'auto' (FlashInfer on CUDA fp16/bf16 when installed, else reference),
-    'reference', 'flashinfer', or a ready backend instance."""
+    'reference', 'flashinfer', or a ready backend instance. `kv_dtype` /
+    `kv_scales`: the pool's element dtype and scales when it is FP8."""
     if not isinstance(attention, str):
         return attention
     if attention == "auto":
@@ -78,6 +81,7 @@ def make_backend(
             config.head_dim,
             page_size,
             sliding_windows=config.sliding_windows,
+            kv_scales=kv_scales,
         )
     if attention == "flashinfer":
         from dendrite.attention.flashinfer_backend import FlashInferBackend
@@ -90,6 +94,8 @@ def make_backend(
             dtype=dtype,
             device=device,
             sliding_windows=config.sliding_windows,
+            kv_dtype=kv_dtype,
+            kv_scales=kv_scales,
         )
     raise ValueError(f"unknown attention backend {attention!r} (auto, reference, flashinfer)")
 
@@ -97,7 +103,8 @@ def make_backend(
 def default_num_pages(
     config: ModelConfig, page_size: int, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Pages that fit the default KV budget of `device`."""
+    """Pages that fit the default KV budget of `device`; `dtype` is the pool's
+    element dtype (an FP8 pool fits twice the pages of a 16-bit one)."""
     per_page = KVCache.bytes_per_page(
         config.num_layers, page_size, config.num_kv_heads, config.head_dim, dtype
     )
@@ -123,6 +130,10 @@ class ModelRunner:
         cascade: how replayed decode steps whose rows share a page prefix
             attend: "auto" (when the graph rule says it is faster), "always",
             "never" (flat paged decode).
+        kv_dtype: the KV pool's element format: None / "auto" (the model
+            dtype) or "fp8_e4m3" (float8_e4m3fn with per-layer scales,
+            calibrated at load by dendrite/model/kv_calibration.py before any
+            CUDA graph is captured).
     """
 
     def __init__(
@@ -137,16 +148,20 @@ class ModelRunner:
         kernels: KernelConfig | None = None,
         cuda_graphs: bool = False,
         cascade: str = "auto",
+        kv_dtype: str | None = None,
     ) -> None:
-        check_runner_args(model, device, dtype, num_pages, page_size, attention)  # before loading
+        kv_fmt = kv_format(kv_dtype)  # (a ValueError naming kv_dtype, before loading)
+        check_runner_args(model, device, dtype, num_pages, page_size, attention,
+                          kv_dtype=kv_fmt)
         kernels = _step_args(kernels, cuda_graphs, cascade)  # (the environment too)
         self.loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype)
         self.model, self.config = self.loaded.model, self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.device, self.dtype = self.loaded.device, self.loaded.dtype
         self.page_size = page_size
+        kv_storage = kv_fmt.storage_dtype(self.dtype)
         if num_pages is None:
-            num_pages = default_num_pages(self.config, page_size, self.dtype, self.device)
+            num_pages = default_num_pages(self.config, page_size, kv_storage, self.device)
         self.kv_cache = KVCache(
             self.config.num_layers,
             num_pages,
@@ -155,8 +170,16 @@ class ModelRunner:
             self.config.head_dim,
             self.dtype,
             self.device,
+            kv_dtype=kv_fmt,
         )
-        self.backend = make_backend(attention, self.config, self.device, self.dtype, page_size)
+        self.kv_scale_calibration: dict[str, list[float]] | None = None
+        if kv_fmt.quantized:
+            self._calibrate_kv_scales()
+        self.backend = make_backend(attention, self.config, self.device, self.dtype, page_size,
+                                    kv_dtype=kv_storage if kv_fmt.quantized else None,
+                                    kv_scales=self.kv_cache.scales if kv_fmt.quantized else None)
+        if kv_fmt.quantized and not isinstance(attention, str):
+            _adopt_fp8_backend(self.backend, self.kv_cache)
         self.model.backend = self.backend
         windows = [w for w in self.config.sliding_windows if w is not None]
         # Backends without window support are exact until a sequence outgrows it.
@@ -168,6 +191,27 @@ class ModelRunner:
         self.kernels = kernels
         self.graphs: CudaGraphDecodeRunner | None = (
             self._capture_graphs(cascade) if cuda_graphs else None)
+
+    def _calibrate_kv_scales(self) -> None:
+        """Set the FP8 pool's per-layer scales from one forward over the
+        calibration text (dendrite/model/kv_calibration.py)."""
+        from dendrite.model.kv_calibration import calibrate_kv_scales
+
+        k, v, k_amax, v_amax = calibrate_kv_scales(
+            self.model, self.tokenizer, device=self.device, dtype=self.dtype,
+            page_size=self.page_size, max_value=self.kv_cache.format.max_value)
+        self.kv_cache.scales.set(k, v)
+        self.kv_scale_calibration = {"k_amax": k_amax, "v_amax": v_amax}
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV pool's format name: "auto" or "fp8_e4m3"."""
+        return self.kv_cache.format.name
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Device bytes of one token's K and V over every layer."""
+        return self.kv_cache.bytes_per_token
 
     def _capture_graphs(self, cascade: str) -> CudaGraphDecodeRunner | None:
         """Decode graphs for every bucket up to MAX_GRAPH_BATCH rows, or None
@@ -305,6 +349,18 @@ class ModelRunner:
             )
             rows = rows.to(self.device, torch.int64)
         return self.model.compute_logits(hidden[rows], self.kernels)
+
+
+def _adopt_fp8_backend(backend: object, kv_cache: KVCache) -> None:
+    """A ready backend on an FP8 pool must read FP8 pages: it gets the pool's scales."""
+    if not hasattr(backend, "kv_scales"):
+        raise ValueError(f"kv_dtype='fp8_e4m3' needs an attention backend that reads FP8 pages "
+                         f"(reference or flashinfer); {type(backend).__name__} has no kv_scales")
+    kv_dt = getattr(backend, "kv_dtype", kv_cache.storage_dtype)
+    if kv_dt != kv_cache.storage_dtype:
+        raise ValueError(f"kv_dtype='fp8_e4m3': the attention backend was built for "
+                         f"{kv_dt} pages, the pool stores {kv_cache.storage_dtype}")
+    backend.kv_scales = kv_cache.scales  # type: ignore[attr-defined]
 
 
 def _step_args(kernels: object, cuda_graphs: object, cascade: object) -> KernelConfig:

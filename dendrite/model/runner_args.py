@@ -1,8 +1,8 @@
 """`check_runner_args`: ModelRunner's constructor arguments, checked before it loads.
 
-A typo in `device`, `dtype`, `num_pages`, `page_size` or `attention` fails at
-once with a ValueError naming the argument and what is allowed, instead of
-after the weights are loaded (or as a CUDA / out-of-memory error). Only
+A typo in `device`, `dtype`, `num_pages`, `page_size`, `attention` or
+`kv_dtype` fails at once with a ValueError naming the argument and what is
+allowed, instead of after the weights are loaded (or as a CUDA / out-of-memory error). Only
 config.json is read, to size the KV pool an explicit `num_pages` asks for.
 """
 
@@ -26,9 +26,10 @@ def check_runner_args(
     num_pages: object,
     page_size: object,
     attention: object,
+    kv_dtype: object = None,
 ) -> None:
     """Raise TypeError/ValueError naming the first bad argument; allocate nothing."""
-    from dendrite.model.kv_cache import KVCache
+    from dendrite.model.kv_cache import KVCache, kv_format
     from dendrite.model.loader import LoadedModel, load_config, resolve_dtype
 
     if not isinstance(model, (str, Path, LoadedModel)):
@@ -38,6 +39,7 @@ def check_runner_args(
         )
     dev = check_device(device)
     dt = check_dtype(dtype)
+    kv_fmt = kv_format(kv_dtype)
     page_size = check_int("page_size", page_size)
     # A non-str is taken as a ready backend, as make_backend does (a Protocol).
     if isinstance(attention, str) and attention not in ATTENTION_BACKENDS:
@@ -55,6 +57,7 @@ def check_runner_args(
         config = load_config(model)
         dt = resolve_dtype(config, dev, dt)
     per_page = KVCache.bytes_per_page(
-        config.num_layers, page_size, config.num_kv_heads, config.head_dim, dt
+        config.num_layers, page_size, config.num_kv_heads, config.head_dim,
+        kv_fmt.storage_dtype(dt),
     )
     check_kv_size(num_pages, page_size, per_page, torch.device(dev))
