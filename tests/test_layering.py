@@ -32,10 +32,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kv", ("dendrite.kv",)),
     ("model/kernels/attention", ("dendrite.model", "dendrite.kernels", "dendrite.attention",
                                  "dendrite.transfer", "dendrite.default_model",
-                                 "dendrite.tiny_model")),
+                                 "dendrite.tiny_model", "dendrite.parallel")),
     ("sampling/grammar", ("dendrite.sampling", "dendrite.grammar", "dendrite.stopping")),
     ("engine", ("dendrite.engine",)),
-    ("program", ("dendrite.program", "dendrite.tree_view")),
+    # (replicas run programs over engine processes; the rest of dendrite.parallel
+    # is model level)
+    ("program", ("dendrite.program", "dendrite.tree_view", "dendrite.parallel.replicas")),
     ("search", ("dendrite.search",)),
     ("dsl", ("dendrite.dsl",)),
     # the top: the command line, the HTTP server, and the package facade whose
@@ -271,7 +273,9 @@ def test_engine_imports_only_the_runner_from_the_model_package(all_edges):
     allowed = {("dendrite.model.runner", "ModelRunner"), ("dendrite.model.runner", "StepPlan"),
                # the default model is fetched by name when no model dir is given
                ("dendrite.default_model", "default_model_dir"),
-               ("dendrite.kernels.config", "KernelConfig")}
+               ("dendrite.kernels.config", "KernelConfig"),
+               # tensor parallel: the runner of rank 0, built with its processes
+               ("dendrite.parallel", "start_tensor_parallel")}
     extra = sorted(from_model - allowed)
     assert not extra, f"dendrite/engine.py imports model-side internals: {extra}"
 
