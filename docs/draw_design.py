@@ -46,7 +46,7 @@ LAYERS = (
     Layer("native", "native (C++)", ("dendrite/_native.pyi",), "#d9d9d9"),
     Layer("kv", "kv", ("dendrite/kv.py",), "#c6dbef"),
     Layer("model", "model / kernels / attention",
-          ("dendrite/model/", "dendrite/kernels/", "dendrite/attention/",
+          ("dendrite/model/", "dendrite/kernels/", "dendrite/attention/", "dendrite/quant/",
            "dendrite/transfer.py", "dendrite/default_model.py", "dendrite/tiny_model.py"),
           "#fdd0a2"),
     Layer("sampling", "sampling / grammar",

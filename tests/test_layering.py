@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("native", ("dendrite._native",)),
     ("kv", ("dendrite.kv",)),
     ("model/kernels/attention", ("dendrite.model", "dendrite.kernels", "dendrite.attention",
+                                 "dendrite.quant",
                                  "dendrite.transfer", "dendrite.default_model",
                                  "dendrite.tiny_model", "dendrite.parallel")),
     ("sampling/grammar", ("dendrite.sampling", "dendrite.grammar", "dendrite.stopping")),

@@ -41,6 +41,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 _ROPE_TYPES = ("default", "linear", "llama3")
+#: quantization_config.quant_method values let through (dendrite.quant.scheme.QUANT_METHODS).
+_QUANT_METHODS = ("fp8", "compressed-tensors")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -190,8 +192,10 @@ class ModelConfig:
         missing = [k for k in REQUIRED_KEYS if cfg.get(k) is None]
         if missing:
             raise r.fail(f"missing required key(s) {', '.join(missing)}")
-        if cfg.get("quantization_config") is not None:
-            method = (cfg["quantization_config"] or {}).get("quant_method", "?")
+        qc = cfg.get("quantization_config")
+        method = (qc if isinstance(qc, dict) else {}).get("quant_method", "?")
+        # FP8 weights are read by dendrite/quant/scheme.py, which checks the rest.
+        if qc is not None and method not in _QUANT_METHODS:
             raise UnsupportedModelError(
                 f"{source}: quantized checkpoints (quant_method {method!r}) are not supported"
             )

@@ -99,7 +99,9 @@ class _StepKernels:
         """For hidden states `h` [T, H] and the first layer's q|k|v `weight`
         (every layer has its shapes, dtype and layout)."""
         matmul = None
-        if weight is not None:
+        # FP8 projections (dendrite/quant, e4m3 `weight`): the fused kernels read
+        # dense weights, so such a step calls the modules (QuantLinear's kernels).
+        if weight is not None and weight.dtype == h.dtype:
             if supported(h, weight, kernels=kernels):
                 matmul = gemv
             elif skinny_supported(h, weight, kernels=kernels):

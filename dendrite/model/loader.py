@@ -188,10 +188,19 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
     config: ModelConfig | None = None,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill it from the checkpoint."""
+    """Build the model on `device` in `dtype` and fill it from the checkpoint.
+
+    `quantization` (None, "none", "fp8", "mxfp8"): how the attention and MLP
+    projections are stored (dendrite/quant/scheme.py); None: as the checkpoint is."""
+    # (Imported here: dendrite.quant imports dendrite.model's modules.)
+    from dendrite.quant import loading as quant_loading
+    from dendrite.quant import scheme as quant_scheme
+
     check_device(device)
     check_dtype(dtype)
+    quant_scheme.check_quantization(quantization)
     d = _model_dir(model_dir)
     config = config or load_config(d)
     dtype = resolve_dtype(config, device, dtype)
@@ -201,11 +210,21 @@ def load_model(
     # once: a bad checkpoint costs no memory and there is no wasted random init.
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    # FP8 / MXFP8 projections: checked and swapped for QuantLinear on meta;
+    # their tensors are read by dendrite.quant.loading, not by `_plan`'s copy.
+    scheme = quant_scheme.resolve(
+        quantization, quant_scheme.read_source(read_json_object(d / "config.json"),
+                                               d / "config.json"))
+    quant_plan = None
+    if scheme is not None:
+        tensors, quant_plan = quant_loading.prepare(model, scheme, tensors)
     plan = _plan(model, config, tensors, files)
     model = model.to_empty(device=device).to(dtype)
     model.reset_buffers()
     for info, tensor in checkpoint.read_tensors(plan):
         model.load_hf_weight(info.name, tensor)
+    if quant_plan is not None:
+        quant_loading.load(model, quant_plan, device, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -234,12 +253,17 @@ def load(
     model_dir: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Config, tokenizer and weights of a local HF model directory."""
+    """Config, tokenizer and weights of a local HF model directory
+    (`quantization`: see `load_model`)."""
+    from dendrite.quant.scheme import check_quantization
+
     check_device(device)  # argument errors before reading anything
     check_dtype(dtype)
+    check_quantization(quantization)
     d = _model_dir(model_dir)
     config = load_config(d)
     tokenizer = load_tokenizer(d, config)  # cheap; fail before the weights
-    model = load_model(d, device, dtype, config)
+    model = load_model(d, device, dtype, config, quantization)
     return LoadedModel(d, config, model, tokenizer, load_generation_config(d))

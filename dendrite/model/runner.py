@@ -30,13 +30,16 @@ from dendrite.attention.base import (
     AttentionMetadata,
     build_attention_metadata,
 )
+from dendrite.attention.quant_kv import make_quant_backend
 from dendrite.attention.reference import ReferenceBackend
 from dendrite.kernels.config import KernelConfig
 from dendrite.model.config import ModelConfig
 from dendrite.model.kv_cache import KVCache, KVScales, kv_format
+from dendrite.model.kv_quant_cache import QuantKVCache, make_kv_cache, page_bytes
 from dendrite.model.loader import LoadedModel, load
 from dendrite.model.runner_args import check_runner_args
 from dendrite.model.step import StepPlan
+from dendrite.quant.scheme import check_quantization
 
 if TYPE_CHECKING:
     from dendrite.model.cuda_graph import CudaGraphDecodeRunner
@@ -64,10 +67,16 @@ def make_backend(
     page_size: int,
     kv_dtype: torch.dtype | None = None,
     kv_scales: KVScales | None = None,
+    kv_pool: object = None,
 ) -> AttentionBackend:
     """'auto' (FlashInfer on CUDA fp16/bf16 when installed, else reference),
     'reference', 'flashinfer', or a ready backend instance. `kv_dtype` /
-    `kv_scales`: the pool's element dtype and scales when it is FP8."""
+    `kv_scales`: the pool's element dtype and scales when it is FP8.
+    `kv_pool`: the pool, when it is N-bit pages (`QuantKVCache`) they need
+    their own backend (dendrite/attention/quant_kv.py)."""
+    if isinstance(kv_pool, QuantKVCache):
+        return make_quant_backend(attention, config.num_heads, config.num_kv_heads,
+                                  config.head_dim, page_size, kv_pool, config.sliding_windows)
     if not isinstance(attention, str):
         return attention
     if attention == "auto":
@@ -101,13 +110,16 @@ def make_backend(
 
 
 def default_num_pages(
-    config: ModelConfig, page_size: int, dtype: torch.dtype, device: torch.device
+    config: ModelConfig, page_size: int, dtype: torch.dtype, device: torch.device,
+    per_page: int | None = None,
 ) -> int:
     """Pages that fit the default KV budget of `device`; `dtype` is the pool's
-    element dtype (an FP8 pool fits twice the pages of a 16-bit one)."""
-    per_page = KVCache.bytes_per_page(
-        config.num_layers, page_size, config.num_kv_heads, config.head_dim, dtype
-    )
+    element dtype (an FP8 pool fits twice the pages of a 16-bit one), or
+    `per_page` the bytes of a page (N-bit pages)."""
+    if per_page is None:
+        per_page = KVCache.bytes_per_page(
+            config.num_layers, page_size, config.num_kv_heads, config.head_dim, dtype
+        )
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(free * GPU_KV_FRACTION) // per_page)
@@ -134,6 +146,10 @@ class ModelRunner:
             dtype) or "fp8_e4m3" (float8_e4m3fn with per-layer scales,
             calibrated at load by dendrite/model/kv_calibration.py before any
             CUDA graph is captured).
+        quantization: how the attention/MLP projections are stored: None (as
+            the checkpoint is), "none" (dense, model dtype), "fp8" (e4m3,
+            128 x 128 block scales) or "mxfp8" (e4m3, e8m0 scales per 32);
+            see dendrite/quant. Unused with a LoadedModel.
     """
 
     def __init__(
@@ -149,35 +165,36 @@ class ModelRunner:
         cuda_graphs: bool = False,
         cascade: str = "auto",
         kv_dtype: str | None = None,
+        quantization: str | None = None,
     ) -> None:
         kv_fmt = kv_format(kv_dtype)  # (a ValueError naming kv_dtype, before loading)
         check_runner_args(model, device, dtype, num_pages, page_size, attention,
                           kv_dtype=kv_fmt)
         kernels = _step_args(kernels, cuda_graphs, cascade)  # (the environment too)
-        self.loaded = model if isinstance(model, LoadedModel) else load(model, device, dtype)
+        check_quantization(quantization)
+        self.loaded = model if isinstance(model, LoadedModel) else load(
+            model, device, dtype, quantization=quantization)
         self.model, self.config = self.loaded.model, self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.device, self.dtype = self.loaded.device, self.loaded.dtype
         self.page_size = page_size
         kv_storage = kv_fmt.storage_dtype(self.dtype)
         if num_pages is None:
-            num_pages = default_num_pages(self.config, page_size, kv_storage, self.device)
-        self.kv_cache = KVCache(
-            self.config.num_layers,
-            num_pages,
-            page_size,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-            self.dtype,
-            self.device,
-            kv_dtype=kv_fmt,
-        )
+            num_pages = default_num_pages(self.config, page_size, kv_storage, self.device,
+                                          per_page=page_bytes(kv_fmt, self.config.num_layers,
+                                                              page_size, self.config.num_kv_heads,
+                                                              self.config.head_dim, self.dtype))
+        # (a QuantKVCache for N-bit pages, kv_dtype "int4" / "int3")
+        self.kv_cache = make_kv_cache(kv_fmt, self.config.num_layers, num_pages, page_size,
+                                      self.config.num_kv_heads, self.config.head_dim,
+                                      self.dtype, self.device)
         self.kv_scale_calibration: dict[str, list[float]] | None = None
         if kv_fmt.quantized:
             self._calibrate_kv_scales()
         self.backend = make_backend(attention, self.config, self.device, self.dtype, page_size,
                                     kv_dtype=kv_storage if kv_fmt.quantized else None,
-                                    kv_scales=self.kv_cache.scales if kv_fmt.quantized else None)
+                                    kv_scales=self.kv_cache.scales if kv_fmt.quantized else None,
+                                    kv_pool=self.kv_cache)
         if kv_fmt.quantized and not isinstance(attention, str):
             _adopt_fp8_backend(self.backend, self.kv_cache)
         self.model.backend = self.backend
@@ -205,7 +222,7 @@ class ModelRunner:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV pool's format name: "auto" or "fp8_e4m3"."""
+        """The KV pool's format name: "auto", "fp8_e4m3", "int4" or "int3"."""
         return self.kv_cache.format.name
 
     @property
