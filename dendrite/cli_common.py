@@ -15,8 +15,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EXIT_BUG", "UsageError", "check_device", "check_model_dir", "check_output_file",
-           "non_negative_int", "positive_int", "run_command", "seed_int"]
+__all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "UsageError", "add_kv_dtype_argument", "check_device",
+           "check_model_dir", "check_output_file", "non_negative_int", "positive_int",
+           "run_command", "seed_int"]
+
+#: `--kv-dtype` values, names of dendrite.model.kv_cache.KV_DTYPES spelled out here so
+#: that `dendrite --help` imports no torch (tests/cli/test_cli.py checks them).
+KV_DTYPE_CHOICES = ("auto", "fp8_e4m3")
 
 #: Exit status of an internal error (sysexits.h EX_SOFTWARE).
 EXIT_BUG = 70
@@ -81,6 +86,13 @@ def _float_in(name: str, ok: Callable[[float], bool], what: str) -> Callable[[st
 
 
 # -- checks before any model loads (exit 2) -----------------------------------------
+
+
+def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """`--kv-dtype {auto,fp8_e4m3}`: the engine's KV pool format (`Engine(kv_dtype=...)`)."""
+    p.add_argument("--kv-dtype", choices=KV_DTYPE_CHOICES, default="auto",
+                   help="KV cache format: auto (the model dtype) or fp8_e4m3 "
+                        "(1 byte an element, per-layer scales; default auto)")
 
 
 def check_model_dir(path: str | None) -> None:

@@ -31,9 +31,10 @@ CLI = [sys.executable, "-m", "dendrite.cli"]
 FLAGS = {
     None: {"--help", "--traceback"},
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
-                 "--top-k", "--seed", "--device", "--chat"},
+                 "--top-k", "--seed", "--device", "--chat", "--kv-dtype"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
-            "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream"},
+            "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream",
+            "--kv-dtype"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
     "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
               "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
@@ -248,6 +249,34 @@ def test_generate_nan_weights_is_one_clean_error(env, model, tmp_path):
     assert_one_line(out, 1, "dendrite generate", "NaN")
 
 
+def test_generate_kv_dtype_fp8_streams_the_fp8_engines_text(env, model):
+    from dendrite.engine import Engine
+    from dendrite.model.kv_cache import KV_DTYPES
+    from dendrite.sampling import SamplingParams
+
+    from dendrite.cli_common import KV_DTYPE_CHOICES
+
+    assert "fp8_e4m3" in KV_DTYPE_CHOICES and set(KV_DTYPE_CHOICES) <= set(KV_DTYPES)
+    out = dendrite("generate", "Once upon a time", "--model", str(model), "--device", "cpu",
+                   "--max-tokens", "12", "--kv-dtype", "fp8_e4m3", env=env)
+    assert out.returncode == 0, out.stderr
+    eng = Engine(str(model), device="cpu", kv_dtype="fp8_e4m3", num_pages=64)
+    try:
+        assert eng.memory_stats()["kv_dtype"] == "fp8_e4m3"
+        [res] = eng.generate([eng.new_sequence("Once upon a time")],
+                             [SamplingParams(temperature=0.0, max_tokens=12)])
+    finally:
+        eng.close()
+    assert out.stdout == res.text + "\n"
+
+
+@pytest.mark.parametrize("sub", ["generate", "run"])
+def test_unknown_kv_dtype_is_a_usage_error(env, sub):
+    args = ["hi"] if sub == "generate" else ["tot"]
+    out = dendrite(sub, *args, "--kv-dtype", "int2", env=env)
+    assert_usage_error(out, f"dendrite {sub}", "--kv-dtype", "fp8_e4m3")
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", ""])
 def test_generate_unknown_device(env, device):
     assert_one_line(dendrite("generate", "hi", "--device", device, env=env), 2,
@@ -268,7 +297,8 @@ def test_run_standard_script_with_every_flag(env, model, tmp_path):
     out = dendrite("run", "tot", "--model", str(model), "--device", "cpu", "--program", "tot",
                    "--arg", "question=What is 2+3?", "--arg", "width=2", "--arg", "depth=1",
                    "--arg", "step_tokens=3", "--seed", "1", "--tree", str(html),
-                   "--max-nodes", "2", "--max-steps", "1000", env={**env, "DENDRITE_MODEL": "/nope"})
+                   "--max-nodes", "2", "--max-steps", "1000", "--kv-dtype", "fp8_e4m3",
+                   env={**env, "DENDRITE_MODEL": "/nope"})
     assert out.returncode == 0, out.stderr
     assert re.search(r"^tree: \d+ nodes, depth 1", out.stdout, re.M)
     assert "engine steps" in out.stdout
