@@ -202,7 +202,9 @@ class Replicas:
         self.n, self.slack, self.devices = n, float(slack), list(devices)
         self.page_size = int(engine_kw.get("page_size", 16))
         self.tokenizer = load_tokenizer(model_dir)  # for routing keys; cheap
-        threads = max(1, (os.cpu_count() or 1) // n)
+        # (no more threads than this process uses: a spinning pool on a shared box
+        # slows a small model's step many times over)
+        threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // n))
         ctx = mp.get_context("spawn")
         self._procs, self._conns = [], []
         try:
