@@ -131,6 +131,7 @@ def _plan(
     config: ModelConfig,
     tensors: dict[str, TensorInfo],
     files: list[Path],
+    handled: frozenset[str] = frozenset(),
 ) -> list[TensorInfo]:
     """The checkpoint tensors to copy into `model` (still on the meta device).
 
@@ -138,7 +139,8 @@ def _plan(
     the model's own shape check runs without reading or allocating anything.
     Raises ModelLoadError for a wrong shape or dtype (naming tensor and file)
     and for missing tensors (naming them and the files searched); unknown
-    tensors are only logged, as transformers does."""
+    tensors are only logged, as transformers does. `handled`: names another
+    reader fills (dendrite.quant.loading), not missing."""
     needed = model.hf_parameter_names()
     plan: list[TensorInfo] = []
     unexpected: list[str] = []
@@ -163,7 +165,7 @@ def _plan(
                 f"model weights (supported: {', '.join(checkpoint.CASTABLE_DTYPES)})"
             )
         plan.append(info)
-    missing = sorted(needed - {i.name for i in plan})
+    missing = sorted(needed - {i.name for i in plan} - handled)
     if missing:
         shown = ", ".join(missing[:8]) + (
             f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
@@ -218,7 +220,8 @@ def load_model(
     quant_plan = None
     if scheme is not None:
         tensors, quant_plan = quant_loading.prepare(model, scheme, tensors)
-    plan = _plan(model, config, tensors, files)
+    plan = _plan(model, config, tensors, files,
+                 quant_plan.handled if quant_plan is not None else frozenset())
     model = model.to_empty(device=device).to(dtype)
     model.reset_buffers()
     for info, tensor in checkpoint.read_tensors(plan):

@@ -85,6 +85,11 @@ class QuantPlan:
     scheme: Scheme
     targets: list[_Target] = field(default_factory=list)
 
+    @property
+    def handled(self) -> frozenset[str]:
+        """Checkpoint weight names `load` fills (the loader must not call them missing)."""
+        return frozenset(f"{p.name}.weight" for t in self.targets for p in t.parts)
+
 
 def _stored_block(source: Source, rows: int, cols: int) -> tuple[int, int]:
     """The block of a stored part of [rows, cols]: None slots are the whole dimension."""
@@ -185,8 +190,9 @@ def prepare(model: nn.Module, scheme: Scheme, tensors: dict[str, TensorInfo]
                 raise ModelLoadError(f"cannot quantize {prefix + fused}: it is a "
                                      f"{type(old).__name__}, not an nn.Linear")
             block, _ = _target_block(scheme, parts)
-            new = QuantLinear(old.in_features, old.out_features, old.bias is not None,
-                              block, mx=scheme.target == "mxfp8")
+            with torch.device("meta"):  # allocated by the loader's to_empty
+                new = QuantLinear(old.in_features, old.out_features, old.bias is not None,
+                                  block, mx=scheme.target == "mxfp8")
             parent_name, _, child = (prefix + fused).rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
     rest = {k: v for k, v in tensors.items() if k not in taken}
