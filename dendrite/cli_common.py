@@ -21,7 +21,7 @@ __all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "UsageError", "add_kv_dtype_argument"
 
 #: `--kv-dtype` values, names of dendrite.model.kv_cache.KV_DTYPES spelled out here so
 #: that `dendrite --help` imports no torch (tests/cli/test_cli.py checks them).
-KV_DTYPE_CHOICES = ("auto", "fp8_e4m3")
+KV_DTYPE_CHOICES = ("auto", "fp8_e4m3", "int4", "int3")
 
 #: Exit status of an internal error (sysexits.h EX_SOFTWARE).
 EXIT_BUG = 70
@@ -89,10 +89,12 @@ def _float_in(name: str, ok: Callable[[float], bool], what: str) -> Callable[[st
 
 
 def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
-    """`--kv-dtype {auto,fp8_e4m3}`: the engine's KV pool format (`Engine(kv_dtype=...)`)."""
+    """`--kv-dtype {auto,fp8_e4m3,int4,int3}`: the engine's KV pool format
+    (`Engine(kv_dtype=...)`)."""
     p.add_argument("--kv-dtype", choices=KV_DTYPE_CHOICES, default="auto",
-                   help="KV cache format: auto (the model dtype) or fp8_e4m3 "
-                        "(1 byte an element, per-layer scales; default auto)")
+                   help="KV cache format: auto (the model dtype), fp8_e4m3 "
+                        "(1 byte an element, per-layer scales), int4 / int3 (rotated "
+                        "4- / 3-bit codes with a scale per token and head; default auto)")
 
 
 def check_model_dir(path: str | None) -> None:

@@ -29,8 +29,9 @@ from dendrite.attention.base import AttentionMetadata
 from dendrite.attention.reference import ReferenceBackend
 from dendrite.kernels import kv_quant_attention as kqa
 from dendrite.model.kv_quant import KVQuantFormat
+from dendrite.model.kv_quant_cache import QuantKVCache
 
-__all__ = ["QuantKVBackend"]
+__all__ = ["QuantKVBackend", "make_quant_backend"]
 
 
 class QuantKVBackend(ReferenceBackend):
@@ -115,3 +116,28 @@ class QuantKVBackend(ReferenceBackend):
                 qr[rows], k_cache, v_cache, starts, indices, lens, self.fmt, self.sm_scale,
                 max_kv_len=max_len)
         return (out @ self.rotation.T).to(q.dtype)
+
+
+def make_quant_backend(
+    attention: object,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pool: QuantKVCache,
+    sliding_windows: Sequence[int | None] | None = None,
+) -> QuantKVBackend:
+    """The backend of an N-bit pool for the runner's `attention` argument: "auto" (Triton
+    decode where it runs), "reference" (torch only) or a ready `QuantKVBackend`."""
+    name = pool.format.name
+    if not isinstance(attention, str):
+        if not isinstance(attention, QuantKVBackend):
+            raise ValueError(f"kv_dtype={name!r} needs an attention backend that reads N-bit "
+                             f"pages (QuantKVBackend); got {type(attention).__name__}")
+        return attention
+    if attention not in ("auto", "reference"):
+        raise ValueError(f"kv_dtype={name!r}: attention must be 'auto' or 'reference' "
+                         f"(FlashInfer cannot read N-bit pages), got {attention!r}")
+    return QuantKVBackend(num_heads, num_kv_heads, head_dim, pool.fmt, pool.rotation, page_size,
+                          sliding_windows=sliding_windows,
+                          use_triton=None if attention == "auto" else False)

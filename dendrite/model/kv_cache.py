@@ -16,6 +16,10 @@ only and a fork touches nothing. Readers fold the scales into the attention
 they already do (K's into the softmax scale, V's into the output), so no
 kernel needs a dequantized copy (docs/quantization.md says why per layer and
 how they are calibrated, dendrite/model/kv_calibration.py).
+
+"int4" and "int3" name N-bit page formats (rotated, 3-4 bit codes with a
+scale per row, dendrite/model/kv_quant.py): their pool is a `QuantKVCache`
+(dendrite/model/kv_quant_cache.py, `make_kv_cache` picks), not a `KVCache`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ __all__ = ["FP8_E4M3_MAX", "KVCache", "KVFormat", "KVScales", "KV_DTYPES", "dequ
            "kv_format", "quantize"]
 
 #: The KV dtype names `kv_format` accepts (None means "auto").
-KV_DTYPES = ("auto", "fp8_e4m3")
+KV_DTYPES = ("auto", "fp8_e4m3", "int4", "int3")
 
 #: Largest finite magnitude of float8_e4m3fn; stores saturate here, never overflow to NaN.
 FP8_E4M3_MAX = 448.0
@@ -45,12 +49,14 @@ class KVFormat:
 
     `storage` is the pool's element dtype, None for the model dtype;
     `max_value` the largest magnitude a quantized format stores (None: not
-    quantized, no scales).
+    quantized, no scales); `bits` the bits per channel of an N-bit page
+    format (packed rows, a `QuantKVCache`), None for element formats.
     """
 
     name: str
     storage: torch.dtype | None
     max_value: float | None = None
+    bits: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -65,11 +71,13 @@ class KVFormat:
 _FORMATS = {
     "auto": KVFormat("auto", None),
     "fp8_e4m3": KVFormat("fp8_e4m3", torch.float8_e4m3fn, FP8_E4M3_MAX),
+    "int4": KVFormat("int4", torch.uint8, bits=4),
+    "int3": KVFormat("int3", torch.uint8, bits=3),
 }
 
 
 def kv_format(kv_dtype: object) -> KVFormat:
-    """The `KVFormat` of a `kv_dtype` argument: None / "auto" or "fp8_e4m3"."""
+    """The `KVFormat` of a `kv_dtype` argument: None / "auto", "fp8_e4m3", "int4", "int3"."""
     if isinstance(kv_dtype, KVFormat):
         return kv_dtype
     if kv_dtype is None:
@@ -154,6 +162,9 @@ class KVCache:
         if check_dtype(dtype) is None:
             raise TypeError("dtype must be given (float32, float16 or bfloat16), got None")
         fmt = kv_format(kv_dtype)
+        if fmt.bits is not None:
+            raise ValueError(f"kv_dtype={fmt.name!r} pages are a QuantKVCache "
+                             "(dendrite.model.kv_quant_cache.make_kv_cache builds either)")
         dtype, device = check_dtype(dtype), check_device(device)
         storage = fmt.storage_dtype(dtype)
         check_kv_size(

@@ -10,6 +10,9 @@ rotation matrix, which the attention backend uses to rotate q and un-rotate
 the output. It is duck-typed like `KVCache` (`write`, `layer`,
 `copy_pages`, `nbytes`), but it is not one: the fused RoPE + cache-write
 kernel, the CUDA graphs and FlashInfer never see it.
+
+`make_kv_cache` builds the pool a `kv_dtype` names (this one for "int4" /
+"int3", a `KVCache` otherwise) and `page_bytes` sizes a page of either.
 """
 
 from __future__ import annotations
@@ -18,9 +21,33 @@ import numpy as np
 import torch
 
 from dendrite.model.devices import check_device, check_int, check_kv_size
-from dendrite.model.kv_quant import KVQuantFormat, rotation_matrix
+from dendrite.model.kv_cache import KVCache, KVFormat, kv_format
+from dendrite.model.kv_quant import KVQuantFormat, kv_quant_format, rotation_matrix
 
-__all__ = ["QuantKVCache"]
+__all__ = ["QuantKVCache", "make_kv_cache", "page_bytes"]
+
+
+def page_bytes(kv_dtype: str | KVFormat | None, num_layers: int, page_size: int,
+               num_kv_heads: int, head_dim: int, model_dtype: torch.dtype) -> int:
+    """Bytes one page of the pool `kv_dtype` names takes (all layers, K and V)."""
+    fmt = kv_format(kv_dtype)
+    if fmt.bits is not None:
+        qfmt = kv_quant_format(fmt.name, head_dim)
+        return QuantKVCache.bytes_per_page(num_layers, page_size, num_kv_heads, qfmt)
+    return KVCache.bytes_per_page(num_layers, page_size, num_kv_heads, head_dim,
+                                  fmt.storage_dtype(model_dtype))
+
+
+def make_kv_cache(kv_dtype: str | KVFormat | None, num_layers: int, num_pages: int,
+                  page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device | str) -> KVCache | QuantKVCache:
+    """The pool `kv_dtype` names: a `QuantKVCache` for N-bit pages, else a `KVCache`."""
+    fmt = kv_format(kv_dtype)
+    if fmt.bits is None:
+        return KVCache(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, device,
+                       kv_dtype=fmt)
+    return QuantKVCache(num_layers, num_pages, page_size, num_kv_heads,
+                        kv_quant_format(fmt.name, head_dim), device, dtype=dtype)
 
 
 class QuantKVCache:
@@ -53,6 +80,8 @@ class QuantKVCache:
         self.num_kv_heads, self.head_dim, self.fmt = num_kv_heads, fmt.head_dim, fmt
         # `dtype` is the model's (what attention returns), not the storage's.
         self.dtype, self.device = dtype, device
+        self.storage_dtype = torch.uint8
+        self.format = kv_format({4: "int4", 3: "int3"}[fmt.bits])
         self.rotation = rotation_matrix(fmt.head_dim, seed).to(device)
         # Zero rows decode to zeros (scale 0, min 0): padded slots stay finite.
         self.kv = torch.zeros(
@@ -71,6 +100,16 @@ class QuantKVCache:
     def nbytes(self) -> int:
         """Bytes of the whole cache tensor."""
         return self.kv.numel()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token takes across all layers (K and V, scales included)."""
+        return self.fmt.bytes_per_token(self.num_layers, self.num_kv_heads)
+
+    @property
+    def quantized(self) -> bool:
+        """False: no per-layer `KVScales` apply (each row carries its own scales)."""
+        return False
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) packed pages of `layer`, each uint8 [num_pages, page_size, Hkv, row_bytes]."""

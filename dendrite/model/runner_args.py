@@ -29,7 +29,8 @@ def check_runner_args(
     kv_dtype: object = None,
 ) -> None:
     """Raise TypeError/ValueError naming the first bad argument; allocate nothing."""
-    from dendrite.model.kv_cache import KVCache, kv_format
+    from dendrite.model.kv_cache import kv_format
+    from dendrite.model.kv_quant_cache import page_bytes
     from dendrite.model.loader import LoadedModel, load_config, resolve_dtype
 
     if not isinstance(model, (str, Path, LoadedModel)):
@@ -47,6 +48,9 @@ def check_runner_args(
             f"attention {attention!r} is not a backend; use one of "
             f"{', '.join(ATTENTION_BACKENDS)} or pass an AttentionBackend"
         )
+    if kv_fmt.bits is not None and attention == "flashinfer":
+        raise ValueError(f"kv_dtype={kv_fmt.name!r}: attention must be 'auto' or 'reference' "
+                         "(FlashInfer cannot read N-bit pages), got 'flashinfer'")
     if num_pages is None:
         return  # sized after loading, from the memory left
     num_pages = check_int("num_pages", num_pages)
@@ -56,8 +60,6 @@ def check_runner_args(
     else:
         config = load_config(model)
         dt = resolve_dtype(config, dev, dt)
-    per_page = KVCache.bytes_per_page(
-        config.num_layers, page_size, config.num_kv_heads, config.head_dim,
-        kv_fmt.storage_dtype(dt),
-    )
+    per_page = page_bytes(kv_fmt, config.num_layers, page_size, config.num_kv_heads,
+                          config.head_dim, dt)
     check_kv_size(num_pages, page_size, per_page, torch.device(dev))

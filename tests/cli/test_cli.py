@@ -270,6 +270,27 @@ def test_generate_kv_dtype_fp8_streams_the_fp8_engines_text(env, model):
     assert out.stdout == res.text + "\n"
 
 
+def test_generate_kv_dtype_int4_streams_the_int4_engines_text(env, model):
+    from dendrite.engine import Engine
+    from dendrite.model.kv_cache import KV_DTYPES
+    from dendrite.sampling import SamplingParams
+
+    from dendrite.cli_common import KV_DTYPE_CHOICES
+
+    assert {"int4", "int3"} <= set(KV_DTYPE_CHOICES) <= set(KV_DTYPES)
+    out = dendrite("generate", "Once upon a time", "--model", str(model), "--device", "cpu",
+                   "--max-tokens", "12", "--kv-dtype", "int4", env=env)
+    assert out.returncode == 0, out.stderr
+    eng = Engine(str(model), device="cpu", kv_dtype="int4", num_pages=64)
+    try:
+        assert eng.memory_stats()["kv_dtype"] == "int4"
+        [res] = eng.generate([eng.new_sequence("Once upon a time")],
+                             [SamplingParams(temperature=0.0, max_tokens=12)])
+    finally:
+        eng.close()
+    assert out.stdout == res.text + "\n"
+
+
 @pytest.mark.parametrize("sub", ["generate", "run"])
 def test_unknown_kv_dtype_is_a_usage_error(env, sub):
     args = ["hi"] if sub == "generate" else ["tot"]

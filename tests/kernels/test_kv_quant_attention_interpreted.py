@@ -1,0 +1,62 @@
+"""The N-bit KV decode kernel through Triton's CPU interpreter, against its torch twin.
+
+Runs where Triton is installed (not a dependency of the CPU install, so CI may
+skip it; tests/kernels/test_kv_quant_attention_gpu.py runs the compiled
+kernel). The interpreter needs TRITON_INTERPRET=1 before Triton builds its
+kernels, hence a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r'''
+import torch
+import triton.runtime.interpreter as interp
+
+# Triton 3.6's interpreter converts loop bounds with int() of a one-element
+# array, which numpy 2 refuses; give it the element.
+_patch = interp._patch_lang_tensor
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interp._patch_lang_tensor = _patched
+
+from dendrite.kernels.kv_quant_attention import decode_attention, decode_attention_torch
+from dendrite.model.kv_quant import KVQuantFormat
+from kv_quant_case import random_pages
+
+cases = 0
+for bits, d, group, hq, hkv, page, lens, splits in (
+        (4, 64, None, 9, 3, 16, [1, 37, 100, 80], None),  # GQA 3 (SmolLM2), splits by heuristic
+        (3, 64, 32, 8, 2, 16, [5, 70], 3),                # int3, two groups, 3 splits
+        (4, 16, 8, 4, 2, 8, [9, 1, 24], 2),               # tiny head, page 8, a split with no tokens
+        (3, 128, None, 4, 4, 16, [33], 1)):               # MHA, D 128
+    fmt = KVQuantFormat(bits, d, group)
+    q, k, v, indptr, indices, lens_t = random_pages(fmt, lens, hq, hkv, page, seed=cases)
+    ref = decode_attention_torch(q, k, v, indptr, indices, lens_t, fmt, d**-0.5)
+    out = decode_attention(q, k, v, indptr, indices, lens_t, fmt, d**-0.5,
+                           max_kv_len=max(lens), num_splits=splits)
+    err = (out - ref).abs().max().item()
+    assert err < 4e-3, (bits, d, group, err)
+    cases += 1
+print("cases", cases)
+'''
+
+
+def test_kernel_interpreted_matches_torch():
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cases 4" in r.stdout
