@@ -37,6 +37,7 @@ from dendrite.cli_common import (  # noqa: F401 - re-exported: the subcommands' 
     UsageError,
     _float_in,
     add_kv_dtype_argument,
+    add_quantization_argument,
     check_device,
     check_model_dir,
     check_output_file,
@@ -70,6 +71,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
     add_kv_dtype_argument(p)
+    add_quantization_argument(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -84,7 +86,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
     t0 = time.perf_counter()
-    engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype)
+    engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
+                    quantization=args.quantization)
     try:
         print(f"[dendrite] model {engine.model_dir} on {engine.device} "
               f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "UsageError", "add_kv_dtype_argument", "check_device",
+__all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "QUANTIZATION_CHOICES", "UsageError", "add_kv_dtype_argument",
+           "add_quantization_argument", "check_device",
            "check_model_dir", "check_output_file", "non_negative_int", "positive_int",
            "run_command", "seed_int"]
 
@@ -95,6 +96,20 @@ def add_kv_dtype_argument(p: argparse.ArgumentParser) -> None:
                    help="KV cache format: auto (the model dtype), fp8_e4m3 "
                         "(1 byte an element, per-layer scales), int4 / int3 (rotated "
                         "4- / 3-bit codes with a scale per token and head; default auto)")
+
+
+#: `--quantization` values: dendrite.quant.scheme.CHOICES spelled out here so that
+#: `dendrite --help` imports no torch (tests/cli/test_cli.py checks them).
+QUANTIZATION_CHOICES = ("none", "fp8", "mxfp8")
+
+
+def add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    """`--quantization {none,fp8,mxfp8}`: how the projection weights are stored
+    (`Engine(quantization=...)`); unset: as the checkpoint is."""
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default=None,
+                   help="attention/MLP weights: none (dense), fp8 (e4m3, 128x128 block "
+                        "scales), mxfp8 (e4m3, power-of-two scales per 32); default: as the "
+                        "checkpoint is")
 
 
 def check_model_dir(path: str | None) -> None:

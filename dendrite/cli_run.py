@@ -21,7 +21,12 @@ from dendrite.program.program import Param, Program
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``dendrite run`` (values range-checked by argparse)."""
-    from dendrite.cli_common import add_kv_dtype_argument, positive_int, seed_int
+    from dendrite.cli_common import (
+        add_kv_dtype_argument,
+        add_quantization_argument,
+        positive_int,
+        seed_int,
+    )
     from dendrite.program.runtime import DEFAULT_MAX_STEPS
 
     p.add_argument("script", help="path of a .dendrite file, or the name of a standard script "
@@ -36,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default=None, metavar="OUT.html", help="write a picture of the explored tree")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_kv_dtype_argument(p)
+    add_quantization_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--max-nodes", type=positive_int, default=40,
                    help="nodes shown in the tree summary (default 40)")
@@ -223,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     from dendrite.engine import Engine
     from dendrite.program.progress import Progress
 
-    engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype)
+    engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
+                    quantization=args.quantization)
     progress = None if args.quiet or args.stream else Progress()
     stream = _StreamPrinter() if args.stream else None
     try:

@@ -31,10 +31,10 @@ CLI = [sys.executable, "-m", "dendrite.cli"]
 FLAGS = {
     None: {"--help", "--traceback"},
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
-                 "--top-k", "--seed", "--device", "--chat", "--kv-dtype"},
+                 "--top-k", "--seed", "--device", "--chat", "--kv-dtype", "--quantization"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
             "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream",
-            "--kv-dtype"},
+            "--kv-dtype", "--quantization"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
     "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
               "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
@@ -291,6 +291,36 @@ def test_generate_kv_dtype_int4_streams_the_int4_engines_text(env, model):
     assert out.stdout == res.text + "\n"
 
 
+@pytest.mark.parametrize("quant", ["fp8", "mxfp8"])
+def test_generate_quantization_streams_the_quantized_engines_text(env, model, quant):
+    from dendrite.engine import Engine
+    from dendrite.quant import weight_format
+    from dendrite.quant.scheme import CHOICES
+    from dendrite.sampling import SamplingParams
+
+    from dendrite.cli_common import QUANTIZATION_CHOICES
+
+    assert QUANTIZATION_CHOICES == CHOICES
+    out = dendrite("generate", "Once upon a time", "--model", str(model), "--device", "cpu",
+                   "--max-tokens", "12", "--quantization", quant, env=env)
+    assert out.returncode == 0, out.stderr
+    eng = Engine(str(model), device="cpu", quantization=quant, num_pages=64)
+    try:
+        assert weight_format(eng.runner.model) == quant
+        [res] = eng.generate([eng.new_sequence("Once upon a time")],
+                             [SamplingParams(temperature=0.0, max_tokens=12)])
+    finally:
+        eng.close()
+    assert out.stdout == res.text + "\n"
+
+
+@pytest.mark.parametrize("sub", ["generate", "run"])
+def test_unknown_quantization_is_a_usage_error(env, sub):
+    args = ["hi"] if sub == "generate" else ["tot"]
+    out = dendrite(sub, *args, "--quantization", "int4", env=env)
+    assert_usage_error(out, f"dendrite {sub}", "--quantization", "mxfp8")
+
+
 @pytest.mark.parametrize("sub", ["generate", "run"])
 def test_unknown_kv_dtype_is_a_usage_error(env, sub):
     args = ["hi"] if sub == "generate" else ["tot"]
@@ -319,7 +349,7 @@ def test_run_standard_script_with_every_flag(env, model, tmp_path):
                    "--arg", "question=What is 2+3?", "--arg", "width=2", "--arg", "depth=1",
                    "--arg", "step_tokens=3", "--seed", "1", "--tree", str(html),
                    "--max-nodes", "2", "--max-steps", "1000", "--kv-dtype", "fp8_e4m3",
-                   env={**env, "DENDRITE_MODEL": "/nope"})
+                   "--quantization", "fp8", env={**env, "DENDRITE_MODEL": "/nope"})
     assert out.returncode == 0, out.stderr
     assert re.search(r"^tree: \d+ nodes, depth 1", out.stdout, re.M)
     assert "engine steps" in out.stdout
