@@ -5,8 +5,16 @@ all-reduce section says it was skipped."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from conftest import run_script
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run_script(name, args, env, timeout):
+    return subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=BENCH.parent)
 
 
 def test_quick_run_writes_every_section(tmp_path, bench_env):

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import pytest
 
 from dendrite.engine import Engine
+from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 from dendrite.parallel.replicas import Replicas, route
 from replica_programs import answer_twice, num_states
 

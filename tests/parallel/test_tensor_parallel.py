@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dendrite.engine import Engine
+from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 from dendrite.model.loader import load
 from dendrite.parallel import TensorParallelRunner, load_shard
 from dendrite.sampling import SamplingParams

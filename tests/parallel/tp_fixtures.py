@@ -1,4 +1,5 @@
-"""Parallel tests share one tiny model (biased attention: the row-parallel bias
+"""Fixtures of the parallel tests (imported by each; no conftest.py here, so the
+`conftest` module name stays the benchmarks' one). They share one tiny model (biased attention: the row-parallel bias
 is added once) and run torch on one thread per process."""
 
 import pytest
@@ -14,7 +15,7 @@ def tp_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
+def one_torch_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
