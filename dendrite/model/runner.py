@@ -30,7 +30,6 @@ from dendrite.attention.base import (
     AttentionMetadata,
     build_attention_metadata,
 )
-from dendrite.attention.quant_kv import make_quant_backend
 from dendrite.attention.reference import ReferenceBackend
 from dendrite.kernels.config import KernelConfig
 from dendrite.model.config import ModelConfig
@@ -75,6 +74,9 @@ def make_backend(
     `kv_pool`: the pool, when it is N-bit pages (`QuantKVCache`) they need
     their own backend (dendrite/attention/quant_kv.py)."""
     if isinstance(kv_pool, QuantKVCache):
+        # (lazy: quant_kv imports dendrite.model's modules, whose package imports this one)
+        from dendrite.attention.quant_kv import make_quant_backend
+
         return make_quant_backend(attention, config.num_heads, config.num_kv_heads,
                                   config.head_dim, page_size, kv_pool, config.sliding_windows)
     if not isinstance(attention, str):
