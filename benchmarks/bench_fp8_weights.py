@@ -139,10 +139,10 @@ def kernel_rows(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, i
         qs = {f: quantize(w, f) for f in FORMATS[1:]}
         for m in (1, 16):
             x = torch.randn(m, k, device=device, generator=g).to(dtype)
-            cases = {"none": (lambda: linear(x, w), n * k * w.element_size())}
+            cases = {"none": (lambda x=x, w=w: linear(x, w), n * k * w.element_size())}
             for f, qw in qs.items():
                 nbytes = qw.data.numel() + qw.scale.numel() * qw.scale.element_size()
-                cases[f] = ((lambda qw=qw: quant_linear(x, qw)), nbytes)
+                cases[f] = ((lambda x=x, qw=qw: quant_linear(x, qw)), nbytes)
             for f, (fn, nbytes) in cases.items():
                 us = _time_us(fn, device, iters)
                 rows.append({"proj": name, "n": n, "k": k, "rows": m, "format": f, "us": us,
@@ -153,7 +153,7 @@ def kernel_rows(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, i
                     for bk in (128, 256, 512, 1024):
                         group = bk if (128 % bk == 0) else 128
                         tile = (bn, bk, group, bk // group, 4)
-                        us = _time_us(lambda tile=tile: fk._launch(
+                        us = _time_us(lambda tile=tile, x=x, qw=qw: fk._launch(
                             x, qw.data, qw.scale, None, *qw.block, tile=tile), device, iters)
                         rows.append({"proj": name, "n": n, "k": k, "rows": 1, "format": "fp8",
                                      "tile": list(tile), "us": us,
