@@ -38,6 +38,7 @@ from dendrite.cli_common import (  # noqa: F401 - re-exported: the subcommands' 
     _float_in,
     add_kv_dtype_argument,
     add_quantization_argument,
+    add_tensor_parallel_argument,
     check_device,
     check_model_dir,
     check_output_file,
@@ -72,6 +73,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
                    help="wrap the prompt in the model's chat template")
     add_kv_dtype_argument(p)
     add_quantization_argument(p)
+    add_tensor_parallel_argument(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -87,7 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
                             seed=args.seed, max_tokens=args.max_tokens)
     t0 = time.perf_counter()
     engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
-                    quantization=args.quantization)
+                    quantization=args.quantization, tensor_parallel=args.tensor_parallel)
     try:
         print(f"[dendrite] model {engine.model_dir} on {engine.device} "
               f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)

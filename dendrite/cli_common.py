@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "QUANTIZATION_CHOICES", "UsageError", "add_kv_dtype_argument",
-           "add_quantization_argument", "check_device",
+           "add_quantization_argument", "add_tensor_parallel_argument", "check_device",
            "check_model_dir", "check_output_file", "non_negative_int", "positive_int",
            "run_command", "seed_int"]
 
@@ -110,6 +110,14 @@ def add_quantization_argument(p: argparse.ArgumentParser) -> None:
                    help="attention/MLP weights: none (dense), fp8 (e4m3, 128x128 block "
                         "scales), mxfp8 (e4m3, power-of-two scales per 32); default: as the "
                         "checkpoint is")
+
+
+def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
+    """`--tensor-parallel N`: shard the model over N processes, one per device
+    (`Engine(tensor_parallel=N)`, docs/scaling.md)."""
+    p.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                   help="shard the model over N processes, one per GPU (cuda:0..N-1; on the "
+                        "CPU N processes); default 1")
 
 
 def check_model_dir(path: str | None) -> None:

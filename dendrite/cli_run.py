@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dendrite.cli_common import (
         add_kv_dtype_argument,
         add_quantization_argument,
+        add_tensor_parallel_argument,
         positive_int,
         seed_int,
     )
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_kv_dtype_argument(p)
     add_quantization_argument(p)
+    add_tensor_parallel_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--max-nodes", type=positive_int, default=40,
                    help="nodes shown in the tree summary (default 40)")
@@ -230,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     from dendrite.program.progress import Progress
 
     engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
-                    quantization=args.quantization)
+                    quantization=args.quantization, tensor_parallel=args.tensor_parallel)
     progress = None if args.quiet or args.stream else Progress()
     stream = _StreamPrinter() if args.stream else None
     try:

@@ -31,10 +31,11 @@ CLI = [sys.executable, "-m", "dendrite.cli"]
 FLAGS = {
     None: {"--help", "--traceback"},
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
-                 "--top-k", "--seed", "--device", "--chat", "--kv-dtype", "--quantization"},
+                 "--top-k", "--seed", "--device", "--chat", "--kv-dtype", "--quantization",
+                 "--tensor-parallel"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
             "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream",
-            "--kv-dtype", "--quantization"},
+            "--kv-dtype", "--quantization", "--tensor-parallel"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
     "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
               "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
@@ -319,6 +320,25 @@ def test_unknown_quantization_is_a_usage_error(env, sub):
     args = ["hi"] if sub == "generate" else ["tot"]
     out = dendrite(sub, *args, "--quantization", "int4", env=env)
     assert_usage_error(out, f"dendrite {sub}", "--quantization", "mxfp8")
+
+
+def test_generate_tensor_parallel_prints_the_tp1_text(env, model):
+    """--tensor-parallel 2 on the CPU: two processes (gloo), the same greedy text."""
+    args = ["Once upon a time", "--model", str(model), "--device", "cpu", "--max-tokens", "10",
+            "--temperature", "0"]
+    one = dendrite("generate", *args, env=env)
+    two = dendrite("generate", *args, "--tensor-parallel", "2", env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout
+
+
+@pytest.mark.parametrize("sub", ["generate", "run"])
+def test_bad_tensor_parallel_is_an_error(env, sub):
+    args = ["hi"] if sub == "generate" else ["tot", "--arg", "question=2+2?"]
+    out = dendrite(sub, *args, "--tensor-parallel", "0", env=env)
+    assert_usage_error(out, f"dendrite {sub}", "--tensor-parallel")
+    out = dendrite(sub, *args, "--device", "cpu", "--tensor-parallel", "3", env=env)
+    assert out.returncode != 0 and "tensor_parallel 3 does not divide" in out.stderr
 
 
 @pytest.mark.parametrize("sub", ["generate", "run"])
