@@ -16,7 +16,7 @@ where it can), set as every `DecoderLayer.all_reduce`:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

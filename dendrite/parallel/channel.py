@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ class PlanChannel:
     @classmethod
     def serve(cls, store: dist.Store, world_size: int, host: str = "127.0.0.1",
               key: str = "dendrite/plan_channel",
-              check: Callable[[], None] | None = None) -> "PlanChannel":
+              check: Callable[[], None] | None = None) -> PlanChannel:
         """Rank 0: listen, publish the address in `store`, accept every follower.
 
         `check()` runs every second of waiting (it raises when a follower died)."""
@@ -130,7 +130,7 @@ class PlanChannel:
 
     @classmethod
     def connect(cls, store: dist.Store, rank: int,
-                key: str = "dendrite/plan_channel") -> "PlanChannel":
+                key: str = "dendrite/plan_channel") -> PlanChannel:
         """A follower: connect to rank 0's published address."""
         host, port = store.get(key).decode().rsplit(":", 1)
         s = socket.create_connection((host, int(port)))

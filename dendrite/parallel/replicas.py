@@ -33,9 +33,10 @@ import math
 import multiprocessing as mp
 import os
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["ReplicaResult", "Replicas", "route"]
 
@@ -313,8 +314,8 @@ class Replicas:
             c.close()
         self._conns, self._procs = [], []
 
-    def __enter__(self) -> "Replicas":
+    def __enter__(self) -> Replicas:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

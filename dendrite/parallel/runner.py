@@ -16,8 +16,8 @@ cannot step without it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -4,11 +4,11 @@ gives, in input order, and route equal prompts to the same replica."""
 import multiprocessing as mp
 
 import pytest
+from replica_programs import answer_twice, num_states
+from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 
 from dendrite.engine import Engine
-from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 from dendrite.parallel.replicas import Replicas, route
-from replica_programs import answer_twice, num_states
 
 QUESTIONS = ["What is 6 * 7?", "Name a colour.", "What is 6 * 7?", "Is the sky blue?",
              "Name a colour.", "Say yes or no.", "What is 6 * 7?", "Count to three."]

@@ -5,9 +5,9 @@ summation order only), through forks, a prefix-cache hit and lookahead."""
 import numpy as np
 import pytest
 import torch
+from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 
 from dendrite.engine import Engine
-from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 from dendrite.model.loader import load
 from dendrite.parallel import TensorParallelRunner, load_shard
 from dendrite.sampling import SamplingParams

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch.distributed as dist
+from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 
 from dendrite.engine import Engine
-from tp_fixtures import one_torch_thread, tp_model_dir  # noqa: F401 (fixtures)
 from dendrite.parallel import WorkerDied
 from dendrite.sampling import SamplingParams
 
