@@ -45,7 +45,10 @@ def chunk_kernel(logits_ptr, stride_l, params_ptr, mask_ptr, stride_m, mask_word
         u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         gumbel = -precise_log(-precise_log(u))
         score = precise_div(score, temp) + gumbel
-    score = tl.where(valid, score, float("-inf"))
+    # NaN logits (a broken model) must still yield an in-vocabulary id: argmax
+    # over NaNs may pick a padded lane >= V, and with lookahead that id is fed
+    # to the next step's embedding gather before the host sees the NaN logprob.
+    score = tl.where(valid & (score == score), score, float("-inf"))
     best = tl.argmax(score, axis=0, tie_break_left=True)
     best_score = tl.max(score, axis=0)
     base = part_ptr + (row * n_chunks + chunk) * 3
