@@ -137,6 +137,9 @@ class Speculator:
         if not want:
             stats["spec_off_steps"] += 1
             return None
+        if self._token_bound(len(seqs), len(want)) > e.max_batch_tokens:
+            stats["spec_off_steps"] += 1  # the verify rows would not fit one step
+            return None
         # Matchers are advanced below: no mask prefetch may be computing or kept.
         e._settle_masks()
         if e._mask_worker is not None:
@@ -156,6 +159,12 @@ class Speculator:
             self._paused.pop(id(s), None)
         return self._run(rows)
 
+    def _token_bound(self, rows: int, drafting: int) -> int:
+        """The most tokens a step's verify rows can hold."""
+        sh = self.shape
+        paths = sh.width if sh.kind == "static" else sh.budget
+        return rows - drafting + drafting * paths * (1 + sh.depth)
+
     def _draft(self, want: list["Sequence"]) -> dict[int, DraftTree]:
         depths = [max(0, min(self.config.num_draft,
                              s.handle.params.max_tokens - len(s.handle.token_ids) - 1))
@@ -163,7 +172,21 @@ class Speculator:
         keys = [id(s) for s in want]
         self._keys.update(keys)
         trees = self.drafter.propose(keys, [s.tokens for s in want], self.shape, depths)
+        self._check_trees(trees, len(want))
         return {k: t for k, t in zip(keys, trees)}
+
+    def _check_trees(self, trees: object, n: int) -> None:
+        """A drafter's output, checked before anything is forked or appended."""
+        who = type(self.drafter).__name__
+        if not isinstance(trees, list) or len(trees) != n or \
+                not all(isinstance(t, DraftTree) for t in trees):
+            raise TypeError(f"speculative: drafter {who} must return a list of {n} DraftTree")
+        vocab = self.engine.runner.vocab_size
+        for t in trees:
+            for tok in t.tokens:
+                if not 0 <= tok < vocab:
+                    raise ValueError(f"speculative: drafter {who} proposed token id {tok}, "
+                                     f"outside the vocabulary [0, {vocab})")
 
     def _pages_needed(self, rows: list[_Row]) -> int:
         e = self.engine
@@ -316,15 +339,9 @@ class Speculator:
                 e.scheduler.set_priority(seq.node, seq.priority)
             seq.waited = 0
             if r.forked:
-                old = seq.node
-                e._untrack(seq)
-                for i, node in enumerate(r.nodes):
-                    if i != pick:
-                        e.tree.release(node)  # its pages go back now
-                seq.node = r.nodes[pick]
-                e.tree.release(old)  # kept alive by the branch's new node
-                e._track(seq)
-            e.tree.truncate(seq.node, r.cached + 1 + j)
+                self._adopt(r, pick, j)
+            else:
+                e.tree.truncate(seq.node, r.cached + 1 + j)
             # The draw at a node is the token after it: the draws at the root and
             # the accepted nodes are d1..dj and then the new token.
             emitted = [dr[n] for n in [-1] + accepted]
@@ -334,6 +351,46 @@ class Speculator:
         if rows_spec:
             stats["spec_mean_accept_len"] = (stats["spec_accepted"] + rows_spec) / rows_spec
         return finished
+
+    def _adopt(self, r: _Row, pick: int, j: int) -> None:
+        """Make the accepted path's fork the branch's KV; release the other forks now.
+
+        Where the runner's KV pool can copy pages, the accepted tokens are
+        appended to the branch's own node and their K/V copied over from the
+        fork, which is then released: the branch keeps one node, and the
+        partly filled page the fork had copied does not stay behind (moving
+        the branch onto the fork instead would strand one such page per step).
+        Otherwise, or when the pool is too short for the copy, the branch
+        moves onto the fork (as `Engine._thaw` does)."""
+        e, seq, ps = self.engine, r.seq, self.engine.page_size
+        child = r.nodes[pick]
+        e.tree.truncate(child, r.cached + 1 + j)
+        for i, node in enumerate(r.nodes):
+            if i != pick:
+                e.tree.release(node)  # their pages go back now
+        kv = getattr(e.runner, "kv_cache", None)
+        if kv is not None and e.pool.free >= -(-(r.cached % ps + 1 + j) // ps):
+            first = r.cached // ps
+            own = e.tree.pages(child)[first:].copy()
+            new_tokens = e.tree.tokens(child)[r.cached:].copy()
+            for page in own:  # held while the fork goes, so no append reuses them
+                e.pool.incref(int(page))
+            try:
+                e.tree.release(child)
+                appended = e.tree.append(seq.node, new_tokens)
+                if len(appended.copies):
+                    kv.copy_pages(appended.copies)
+                dst = e.tree.pages(seq.node)[first:]
+                kv.copy_pages(np.stack([own, dst, np.full(len(own), ps, dtype=own.dtype)], 1))
+            finally:
+                for page in own:
+                    e.pool.decref(int(page))
+            return
+        old = seq.node
+        e._untrack(seq)
+        seq.node = child
+        e.tree.release(old)  # kept alive by the branch's new node
+        e._track(seq)
 
     def _accept_all(self, r: _Row, h: "GenHandle", emitted: list[tuple], j: int) -> bool:
         """Hand the accepted tokens to the engine as a plain step would have.

@@ -1,0 +1,105 @@
+"""Rejected branches give their pages back in the same step; nothing leaks after a
+run, a cancel or an error; the on/off rule; stats."""
+
+import pytest
+
+from dendrite.sampling import SamplingParams
+from dendrite.speculative import NgramDrafter, SpeculativeConfig
+from dendrite.speculative.tree import DraftTree
+
+from test_spec_exactness import REPEAT
+
+
+def test_rejected_forks_are_released_in_the_step(make_engine, other_dir):
+    """A 3-wide tree forks each branch 3 times per step; after every step the
+    pool holds what the plain run holds (the same tokens, the same pages)."""
+    p = SamplingParams(temperature=0, max_tokens=12)
+    plain = make_engine(prefix_cache=False)
+    spec = make_engine(prefix_cache=False, speculative=SpeculativeConfig(
+        method="model", draft_model=str(other_dir), width=3, num_draft=2, break_even=0.0))
+    seqs = []
+    for e in (plain, spec):
+        s = e.new_sequence(REPEAT)
+        e.submit(s, p)
+        seqs.append(s)
+    while not seqs[1].handle.done:
+        spec.step()
+        assert spec.tree.validate() == []
+        # Only the branch's own node path is live: no draft fork survives a step.
+        assert spec.tree.num_live_nodes == spec.tree.depth(seqs[1].node) + 1
+    plain.run([seqs[0].handle])
+    assert seqs[1].handle.result.token_ids == seqs[0].handle.result.token_ids
+    assert spec.pool.used == plain.pool.used
+    assert spec.stats["spec_steps"] > 0
+
+
+def test_cancel_mid_run_leaks_nothing(make_engine):
+    e = make_engine(speculative=SpeculativeConfig(num_draft=4, width=2))
+    kids = e.new_sequence(REPEAT).fork(3)
+    hs = [e.submit(k, SamplingParams(temperature=0, max_tokens=40)) for k in kids]
+    for _ in range(3):
+        e.step()
+    assert e.cancel(hs[1])
+    e.run([hs[0], hs[2]])
+    assert hs[1].result.finish_reason == "abort"
+    assert e.tree.validate() == []
+    # The cancelled branch goes on from where it stopped, as after any request.
+    r = e.generate(kids[1], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert len(r.token_ids) == 4
+
+
+class Exploding(NgramDrafter):
+    """Prompt lookup that fails on its third call (a drafter bug)."""
+
+    calls = 0
+
+    def propose(self, *args):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("drafter exploded")
+        return super().propose(*args)
+
+
+class OutOfVocab(NgramDrafter):
+    def propose(self, keys, contexts, shape, depths):
+        return [DraftTree([10 ** 6], [-1], [1.0]) for _ in keys]
+
+
+def test_drafter_error_leaves_the_engine_consistent(make_engine):
+    e = make_engine(speculative=SpeculativeConfig(drafter=Exploding(), num_draft=3))
+    s = e.new_sequence(REPEAT)
+    h = e.submit(s, SamplingParams(temperature=0, max_tokens=30))
+    with pytest.raises(RuntimeError, match="drafter exploded"):
+        e.run([h])
+    assert e.tree.validate() == [] and s.pending  # the branch can go on
+    e.run([h])  # the fourth call drafts again
+    plain = make_engine()
+    want = plain.generate(plain.new_sequence(REPEAT),
+                          SamplingParams(temperature=0, max_tokens=30))[0]
+    assert h.result.token_ids == want.token_ids
+
+
+def test_draft_token_outside_the_vocabulary_is_a_clear_error(make_engine):
+    e = make_engine(speculative=SpeculativeConfig(drafter=OutOfVocab()))
+    s = e.new_sequence(REPEAT)
+    h = e.submit(s, SamplingParams(temperature=0, max_tokens=5))
+    with pytest.raises(ValueError, match="drafter OutOfVocab proposed token id 1000000"):
+        e.run([h])
+    assert e.tree.validate() == []
+
+
+def test_rule_turns_speculation_off_for_wide_batches(make_engine):
+    e = make_engine(speculative=SpeculativeConfig(num_draft=3, max_rows=2))
+    kids = e.new_sequence(REPEAT).fork(4)
+    e.generate(kids, SamplingParams(temperature=0, max_tokens=8))
+    assert e.stats["spec_steps"] == 0 and e.stats["spec_off_steps"] > 0
+
+
+def test_rule_pauses_a_branch_whose_drafts_fail(make_engine, other_dir):
+    """A draft model that is never right: after the first steps the branch
+    drafts only every `probe_every` steps."""
+    e = make_engine(speculative=SpeculativeConfig(method="model", draft_model=str(other_dir),
+                                                  num_draft=3, probe_every=4))
+    e.generate(e.new_sequence(REPEAT), SamplingParams(temperature=0, max_tokens=30))
+    assert e.stats["spec_off_steps"] >= 15
+    assert e.stats["spec_steps"] <= 10
