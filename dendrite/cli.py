@@ -38,6 +38,7 @@ from dendrite.cli_common import (  # noqa: F401 - re-exported: the subcommands' 
     _float_in,
     add_kv_dtype_argument,
     add_quantization_argument,
+    add_speculative_argument,
     add_tensor_parallel_argument,
     check_device,
     check_model_dir,
@@ -74,6 +75,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     add_kv_dtype_argument(p)
     add_quantization_argument(p)
     add_tensor_parallel_argument(p)
+    add_speculative_argument(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -89,7 +91,8 @@ def _generate(args: argparse.Namespace) -> int:
                             seed=args.seed, max_tokens=args.max_tokens)
     t0 = time.perf_counter()
     engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
-                    quantization=args.quantization, tensor_parallel=args.tensor_parallel)
+                    quantization=args.quantization, tensor_parallel=args.tensor_parallel,
+                    speculative=args.speculative)
     try:
         print(f"[dendrite] model {engine.model_dir} on {engine.device} "
               f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -144,6 +147,11 @@ def _stream(engine, handle, prompt_len: int) -> None:
           f"({handle.result.finish_reason}); first token "
           f"{((t_first or t_end) - t_start) * 1e3:.0f} ms, "
           f"{(n - 1) / decode_s if n > 1 and decode_s > 0 else 0:.1f} tok/s", file=sys.stderr)
+    if "spec_steps" in engine.stats:
+        st = engine.stats
+        print(f"[dendrite] speculative: {st['spec_steps']} draft-and-verify steps, "
+              f"{st['spec_accepted']} of {st['spec_drafted']} draft tokens accepted, "
+              f"mean acceptance length {st['spec_mean_accept_len']:.2f}", file=sys.stderr)
 
 
 # -- run and demo (their modules own their flags) -------------------------------------

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "QUANTIZATION_CHOICES", "UsageError", "add_kv_dtype_argument",
-           "add_quantization_argument", "add_tensor_parallel_argument", "check_device",
+           "add_quantization_argument", "add_speculative_argument", "add_tensor_parallel_argument",
+           "check_device",
            "check_model_dir", "check_output_file", "non_negative_int", "positive_int",
            "run_command", "seed_int"]
 
@@ -118,6 +119,31 @@ def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                    help="shard the model over N processes, one per GPU (cuda:0..N-1; on the "
                         "CPU N processes); default 1")
+
+
+def speculative_spec(value: str):
+    """argparse type of `--speculative`: the `SpeculativeConfig` of a spec string
+    (None for "off"); a draft model directory must exist (it loads later)."""
+    from dendrite.speculative.config import SpeculativeConfig
+
+    try:
+        config = SpeculativeConfig.parse(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("speculative: ")) from None
+    if config is not None and config.draft_model is not None \
+            and not Path(config.draft_model).is_dir():
+        raise argparse.ArgumentTypeError(f"draft model directory {config.draft_model} "
+                                         f"does not exist")
+    return config
+
+
+def add_speculative_argument(p: argparse.ArgumentParser) -> None:
+    """`--speculative SPEC`: speculative decoding (`Engine(speculative=...)`,
+    docs/speculative.md)."""
+    p.add_argument("--speculative", type=speculative_spec, default=None, metavar="SPEC",
+                   help="speculative decoding, exact: off (default), ngram[:k=4,n=3,...] "
+                        "(prompt lookup) or model:DIR[,k=4,...] (a draft model with the same "
+                        "tokenizer); options in docs/speculative.md")
 
 
 def check_model_dir(path: str | None) -> None:

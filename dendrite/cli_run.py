@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dendrite.cli_common import (
         add_kv_dtype_argument,
         add_quantization_argument,
+        add_speculative_argument,
         add_tensor_parallel_argument,
         positive_int,
         seed_int,
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_kv_dtype_argument(p)
     add_quantization_argument(p)
     add_tensor_parallel_argument(p)
+    add_speculative_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--max-nodes", type=positive_int, default=40,
                    help="nodes shown in the tree summary (default 40)")
@@ -232,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     from dendrite.program.progress import Progress
 
     engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
-                    quantization=args.quantization, tensor_parallel=args.tensor_parallel)
+                    quantization=args.quantization, tensor_parallel=args.tensor_parallel,
+                    speculative=args.speculative)
     progress = None if args.quiet or args.stream else Progress()
     stream = _StreamPrinter() if args.stream else None
     try:

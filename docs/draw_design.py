@@ -52,7 +52,7 @@ LAYERS = (
           "#fdd0a2"),
     Layer("sampling", "sampling / grammar",
           ("dendrite/sampling.py", "dendrite/grammar/", "dendrite/stopping.py"), "#fcbba1"),
-    Layer("engine", "engine", ("dendrite/engine.py",), "#fc9272"),
+    Layer("engine", "engine", ("dendrite/engine.py", "dendrite/speculative/"), "#fc9272"),
     Layer("program", "program", ("dendrite/program/", "dendrite/tree_view.py",
                                  "dendrite/parallel/replicas.py"), "#c7e9c0"),
     Layer("search", "search", ("dendrite/search/",), "#a1d99b"),

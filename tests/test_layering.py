@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                  "dendrite.transfer", "dendrite.default_model",
                                  "dendrite.tiny_model", "dendrite.parallel")),
     ("sampling/grammar", ("dendrite.sampling", "dendrite.grammar", "dendrite.stopping")),
-    ("engine", ("dendrite.engine",)),
+    ("engine", ("dendrite.engine", "dendrite.speculative")),
     # (replicas run programs over engine processes; the rest of dendrite.parallel
     # is model level)
     ("program", ("dendrite.program", "dendrite.tree_view", "dendrite.parallel.replicas")),

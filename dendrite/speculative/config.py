@@ -30,7 +30,6 @@ from dendrite.speculative.tree import TREE_KINDS, TreeShape
 
 if TYPE_CHECKING:
     from dendrite.engine import Engine
-    from dendrite.speculative.step import Speculator
 
 __all__ = ["SpeculativeConfig", "METHODS"]
 
@@ -157,8 +156,9 @@ class SpeculativeConfig:
                             dtype=engine.runner.dtype, num_pages=self.draft_pages,
                             page_size=engine.page_size, vocab_size=engine.runner.vocab_size)
 
-    def attach(self, engine: "Engine") -> "Speculator":
-        """The speculator the engine's steps call (the engine's one entry point here)."""
+    def attach(self, engine: "Engine"):
+        """The `dendrite.speculative.step.Speculator` the engine's steps call (the
+        engine's one entry point into this package)."""
         from dendrite.speculative.step import Speculator
 
         return Speculator(engine, self)

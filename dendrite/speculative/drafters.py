@@ -109,10 +109,12 @@ class NgramDrafter(ExpandingDrafter):
         self._arrays: dict[int, np.ndarray] = {}
 
     def begin(self, keys: Sequence[Hashable], contexts: Sequence[Sequence[int]]) -> None:
+        """The step's contexts; their arrays are built on first use."""
         super().begin(keys, contexts)
         self._arrays = {}
 
     def expand(self, requests: Sequence[Expansion]) -> list[list[tuple[int, float]]]:
+        """Prompt lookup after each request's context + path (`lookup`)."""
         out = []
         for req in requests:
             base = self._arrays.get(req.row)
@@ -142,6 +144,7 @@ class NgramDrafter(ExpandingDrafter):
         return []
 
     def end(self) -> None:
+        """Drop the step's context arrays."""
         super().end()
         self._arrays = {}
 
@@ -222,10 +225,12 @@ class ModelDrafter(ExpandingDrafter):
         self.stats["draft_resets"] += 1
 
     def begin(self, keys: Sequence[Hashable], contexts: Sequence[Sequence[int]]) -> None:
+        """The step's branches; their draft KV roots are synced on first expansion."""
         self._rows, self._contexts = list(keys), contexts
         self._nodes, self._transient, self._failed = {}, [], False
 
     def end(self) -> None:
+        """Release the step's draft forks (the roots stay)."""
         for node in self._transient:
             self.tree.release(node)
         self._nodes, self._transient, self._contexts = {}, [], ()
@@ -249,6 +254,7 @@ class ModelDrafter(ExpandingDrafter):
 
     # -- expansion ------------------------------------------------------------------
     def expand(self, requests: Sequence[Expansion]) -> list[list[tuple[int, float]]]:
+        """One batched draft forward: the k likeliest next tokens of every request."""
         if self._failed or not requests:
             return [[] for _ in requests]
         # Children of one parent expanded in this call: a lone child continues

@@ -46,7 +46,6 @@ from dendrite.speculative.verify import prune_by_grammar, walk
 
 if TYPE_CHECKING:
     from dendrite.engine import Engine, GenHandle, Sequence
-    from dendrite.speculative.config import SpeculativeConfig
 
 __all__ = ["Speculator", "SPEC_STATS"]
 
@@ -75,7 +74,8 @@ class _Row:
 class Speculator:
     """Drafts, verifies and commits for an engine (see the module docstring)."""
 
-    def __init__(self, engine: "Engine", config: "SpeculativeConfig") -> None:
+    def __init__(self, engine: "Engine", config) -> None:
+        # (`config` is a SpeculativeConfig, which imports this module to attach.)
         self.engine = engine
         self.config = config
         self.shape = config.shape

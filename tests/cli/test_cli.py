@@ -32,10 +32,10 @@ FLAGS = {
     None: {"--help", "--traceback"},
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
                  "--top-k", "--seed", "--device", "--chat", "--kv-dtype", "--quantization",
-                 "--tensor-parallel"},
+                 "--tensor-parallel", "--speculative"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
             "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream",
-            "--kv-dtype", "--quantization", "--tensor-parallel"},
+            "--kv-dtype", "--quantization", "--tensor-parallel", "--speculative"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
     "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
               "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
@@ -672,3 +672,26 @@ def test_serve_without_the_server_extra(env, model, missing):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120)
     assert_one_line(out, 2, "dendrite serve", missing, 'pip install ".[serve]"')
+
+
+@pytest.mark.parametrize("spec", ["ngram:k=4,n=2", "model:{model},k=3,width=2"])
+def test_generate_speculative_prints_the_plain_text(env, model, spec):
+    """--speculative is exact: the greedy text is the plain run's; stderr has the
+    acceptance statistics."""
+    args = ["The quick brown fox. The quick brown fox. The quick", "--model", str(model),
+            "--device", "cpu", "--max-tokens", "16"]
+    plain = dendrite("generate", *args, env=env)
+    spec_out = dendrite("generate", *args, "--speculative", spec.format(model=model), env=env)
+    assert plain.returncode == 0 and spec_out.returncode == 0, spec_out.stderr
+    assert spec_out.stdout == plain.stdout
+    assert "mean acceptance length" in spec_out.stderr
+
+
+@pytest.mark.parametrize("sub", ["generate", "run"])
+@pytest.mark.parametrize("spec,needle", [("beam", "unknown method 'beam'"),
+                                         ("ngram:k=0", "num_draft must be an int >= 1"),
+                                         ("model:/no/such/dir", "does not exist")])
+def test_bad_speculative_is_a_usage_error(env, sub, spec, needle):
+    args = ["hi"] if sub == "generate" else ["tot"]
+    out = dendrite(sub, *args, "--speculative", spec, env=env)
+    assert_usage_error(out, f"dendrite {sub}", "--speculative", needle)
