@@ -1,4 +1,6 @@
-"""Triton kernel of `dendrite.kernels.kv_quant_attention` (imported only where Triton is).
+"""Triton kernels of N-bit KV pages (dendrite/model/kv_quant.py): read by decode
+attention (`dendrite.kernels.kv_quant_attention`), written by `QuantKVCache.write`
+(imported only where Triton is).
 
 `quant_decode_partial`: one program per (sequence, KV head, split) walks its
 token range of the sequence's page list, BLOCK_N tokens at a time. It loads
@@ -9,6 +11,12 @@ for the GQA group's query heads, padded to BLOCK_G rows so both products run
 as `tl.dot` on fp16 inputs with float32 accumulation. It stores the range's
 normalized output and log2-sum-exp per (sequence, query head, split); an
 empty range stores 0 and -inf. The caller merges the splits.
+
+`quant_write`: one program per (block of new tokens, KV head) rotates the
+block's vectors (one float32 matmul by `M`), quantizes each group and stores
+codes, scales and mins into the tokens' rows: the torch writer's bytes, but
+for float32 summation order in the rotation and ties rounding up (torch.round
+rounds them to even), so a code may differ by one at a rounding boundary.
 """
 
 import triton
@@ -102,3 +110,57 @@ def quant_decode_partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lens_ptr,
     row_o = (b * HKV * G + head).to(tl.int64) * num_splits + s
     tl.store(o_ptr + row_o[:, None] * D + offs_d[None, :], o, mask=g_ok[:, None])
     tl.store(lse_ptr + row_o, lse, mask=g_ok)
+
+
+@triton.jit
+def quant_write(x_ptr, rot_ptr, slots_ptr, pages_ptr, num_tokens,
+                HKV: tl.constexpr, D: tl.constexpr, ROW: tl.constexpr, BITS: tl.constexpr,
+                GROUP: tl.constexpr, CODE_BYTES: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program (i, h): tokens [i * BLOCK_T, (i+1) * BLOCK_T) of KV head h.
+
+    x [T, HKV, D] (any float dtype) is rotated (`x @ M`, float32), quantized
+    per group (fp16 scale and min, codes rounded half up) and packed into the
+    row of its slot in `pages` (uint8 [slots, HKV, ROW])."""
+    NG: tl.constexpr = D // GROUP
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    t = i * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < num_tokens
+    offs_d = tl.arange(0, D)
+    x = tl.load(x_ptr + (t.to(tl.int64) * HKV + h)[:, None] * D + offs_d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    m = tl.load(rot_ptr + offs_d[:, None] * D + offs_d[None, :])
+    xr = tl.dot(x, m, input_precision="ieee")                 # [BLOCK_T, D]
+    x3 = tl.reshape(xr, [BLOCK_T, NG, GROUP])
+    lo = tl.min(x3, 2)
+    hi = tl.max(x3, 2)
+    scale = ((hi - lo) / LEVELS).to(tl.float16)
+    scale = tl.where(scale > 0, scale, 1.0).to(tl.float16)
+    lo16 = lo.to(tl.float16)
+    q = (x3 - lo16.to(tl.float32)[:, :, None]) / scale.to(tl.float32)[:, :, None]
+    codes = tl.minimum(tl.maximum(tl.floor(q + 0.5), 0.0), LEVELS).to(tl.int32)
+    codes = tl.reshape(codes, [BLOCK_T, D])
+
+    slot = tl.load(slots_ptr + t, mask=ok, other=0)
+    row = pages_ptr + (slot.to(tl.int64) * HKV + h) * ROW     # [BLOCK_T] byte pointers
+    if BITS == 4:
+        n4: tl.constexpr = D // 2
+        c = tl.reshape(codes, [BLOCK_T, 2, n4])
+        packed = tl.sum(c << (4 * tl.arange(0, 2))[None, :, None], 1)
+        tl.store(row[:, None] + tl.arange(0, n4)[None, :], packed.to(tl.uint8),
+                 mask=ok[:, None])
+    else:  # a 2-bit plane, then a 1-bit plane
+        n2: tl.constexpr = D // 4
+        n1: tl.constexpr = D // 8
+        c2 = tl.reshape(codes & 3, [BLOCK_T, 4, n2])
+        p2 = tl.sum(c2 << (2 * tl.arange(0, 4))[None, :, None], 1)
+        tl.store(row[:, None] + tl.arange(0, n2)[None, :], p2.to(tl.uint8), mask=ok[:, None])
+        c1 = tl.reshape(codes >> 2, [BLOCK_T, 8, n1])
+        p1 = tl.sum(c1 << tl.arange(0, 8)[None, :, None], 1)
+        tl.store(row[:, None] + n2 + tl.arange(0, n1)[None, :], p1.to(tl.uint8),
+                 mask=ok[:, None])
+    offs_g = tl.arange(0, NG)
+    sc_ptr = (row[:, None] + CODE_BYTES + 2 * offs_g[None, :]).to(tl.pointer_type(tl.float16))
+    tl.store(sc_ptr, scale, mask=ok[:, None])
+    tl.store(sc_ptr + NG, lo16, mask=ok[:, None])

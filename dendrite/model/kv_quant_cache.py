@@ -4,8 +4,9 @@ One uint8 tensor `kv[num_layers, 2, num_pages, page_size, Hkv, row_bytes]`:
 the same paged layout as `KVCache`, with each K or V vector replaced by its
 packed row (rotated codes + fp16 scales and mins). A row carries its own
 scales, so copy-on-write copies whole rows and a forked child's copied page
-decodes exactly as its parent's. Quantization happens on write (torch ops;
-`write` rotates, quantizes and scatters). The pool holds the format's
+decodes exactly as its parent's. Quantization happens on write: one Triton
+kernel per K or V on CUDA (dendrite/kernels/kv_quant_write.py), else torch
+ops (`write` rotates, quantizes and scatters). The pool holds the format's
 rotation matrix, which the attention backend uses to rotate q and un-rotate
 the output. It is duck-typed like `KVCache` (`write`, `layer`,
 `copy_pages`, `nbytes`), but it is not one: the fused RoPE + cache-write
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dendrite.kernels import kv_quant_write
 from dendrite.model.devices import check_device, check_int, check_kv_size
 from dendrite.model.kv_cache import KVCache, KVFormat, kv_format
 from dendrite.model.kv_quant import KVQuantFormat, kv_quant_format, rotation_matrix
@@ -83,6 +85,8 @@ class QuantKVCache:
         self.storage_dtype = torch.uint8
         self.format = kv_format({4: "int4", 3: "int3"}[fmt.bits])
         self.rotation = rotation_matrix(fmt.head_dim, seed).to(device)
+        #: quantize-on-write in one Triton kernel (CUDA); False: torch ops
+        self.triton_write = kv_quant_write.supported(fmt, device)
         # Zero rows decode to zeros (scale 0, min 0): padded slots stay finite.
         self.kv = torch.zeros(
             num_layers, 2, num_pages, page_size, num_kv_heads, fmt.row_bytes,
@@ -124,6 +128,10 @@ class QuantKVCache:
     ) -> None:
         """Rotate, quantize and store the step's new K/V ([T, Hkv, D]) at their slots."""
         k_cache, v_cache = self.layer(layer)
+        if self.triton_write:
+            kv_quant_write.write_rows(k, slot_mapping, k_cache, self.rotation, self.fmt)
+            kv_quant_write.write_rows(v, slot_mapping, v_cache, self.rotation, self.fmt)
+            return
         rb = self.fmt.row_bytes
         k_cache.view(-1, self.num_kv_heads, rb)[slot_mapping] = self.fmt.quantize(self.rotate(k))
         v_cache.view(-1, self.num_kv_heads, rb)[slot_mapping] = self.fmt.quantize(self.rotate(v))

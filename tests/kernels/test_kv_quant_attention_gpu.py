@@ -1,5 +1,6 @@
-"""The N-bit KV decode kernel on CUDA against its torch twin on the same pages, the
-backend's Triton path against its torch path, and an int4 engine on CUDA."""
+"""The N-bit KV kernels on CUDA: decode attention against its torch twin on the same
+pages, the quantize-on-write kernel against the torch writer, the backend's Triton
+path against its torch path, and an int4 engine on CUDA."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ def test_kernel_matches_torch(bits, group, hq, hkv, d, lens):
     torch.testing.assert_close(one, ref, atol=4e-3, rtol=4e-3)
 
 
+@pytest.mark.parametrize("bits,group,d", [(4, None, 64), (4, 32, 128), (3, None, 128)])
+def test_write_kernel_matches_torch_writer(bits, group, d):
+    from dendrite.kernels.kv_quant_write import write_rows
+    from dendrite.model.kv_quant import KVQuantFormat, rotation_matrix
+
+    fmt, m = KVQuantFormat(bits, d, group), rotation_matrix(d).cuda()
+    hkv, t = 8, 300
+    x = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16) * 4
+    slots = torch.randperm(64 * 16, device="cuda")[:t]
+    pages = torch.zeros(64, 16, hkv, fmt.row_bytes, dtype=torch.uint8, device="cuda")
+    write_rows(x, slots, pages, m, fmt)
+    got = pages.view(-1, hkv, fmt.row_bytes)[slots]
+    ref = fmt.quantize(x.float() @ m)
+    assert (got == ref).float().mean() > 0.99
+    step = fmt.scales(ref)[0].amax()
+    assert (fmt.dequantize(got) - fmt.dequantize(ref)).abs().max() <= step * 1.01
+
+
 def test_backend_triton_vs_torch_mixed_step():
     """A step with decode and prefill rows: the Triton decode rows match the torch path."""
     from dendrite.attention.base import build_attention_metadata
@@ -42,6 +61,7 @@ def test_backend_triton_vs_torch_mixed_step():
     hq, hkv, d, page = 16, 4, 128, 16
     fmt = KVQuantFormat(4, d)
     pool = QuantKVCache(1, 64, page, hkv, fmt, "cuda", dtype=torch.bfloat16)
+    assert pool.triton_write
     lens, q_lens = [40, 200, 33, 1], [1, 1, 33, 1]
     pages, pos, slots, qo, kvp, last = 0, [], [], [0], [0], []
     for n, ql in zip(lens, q_lens):

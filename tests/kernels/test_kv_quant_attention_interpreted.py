@@ -1,4 +1,5 @@
-"""The N-bit KV decode kernel through Triton's CPU interpreter, against its torch twin.
+"""The N-bit KV kernels through Triton's CPU interpreter: decode attention against its
+torch twin, the quantize-on-write kernel against `KVQuantFormat.quantize`.
 
 Runs where Triton is installed (not a dependency of the CPU install, so CI may
 skip it; tests/kernels/test_kv_quant_attention_gpu.py runs the compiled
@@ -47,11 +48,31 @@ for bits, d, group, hq, hkv, page, lens, splits in (
     err = (out - ref).abs().max().item()
     assert err < 4e-3, (bits, d, group, err)
     cases += 1
+
+from dendrite.kernels.kv_quant_write import write_rows
+from dendrite.model.kv_quant import rotation_matrix
+
+for bits, d, group, hkv in ((4, 64, None, 3), (3, 64, 32, 2), (4, 16, 8, 2), (3, 128, None, 1)):
+    fmt, m = KVQuantFormat(bits, d, group), rotation_matrix(d)
+    g = torch.Generator().manual_seed(bits + d)
+    x = torch.randn(37, hkv, d, generator=g) * 3
+    slots = torch.randperm(8 * 16, generator=g)[:37]
+    pages = torch.zeros(8, 16, hkv, fmt.row_bytes, dtype=torch.uint8)
+    write_rows(x, slots, pages, m, fmt)
+    flat = pages.view(-1, hkv, fmt.row_bytes)
+    got, ref = flat[slots], fmt.quantize(x @ m)
+    assert (got == ref).float().mean() > 0.99, (bits, d, group)
+    step = fmt.scales(ref)[0].amax()
+    assert (fmt.dequantize(got) - fmt.dequantize(ref)).abs().max() <= step * 1.01
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    assert not flat[untouched].any()
+    cases += 1
 print("cases", cases)
 '''
 
 
-def test_kernel_interpreted_matches_torch():
+def test_kernels_interpreted_match_torch():
     here = Path(__file__).resolve().parent
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(here), str(here.parents[1]),
@@ -59,4 +80,4 @@ def test_kernel_interpreted_matches_torch():
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "cases 4" in r.stdout
+    assert "cases 8" in r.stdout
