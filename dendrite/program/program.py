@@ -124,6 +124,7 @@ class Program:
         max_branches: int | None = None,
         on_text: Callable[[State, str, str], None] | None = None,
         sampling: Mapping[str, Any] | None = None,
+        speculative: Any = None,
         **args: Any,
     ) -> ProgramResult:
         """Run on ``engine``; every state gets a seed derived from ``seed`` and its path.
@@ -141,6 +142,10 @@ class Program:
         ``run(engine, temperature=0, max_tokens=64)`` (a gen sampling option
         that is not a parameter of the program; one that is goes to the
         program), or ``sampling={"temperature": 0}`` (always defaults).
+
+        ``speculative``: speculative decoding for this run ("ngram:k=4",
+        "model:DIR", a `dendrite.speculative.SpeculativeConfig`, or "off");
+        None keeps the engine's own setting. Exact: the same tokens either way.
         """
         defaults = dict(sampling or {})
         for k in [k for k in args if k in SAMPLING_OPTIONS and k not in self._param_names]:
@@ -150,7 +155,7 @@ class Program:
             defaults[k] = args.pop(k)
         return self.run_batch(engine, [args], seed=seed, progress=progress,
                               max_steps=max_steps, max_branches=max_branches,
-                              on_text=on_text, sampling=defaults)[0]
+                              on_text=on_text, sampling=defaults, speculative=speculative)[0]
 
     @property
     def _param_names(self) -> set[str]:
@@ -167,6 +172,7 @@ class Program:
         max_branches: int | None = None,
         on_text: Callable[[State, str, str], None] | None = None,
         sampling: Mapping[str, Any] | None = None,
+        speculative: Any = None,
     ) -> list[ProgramResult]:
         """Run several instances sharing the same engine steps.
 
@@ -175,6 +181,13 @@ class Program:
         ``max_branches`` bound the whole batch (see `run`).
         """
         defaults = check_sampling_defaults(sampling or {})  # see `run`
+        if speculative is not None:  # (checked before anything runs, as the rest)
+            from dendrite.speculative import speculating
+
+            with speculating(engine, speculative):
+                return self.run_batch(engine, batch, seed=seed, progress=progress,
+                                      max_steps=max_steps, max_branches=max_branches,
+                                      on_text=on_text, sampling=defaults)
         bound = [self.bind(a) for a in batch]
         rt = Runtime(engine, progress=progress, max_steps=max_steps, max_branches=max_branches,
                      on_text=on_text, gen_defaults=defaults)

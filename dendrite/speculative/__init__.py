@@ -12,7 +12,7 @@ line (`--speculative`) and of the DSL's `run(speculative=...)`. How it works,
 the on/off rule and how to plug in an EAGLE head: docs/speculative.md.
 """
 
-from dendrite.speculative.config import METHODS, SpeculativeConfig
+from dendrite.speculative.config import METHODS, SpeculativeConfig, speculating
 from dendrite.speculative.drafters import (
     Drafter,
     ExpandingDrafter,
@@ -37,4 +37,5 @@ __all__ = [
     "build_dynamic",
     "build_static",
     "check_same_tokenizer",
+    "speculating",
 ]

@@ -21,6 +21,7 @@ became predictable.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from dendrite.speculative.tree import TREE_KINDS, TreeShape
 if TYPE_CHECKING:
     from dendrite.engine import Engine
 
-__all__ = ["SpeculativeConfig", "METHODS"]
+__all__ = ["SpeculativeConfig", "METHODS", "speculating"]
 
 #: Drafting methods by name.
 METHODS = ("ngram", "model")
@@ -162,3 +163,25 @@ class SpeculativeConfig:
         from dendrite.speculative.step import Speculator
 
         return Speculator(engine, self)
+
+
+@contextmanager
+def speculating(engine: "Engine", spec: "str | SpeculativeConfig | None"):
+    """Run the body with `engine` speculating as `spec` says ("off"/None: not at
+    all); the engine's own setting comes back afterwards. A program's
+    `run(engine, speculative=...)` is this around the run."""
+    config = SpeculativeConfig.parse(spec)
+    with engine._lock:
+        old = engine._spec
+        if config is None:
+            new = None
+        elif old is not None and getattr(old, "config", None) == config:
+            new = old  # the same settings: keep its drafter (and a draft model's KV)
+        else:
+            new = config.attach(engine)
+        engine._spec = new
+    try:
+        yield
+    finally:
+        with engine._lock:
+            engine._spec = old
