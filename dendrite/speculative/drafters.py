@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -41,12 +42,16 @@ import torch
 
 from dendrite.kv import BlockPool, KVTree, OutOfPages
 from dendrite.model.runner import ModelRunner, StepPlan
+from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree, Expansion, TreeShape, build
 
 __all__ = ["Drafter", "ExpandingDrafter", "NgramDrafter", "ModelDrafter", "check_same_tokenizer",
            "TokenizerMismatch"]
 
 log = logging.getLogger(__name__)
+
+#: Rows of at most this many new tokens run decode-shaped (see `ModelDrafter._forward`).
+DECODE_SHAPED_MAX = 16
 
 
 @runtime_checkable
@@ -195,7 +200,8 @@ class ModelDrafter(ExpandingDrafter):
                 # Checked before the weights load: a wrong pair costs no load time.
                 check_same_tokenizer(tokenizer, Tokenizer(Path(model)), f"draft model {model}")
             runner = ModelRunner(model, device=device, dtype=dtype, num_pages=num_pages,
-                                 page_size=page_size, attention="auto")
+                                 page_size=page_size, attention="auto",
+                                 cuda_graphs=torch.device(device).type == "cuda")
         if tokenizer is not None:
             check_same_tokenizer(tokenizer, runner.tokenizer,
                                  f"draft model {runner.loaded.path}")
@@ -300,23 +306,38 @@ class ModelDrafter(ExpandingDrafter):
         return [list(zip(ids[i][:r.k], vals[i][:r.k])) for i, r in enumerate(requests)]
 
     def _forward(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """Append each row's tokens and run them; logits at each row's last token."""
+        """Append each row's tokens and run them; logits at each row's last token.
+
+        Rows of a few tokens (every step after a branch's first) run
+        decode-shaped, one row per token, so a CUDA-graph runner replays
+        them; a long first prefill runs as an ordinary prefill step."""
         nodes = np.asarray([n for n, _ in rows], dtype=np.int64)
         counts = np.asarray([len(t) for _, t in rows], dtype=np.int32)
         flat = np.asarray([t for _, ts in rows for t in ts], dtype=np.int32)
-        starts = np.asarray([self.tree.num_tokens(n) for n in nodes], dtype=np.int64)
-        appended = self.tree.append_batch(nodes, counts, flat)
-        indptr, indices, last_len = self.tree.export_csr(nodes)
-        qo = np.zeros(len(rows) + 1, dtype=np.int32)
-        np.cumsum(counts, out=qo[1:])
-        positions = np.repeat(starts - qo[:-1], counts) + np.arange(len(flat))
-        plan = StepPlan(input_ids=flat, positions=positions, slot_mapping=appended.slot_mapping,
-                        qo_indptr=qo, kv_indptr=indptr, kv_indices=indices,
-                        kv_last_page_len=last_len, copies=appended.copies,
-                        sample_rows=np.arange(len(rows), dtype=np.int64))
+        last = np.cumsum(counts) - 1
+        if counts.max() <= DECODE_SHAPED_MAX:
+            plan = decode_shaped_plan(self.tree, nodes, counts, flat, self.runner.page_size)
+            plan = replace(plan, sample_rows=last.astype(np.int64)) \
+                if self.runner.graphs is None else plan
+        else:
+            starts = np.asarray([self.tree.num_tokens(n) for n in nodes], dtype=np.int64)
+            appended = self.tree.append_batch(nodes, counts, flat)
+            indptr, indices, last_len = self.tree.export_csr(nodes)
+            qo = np.zeros(len(rows) + 1, dtype=np.int32)
+            np.cumsum(counts, out=qo[1:])
+            positions = np.repeat(starts - qo[:-1], counts) + np.arange(len(flat))
+            plan = StepPlan(input_ids=flat, positions=positions,
+                            slot_mapping=appended.slot_mapping, qo_indptr=qo, kv_indptr=indptr,
+                            kv_indices=indices, kv_last_page_len=last_len,
+                            copies=appended.copies,
+                            sample_rows=np.arange(len(rows), dtype=np.int64))
+            last = None
         self.stats["draft_forwards"] += 1
         self.stats["draft_tokens"] += int(counts.sum())
-        return self.runner.execute(plan)
+        logits = self.runner.execute(plan)
+        if last is not None and len(plan.sample_rows) != len(rows):
+            logits = logits[torch.as_tensor(last, device=logits.device)]
+        return logits
 
     def close(self) -> None:
         """Release every draft KV root."""

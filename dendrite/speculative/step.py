@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dendrite.model.runner import StepPlan
+from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree
 from dendrite.speculative.verify import prune_by_grammar, walk
 
@@ -233,28 +233,20 @@ class Speculator:
 
     def _forward(self, rows: list[_Row], nodes: list[int], counts: list[int], flat: list[int]
                  ) -> tuple[torch.Tensor, np.ndarray]:
-        """Append every row's tokens and run them; logits at every new token."""
+        """Append every row's tokens and run them, each token a decode row of its
+        own (`decode_shaped_plan`); logits at every new token, in token order.
+        Returns them and each row group's first token index."""
         e = self.engine
-        nodes_a = np.asarray(nodes, dtype=np.int64)
-        counts_a = np.asarray(counts, dtype=np.int32)
-        flat_a = np.asarray(flat, dtype=np.int32)
-        starts = np.asarray([e.tree.num_tokens(n) for n in nodes], dtype=np.int64)
-        appended = e.tree.append_batch(nodes_a, counts_a, flat_a)
+        plan = decode_shaped_plan(e.tree, np.asarray(nodes), np.asarray(counts),
+                                  np.asarray(flat), e.page_size)
         for r in rows:
             r.seq.pending = []
-        indptr, indices, last_len = e.tree.export_csr(nodes_a)
-        qo = np.zeros(len(nodes) + 1, dtype=np.int32)
-        np.cumsum(counts_a, out=qo[1:])
-        positions = np.repeat(starts - qo[:-1], counts_a) + np.arange(len(flat_a))
-        plan = StepPlan(input_ids=flat_a, positions=positions,
-                        slot_mapping=appended.slot_mapping, qo_indptr=qo, kv_indptr=indptr,
-                        kv_indices=indices, kv_last_page_len=last_len, copies=appended.copies,
-                        sample_rows=np.zeros(0, dtype=np.int64),
-                        score_rows=np.arange(len(flat_a), dtype=np.int64))
         logits = e.runner.execute(plan)
         e.stats["steps"] += 1
-        e.stats["forward_tokens"] += len(flat_a)
-        return logits, qo
+        e.stats["forward_tokens"] += len(flat)
+        first = np.zeros(len(nodes) + 1, dtype=np.int64)
+        np.cumsum(counts, out=first[1:])
+        return logits, first
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, qo: np.ndarray):
         """The target's draw at every tree node (root included), in one sampler call.

@@ -2,6 +2,7 @@
 only, with the same results as a plain run (forks, seeds, regex gens)."""
 
 import pytest
+
 from dendrite.program import program
 from dendrite.speculative import SpeculativeConfig
 
