@@ -78,6 +78,6 @@ def test_kernels_interpreted_match_torch():
                PYTHONPATH=os.pathsep.join([str(here), str(here.parents[1]),
                                            os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cases 8" in r.stdout

@@ -102,9 +102,9 @@ def test_bytes_per_token():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(bits=2, head_dim=64), "bits must be 3 or 4"),
-    (dict(bits=4, head_dim=60), "head_dim must be a multiple of 8"),
-    (dict(bits=4, head_dim=64, group_size=24), "group_size must divide head_dim=64"),
+    ({"bits": 2, "head_dim": 64}, "bits must be 3 or 4"),
+    ({"bits": 4, "head_dim": 60}, "head_dim must be a multiple of 8"),
+    ({"bits": 4, "head_dim": 64, "group_size": 24}, "group_size must divide head_dim=64"),
 ])
 def test_bad_format(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -129,7 +129,7 @@ def test_pool_write_copy_and_size():
     k, v = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
     slots = torch.tensor([4, 5, 6, 7, 8, 9])  # page 1 full, page 2 half
     pool.write(1, slots, k, v)
-    kc, vc = pool.layer(1)
+    kc, _ = pool.layer(1)
     back = fmt.dequantize(kc.reshape(-1, 2, fmt.row_bytes)[slots]) @ pool.rotation.T
     assert ((back - k).norm() / k.norm()) < 0.12
     # copy-on-write of page 2's two tokens to page 5 carries codes and scales
