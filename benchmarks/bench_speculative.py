@@ -1,0 +1,318 @@
+"""Speculative decoding (issue 18): acceptance length and speedup vs plain decode.
+
+    python benchmarks/bench_speculative.py --out results/spec.json            # GPU or CPU
+    python benchmarks/bench_speculative.py --out /tmp/s.json --quick --model tiny   # smoke test
+
+Three parts, each a table:
+
+* ``rule``: the cost of one verify step against one plain decode step, for
+  B branches of k+1 draft tokens (a drafter proposing tokens that are never
+  right, speculation forced on). A branch pays off when its acceptance
+  length exceeds t_verify / t_plain (plus the drafting time): the break-even
+  acceptance length per B, the measurement behind `SpeculativeConfig`'s
+  `break_even` and `max_rows`.
+* ``ngram``: prompt lookup on a repetitive task (the model is asked to copy a
+  block of code, then to repeat it with one change), 1 and 16 branches.
+* ``draft``: a draft model. ``self``: the target drafts for itself
+  (acceptance upper bound: every draft agrees under greedy; its speed means
+  nothing, the draft costs as much as the target). ``controlled``: a target
+  made from the draft by appending ``--extra-layers`` decoder layers (copies
+  of the draft's layers) whose output projections (o_proj, down_proj) are
+  Gaussian noise of ``--noise`` times the std of the copied weight: at
+  noise 0 those layers add exactly zero to the residual stream, so the
+  target computes the draft's logits (acceptance 100%) at the cost of a
+  model ``(layers + extra) / layers`` times deeper; more noise moves the
+  target's argmax away from the draft's, lowering acceptance. Acceptance is
+  thus controlled and measured, and the speedup is that of a cheap draft for
+  an expensive target.
+
+Every speculative row checks exactness: its tokens must equal the plain
+run's (column ``same``). Speedup is plain wall time / speculative wall time
+for the same work (same prompt, branches, max_tokens, greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_common as C
+import torch
+
+from dendrite.engine import Engine
+from dendrite.sampling import SamplingParams
+from dendrite.speculative import NgramDrafter, SpeculativeConfig
+from dendrite.speculative.tree import DraftTree
+
+CODE = '''def fork(node, n):
+    """Return n children of node; each shares its parent's pages."""
+    children = []
+    for i in range(n):
+        child = Node(parent=node, index=i)
+        node.children.append(child)
+        children.append(child)
+    return children
+'''
+
+COPY_TASK = ("Copy the following Python code exactly, line for line, then write it once "
+             "more with the name fork replaced by split.\n\n" + CODE)
+STORY_TASK = "Write a short story about a robot who learns to paint."
+
+
+class NeverRight(NgramDrafter):
+    """Proposes k copies of token 0 (never what the model says): speculation
+    forced on, nothing accepted — the verify step's cost alone."""
+
+    def propose(self, keys, contexts, shape, depths):
+        return [DraftTree([0] * d, list(range(-1, d - 1)), [1.0] * d) for d in depths]
+
+
+def prompt_ids(engine: Engine, text: str) -> list[int]:
+    try:
+        return engine.encode(engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}]), add_bos=False)
+    except Exception:  # noqa: BLE001 - no chat template (or no jinja2): the raw text
+        return engine.encode(text)
+
+
+def run_once(engine: Engine, ids: list[int], branches: int, max_tokens: int
+             ) -> tuple[list[list[int]], float, int]:
+    """Generate on `branches` forks of `ids`; (tokens, seconds, generated tokens)."""
+    root = engine.new_sequence(ids, add_bos=False)
+    engine.flush([root])
+    seqs = root.fork(branches) if branches > 1 else [root]
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens) if i == 0 else
+              SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens)
+              for i in range(branches)]
+    C.sync(engine.device)
+    t0 = time.perf_counter()
+    res = engine.generate(seqs, params)
+    C.sync(engine.device)
+    dt = time.perf_counter() - t0
+    for s in seqs:
+        s.release()
+    root.release()
+    if engine.cache is not None:
+        engine.cache.clear()
+    return [r.token_ids for r in res], dt, sum(len(r.token_ids) for r in res)
+
+
+def spec_stats(engine: Engine, before: dict[str, Any]) -> dict[str, Any]:
+    d = {k: engine.stats.get(k, 0) - before.get(k, 0)
+         for k in ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_off_steps",
+                   "steps")}
+    d["accept_len"] = (d["spec_accepted"] + d["spec_rows"]) / d["spec_rows"] \
+        if d["spec_rows"] else None
+    return d
+
+
+def measure(res: C.Results, case: str, label: str, engine: Engine, ids: list[int],
+            branches: int, max_tokens: int, plain: dict | None, reps: int) -> dict:
+    run_once(engine, ids, branches, min(max_tokens, 8))  # warm-up (graphs, caches)
+    best, toks, n = None, None, 0
+    before = dict(engine.stats)
+    for _ in range(reps):
+        toks, dt, n = run_once(engine, ids, branches, max_tokens)
+        best = dt if best is None else min(best, dt)
+    st = spec_stats(engine, before)
+    row = {"case": case, "config": label, "branches": branches, "tokens": n,
+           "seconds": best, "tok_s": n / best, "accept_len": st["accept_len"],
+           "spec_steps": st["spec_steps"] // reps, "steps": st["steps"] // reps,
+           "off_steps": st["spec_off_steps"] // reps,
+           "drafted": st["spec_drafted"] // reps, "accepted": st["spec_accepted"] // reps}
+    if plain is not None:
+        row["speedup"] = plain["seconds"] / best
+        row["same"] = toks == plain["_tokens"]
+    row["_tokens"] = toks
+    C.log(f"{case} {label} B={branches}: {n / best:.1f} tok/s, accept_len "
+          f"{C.fmt(st['accept_len'])}, speedup {C.fmt(row.get('speedup'))}, "
+          f"same={row.get('same')}")
+    res.add({k: v for k, v in row.items() if not k.startswith("_")})
+    return row
+
+
+def controlled_target(draft_dir: Path, out: Path, extra: int, noise: float, seed: int) -> Path:
+    """The draft plus `extra` appended layers whose output projections are noise
+    (see the module docstring)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in draft_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json" \
+                and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    cfg["num_hidden_layers"] = n + extra
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(draft_dir.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    g = torch.Generator().manual_seed(seed)
+    for i in range(extra):
+        src = f"model.layers.{i % n}."
+        for k in [k for k in list(weights) if k.startswith(src)]:
+            w = weights[k].clone()
+            if k.endswith(("o_proj.weight", "down_proj.weight")):
+                std = float(weights[k].float().std())
+                w = (torch.randn(w.shape, generator=g) * noise * std).to(w.dtype)
+            weights[f"model.layers.{n + i}." + k[len(src):]] = w
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def render(d: dict) -> str:
+    out = [f"# Speculative decoding (issue 18)\n\n{C.env_line(d['env'])}\n\n"
+           f"`{d['command']}`\n"]
+    rule = [r for r in d["rows"] if r["case"] == "rule"]
+    if rule:
+        out.append("\n## Verify step vs plain decode step (break-even acceptance length)\n\n")
+        out.append(C.md_table(
+            ["branches", "k", "plain step ms", "verify step ms", "break-even accept len"],
+            [[str(r["branches"]), str(r["k"]), C.fmt(r["plain_ms"]), C.fmt(r.get("verify_ms")),
+              C.fmt(r.get("break_even"))] for r in rule], right={0, 1, 2, 3, 4}))
+    rows = [r for r in d["rows"] if r["case"] != "rule"]
+    if rows:
+        out.append("\n## Acceptance and speed\n\n")
+        out.append(C.md_table(
+            ["case", "config", "branches", "tokens", "tok/s", "accept len", "spec steps",
+             "off steps", "speedup", "same"],
+            [[r["case"], r["config"], str(r["branches"]), str(r["tokens"]), C.fmt(r["tok_s"], ".1f"),
+              C.fmt(r.get("accept_len")), str(r["spec_steps"]), str(r["off_steps"]),
+              C.fmt(r.get("speedup")), str(r.get("same", "—"))] for r in rows],
+            right={2, 3, 4, 5, 6, 7, 8}))
+    for note in d["notes"]:
+        out.append(f"\n- {note}")
+    return "".join(out) + "\n"
+
+
+def rule_rows(res: C.Results, engine_kw: dict, model_dir: Path, ids: list[int],
+              batch_sizes: list[int], k: int, steps: int) -> None:
+    """Time plain decode steps and forced verify steps of k+1 tokens per branch."""
+    for label, spec in (("plain", None), ("verify", SpeculativeConfig(
+            drafter=NeverRight(), num_draft=k, break_even=0.0, max_rows=1 << 20))):
+        eng = Engine(model_dir, speculative=spec, **engine_kw)
+        for b in batch_sizes:
+            root = eng.new_sequence(ids, add_bos=False)
+            eng.flush([root])
+            seqs = root.fork(b)
+            hs = [eng.submit(s, SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+                  for s in seqs]
+            for _ in range(2):  # warm-up
+                eng.step()
+            C.sync(eng.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            C.sync(eng.device)
+            ms = (time.perf_counter() - t0) / steps * 1e3
+            for h in hs:
+                eng.cancel(h)
+            for s in seqs:
+                s.release()
+            root.release()
+            if label == "plain":
+                res.rows.append({"case": "rule", "branches": b, "k": k, "plain_ms": ms})
+            else:
+                r = next(r for r in res.rows if r["case"] == "rule" and r["branches"] == b)
+                r["verify_ms"] = ms
+                r["break_even"] = ms / r["plain_ms"]
+                C.log(f"rule B={b} k={k}: plain {r['plain_ms']:.2f} ms, verify {ms:.2f} ms")
+            res.save()
+        eng.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_common_args(p)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--branches", default="1,16", help="comma-separated branch counts")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per path")
+    p.add_argument("--extra-layers", type=int, default=None,
+                   help="controlled target: layers appended to the draft (default 7x its layers)")
+    p.add_argument("--noise", default="0,0.3,1",
+                   help="controlled target: noise levels of the appended layers' projections")
+    p.add_argument("--parts", default="rule,ngram,draft", help="which tables to measure")
+    a = p.parse_args(argv)
+    device, dtype, model_dir, budget, res = C.start("bench_speculative", a, render)
+    torch.manual_seed(a.seed)
+    quick = a.quick
+    reps = 1 if quick else 2
+    max_tokens = 12 if quick else a.max_tokens
+    branches = [1, 4] if quick else [int(x) for x in a.branches.split(",")]
+    parts = set(a.parts.split(","))
+    engine_kw = dict(device=str(device), dtype=dtype)
+    if device.type == "cpu":
+        engine_kw["num_pages"] = 4096
+    base = Engine(model_dir, **engine_kw)
+    copy_ids = prompt_ids(base, COPY_TASK)
+    story_ids = prompt_ids(base, STORY_TASK)
+    base.close()
+
+    if "rule" in parts:
+        rule_rows(res, engine_kw, model_dir, story_ids, [1, 4] if quick else [1, 2, 4, 8, 16, 32],
+                  a.k, 2 if quick else 10)
+
+    if "ngram" in parts:
+        plain_eng = Engine(model_dir, **engine_kw)
+        specs = {"ngram k=4": SpeculativeConfig(num_draft=4),
+                 "ngram k=8": SpeculativeConfig(num_draft=8),
+                 "ngram k=4 w=2": SpeculativeConfig(num_draft=4, width=2)}
+        if quick:
+            specs = {"ngram k=4 w=2": specs["ngram k=4 w=2"]}
+        engines = {label: Engine(model_dir, speculative=s, **engine_kw)
+                   for label, s in specs.items()}
+        for b in branches:
+            if not budget.allows():
+                res.note(f"ngram B={b}: skipped (budget)")
+                continue
+            plain = measure(res, "ngram-repeat", "off", plain_eng, copy_ids, b, max_tokens,
+                            None, reps)
+            for label, eng in engines.items():
+                measure(res, "ngram-repeat", label, eng, copy_ids, b, max_tokens, plain, reps)
+        for eng in [plain_eng, *engines.values()]:
+            eng.close()
+
+    if "draft" in parts:
+        plain_eng = Engine(model_dir, **engine_kw)
+        self_eng = Engine(model_dir, speculative=SpeculativeConfig(
+            method="model", draft_model=str(model_dir), num_draft=a.k), **engine_kw)
+        plain = measure(res, "self-draft", "off", plain_eng, story_ids, 1, max_tokens, None, reps)
+        measure(res, "self-draft", f"model k={a.k}", self_eng, story_ids, 1, max_tokens, plain,
+                reps)
+        plain_eng.close()
+        self_eng.close()
+        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        extra = a.extra_layers if a.extra_layers is not None else (2 if quick else 7 * layers)
+        noises = [float(x) for x in a.noise.split(",")][: 1 if quick else None]
+        for noise in noises:
+            if not budget.allows():
+                res.note(f"controlled noise={noise}: skipped (budget)")
+                continue
+            tdir = controlled_target(model_dir, a.out.parent / f"spec-target-{extra}-{noise}",
+                                     extra, noise, a.seed)
+            res.note(f"controlled target {tdir.name}: the draft's {layers} layers + {extra} "
+                     f"appended layers, output projections noise {noise} x std")
+            t_plain = Engine(tdir, **engine_kw)
+            t_spec = Engine(tdir, speculative=SpeculativeConfig(
+                method="model", draft_model=str(model_dir), num_draft=a.k), **engine_kw)
+            for b in branches:
+                plain = measure(res, f"controlled noise={noise}", "off", t_plain, story_ids, b,
+                                max_tokens, None, reps)
+                measure(res, f"controlled noise={noise}", f"model k={a.k}", t_spec, story_ids, b,
+                        max_tokens, plain, reps)
+            t_plain.close()
+            t_spec.close()
+            shutil.rmtree(tdir, ignore_errors=True)
+    res.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

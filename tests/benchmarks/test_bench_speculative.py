@@ -1,0 +1,49 @@
+"""bench_speculative.py --quick on the tiny model: every table is filled, every
+speculative row reproduces the plain run's tokens, and the controlled target
+at noise 0 computes exactly the draft's function (every draft accepted)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import run_script
+
+import bench_speculative as B
+
+
+def test_quick_run(tmp_path, tiny_model, bench_env):
+    out = tmp_path / "spec.json"
+    p = run_script("bench_speculative.py", ["--model", str(tiny_model), "--device", "cpu",
+                                            "--quick", "--out", str(out)], bench_env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    rule = [r for r in rows if r["case"] == "rule"]
+    assert [r["branches"] for r in rule] == [1, 4] and all(r["break_even"] > 0 for r in rule)
+    spec = [r for r in rows if r["case"] != "rule" and r["config"] != "off"]
+    assert {r["case"] for r in spec} == {"ngram-repeat", "self-draft", "controlled noise=0.0"}
+    assert all(r["same"] for r in spec), spec
+    self_draft = next(r for r in spec if r["case"] == "self-draft")
+    assert self_draft["accept_len"] > 2.5
+    assert "Acceptance and speed" in out.with_suffix(".md").read_text()
+
+
+def test_controlled_target_at_noise_zero_is_the_draft(tmp_path, tiny_model, one_thread):
+    from dendrite.engine import Engine
+    from dendrite.sampling import SamplingParams
+
+    t = B.controlled_target(tiny_model, tmp_path / "t", extra=3, noise=0.0, seed=0)
+    cfg = json.loads((t / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == json.loads(
+        (tiny_model / "config.json").read_text())["num_hidden_layers"] + 3
+    outs = []
+    for d in (tiny_model, t):
+        e = Engine(d, device="cpu", num_pages=64)
+        r = e.generate(e.new_sequence("The quick brown fox"),
+                       SamplingParams(temperature=0, max_tokens=8, logprobs=2))[0]
+        outs.append(r)
+        e.close()
+    assert outs[0].token_ids == outs[1].token_ids
+    torch.testing.assert_close(torch.tensor(outs[0].logprobs), torch.tensor(outs[1].logprobs),
+                               atol=1e-5, rtol=0)
