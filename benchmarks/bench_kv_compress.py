@@ -6,7 +6,8 @@ Two tables:
   included) for the model measured and two common shapes: the model dtype
   (bf16), FP8, and the N-bit page formats (dendrite/model/kv_quant.py).
 * **accuracy** on a real model (default: SmolLM2-135M-Instruct): a fixed text
-  (GSM8K test questions, ../shared/data/gsm8k/test.jsonl) is prefilled once
+  (GSM8K test questions, ../shared/data/gsm8k/test.jsonl, else
+  benchmarks/data/gsm8k_test_200.jsonl) is prefilled once
   with KV in the model dtype (the baseline) and once per compressed format,
   every position's logits compared: top-1 agreement with the baseline, mean
   KL(baseline || format), and the text's perplexity. Per layer, the attention
@@ -60,6 +61,8 @@ from dendrite.model.loader import load, load_config
 from dendrite.model.runner import ModelRunner
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+if not GSM8K.is_file():  # a checkout without the shared data: the repo's first 200 questions
+    GSM8K = HERE / "data" / "gsm8k_test_200.jsonl"
 
 #: Other shapes for the bytes table: (layers, KV heads, head_dim).
 SHAPES = {"Llama-3.1-8B": (32, 8, 128), "Qwen2.5-7B": (28, 4, 128)}
@@ -78,6 +81,11 @@ class Variant:
     group: int | None
     rotate: bool = True
 
+    def format(self, head_dim: int) -> KVQuantFormat:
+        """The format at `head_dim` (a group wider than the head is the head)."""
+        return KVQuantFormat(self.bits, head_dim,
+                             min(self.group, head_dim) if self.group else None)
+
 
 VARIANTS = [
     Variant("int4", 4, None),
@@ -94,7 +102,7 @@ def bytes_table(layers: int, hkv: int, d: int, model_bytes: int) -> dict[str, in
     out = {"bf16": elems * model_bytes if model_bytes == 2 else elems * 2, "fp8": elems}
     for v in VARIANTS:
         if v.rotate:
-            out[v.name] = KVQuantFormat(v.bits, d, v.group).bytes_per_token(layers, hkv)
+            out[v.name] = v.format(d).bytes_per_token(layers, hkv)
     return out
 
 
@@ -363,7 +371,7 @@ def accuracy(model_dir: Path, device: torch.device, dtype: torch.dtype, tokens: 
 
     for v in VARIANTS:
         t1 = time.time()
-        fmt = KVQuantFormat(v.bits, cfg.head_dim, v.group)
+        fmt = v.format(cfg.head_dim)
         pool = QuantKVCache(cfg.num_layers, num_pages, 16, cfg.num_kv_heads, fmt, device,
                             dtype=dtype)
         if not v.rotate:
