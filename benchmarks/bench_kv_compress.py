@@ -267,6 +267,10 @@ def kernel_rows(device: torch.device, quick: bool = False) -> list[dict[str, Any
             row[f"{kv_dtype} kernel us"] = _time_cuda(lambda: kqa.decode_attention(
                 qr, kc, vc, meta.kv_indptr, meta.kv_indices, meta.kv_lens, fmt, d**-0.5,
                 max_kv_len=ctx))
+            if kv_dtype == "int4":  # the other way of loading codes, for comparison
+                row["int4 gather kernel us"] = _time_cuda(lambda: kqa.decode_attention(
+                    qr, kc, vc, meta.kv_indptr, meta.kv_indices, meta.kv_lens, fmt, d**-0.5,
+                    max_kv_len=ctx, contiguous=False))
             row[f"{kv_dtype} KV MB"] = bsz * ctx * hkv * 2 * fmt.row_bytes / 1e6
         for k in ("bf16", "int4", "int3"):
             t_us = row[f"{k} kernel us"] if k != "bf16" else row["bf16 us"]

@@ -24,10 +24,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes(rows_ptr, offs_d, BITS: tl.constexpr, D: tl.constexpr):
-    """Integer codes [BLOCK_N, D] (int32) of the rows at byte pointers `rows_ptr` [BLOCK_N]."""
+def _codes(rows_ptr, offs_d, BITS: tl.constexpr, D: tl.constexpr, CONTIG: tl.constexpr):
+    """Integer codes [BLOCK_N, D] (int32) of the rows at byte pointers `rows_ptr` [BLOCK_N].
+
+    CONTIG (4 bits): load each row's D/2 code bytes once, contiguously, and split
+    the nibbles in registers (join + permute); else every channel loads its byte."""
     base = rows_ptr[:, None]
-    if BITS == 4:
+    if BITS == 4 and CONTIG:
+        n4c: tl.constexpr = D // 2
+        b = tl.load(base + tl.arange(0, n4c)[None, :]).to(tl.int32)
+        both = tl.join(b & 15, b >> 4)                # [BLOCK_N, D/2, 2]: (byte, nibble)
+        return tl.reshape(tl.permute(both, (0, 2, 1)), (b.shape[0], D))
+    elif BITS == 4:
         n4: tl.constexpr = D // 2
         b = tl.load(base + (offs_d % n4)[None, :]).to(tl.int32)
         return (b >> (4 * (offs_d // n4))[None, :]) & 15
@@ -42,10 +50,10 @@ def _codes(rows_ptr, offs_d, BITS: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _decode_rows(rows_ptr, offs_d, BITS: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-                 CODE_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+                 CODE_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr):
     """Dequantized rows [BLOCK_N, D] float32 (still rotated)."""
     NG: tl.constexpr = D // GROUP
-    codes = _codes(rows_ptr, offs_d, BITS, D).to(tl.float32)
+    codes = _codes(rows_ptr, offs_d, BITS, D, CONTIG).to(tl.float32)
     offs_g = tl.arange(0, NG)
     sc_ptr = (rows_ptr[:, None] + CODE_BYTES + 2 * offs_g[None, :]).to(tl.pointer_type(tl.float16))
     scale = tl.load(sc_ptr).to(tl.float32)          # [BLOCK_N, NG]
@@ -63,7 +71,7 @@ def quant_decode_partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lens_ptr,
                          HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                          D: tl.constexpr, PAGE: tl.constexpr, ROW: tl.constexpr,
                          BITS: tl.constexpr, GROUP: tl.constexpr, CODE_BYTES: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, CONTIG: tl.constexpr):
     """Program (b, h, s): sequence b, KV head h, tokens [s * split_len, (s+1) * split_len).
 
     q [B, HKV * G, D] float32 (rotated); k/v pages uint8 [pages, PAGE, HKV, ROW];
@@ -93,14 +101,16 @@ def quant_decode_partial(q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lens_ptr,
         ok = t < end
         page = tl.load(indices_ptr + page0 + t // PAGE, mask=ok, other=0)
         row = ((page.to(tl.int64) * PAGE + t % PAGE) * HKV + h) * ROW
-        k = _decode_rows(k_ptr + row, offs_d, BITS, D, GROUP, CODE_BYTES, BLOCK_N)
+        k = _decode_rows(k_ptr + row, offs_d, BITS, D, GROUP, CODE_BYTES, BLOCK_N,
+                         CONTIG)
         sc = tl.dot(q, tl.trans(k.to(tl.float16)))  # [BLOCK_G, BLOCK_N], log2 units
         sc = tl.where(ok[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _decode_rows(v_ptr + row, offs_d, BITS, D, GROUP, CODE_BYTES, BLOCK_N)
+        v = _decode_rows(v_ptr + row, offs_d, BITS, D, GROUP, CODE_BYTES, BLOCK_N,
+                         CONTIG)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
         m_i = m_new
 

@@ -80,11 +80,16 @@ def decode_attention_torch(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                      kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_lens: torch.Tensor,
                      fmt: KVQuantFormat, sm_scale: float, *, max_kv_len: int,
-                     num_splits: int | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
+                     num_splits: int | None = None, block_n: int = BLOCK_N,
+                     contiguous: bool = True) -> torch.Tensor:
     """Triton decode attention over packed pages (see the module docstring).
 
-    `max_kv_len` (the longest `kv_lens`, from the host) sizes the splits;
-    `num_splits` overrides the heuristic. Returns float32 [B, Hq, D] (rotated).
+    `kv_indptr[b]` is where sequence b's pages start in `kv_indices` (only
+    the first B entries are read). `max_kv_len` (the longest `kv_lens`, from
+    the host) sizes the splits; `num_splits` overrides the heuristic.
+    `contiguous` (int4): load each row's code bytes once and split nibbles in
+    registers; False loads a byte per channel (the int3 way). Returns float32
+    [B, Hq, D] (rotated).
     """
     from dendrite.kernels._kv_quant_triton import quant_decode_partial
 
@@ -111,7 +116,7 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
         sm_scale * math.log2(math.e), split_len, num_splits,
         HKV=hkv, G=g, BLOCK_G=max(16, _next_pow2(g)), D=d, PAGE=ps, ROW=row,
         BITS=fmt.bits, GROUP=fmt.group_size, CODE_BYTES=fmt.code_bytes, BLOCK_N=block_n,
-        num_warps=4,
+        CONTIG=contiguous, num_warps=4,
     )
     if num_splits == 1:
         return o[:, :, 0]

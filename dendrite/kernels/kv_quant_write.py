@@ -22,10 +22,11 @@ BLOCK_T = 16
 
 
 def supported(fmt: KVQuantFormat, device: torch.device | str) -> bool:
-    """Whether the Triton writer runs this format on `device`."""
+    """Whether the Triton writer runs this format on `device` (head_dim a power of two
+    in [16, 128]: the float32 rotation matrix, D * D * 4 bytes, is a `tl.dot` operand)."""
     d = fmt.head_dim
     return (torch.device(device).type == "cuda" and triton_available()
-            and 16 <= d <= 256 and d & (d - 1) == 0)
+            and 16 <= d <= 128 and d & (d - 1) == 0)
 
 
 def write_rows(x: torch.Tensor, slot_mapping: torch.Tensor, pages: torch.Tensor,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kv_quant_case import random_pages
 
 pytestmark = [pytest.mark.gpu,
@@ -19,7 +18,10 @@ pytest.importorskip("triton")
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128), (28, 4, 128), (8, 8, 64)])
 @pytest.mark.parametrize("lens", [[1], [3000], [1, 17, 300, 64, 5], [129] * 40])
 def test_kernel_matches_torch(bits, group, hq, hkv, d, lens):
-    from dendrite.kernels.kv_quant_attention import decode_attention, decode_attention_torch
+    from dendrite.kernels.kv_quant_attention import (
+        decode_attention,
+        decode_attention_torch,
+    )
     from dendrite.model.kv_quant import KVQuantFormat
 
     fmt = KVQuantFormat(bits, d, group)
@@ -31,6 +33,9 @@ def test_kernel_matches_torch(bits, group, hq, hkv, d, lens):
     one = decode_attention(q, k, v, indptr, indices, lens_t, fmt, d**-0.5, max_kv_len=max(lens),
                            num_splits=1)
     torch.testing.assert_close(one, ref, atol=4e-3, rtol=4e-3)
+    gather = decode_attention(q, k, v, indptr, indices, lens_t, fmt, d**-0.5,
+                              max_kv_len=max(lens), contiguous=False)
+    torch.testing.assert_close(gather, ref, atol=4e-3, rtol=4e-3)
 
 
 @pytest.mark.parametrize("bits,group,d", [(4, None, 64), (4, 32, 128), (3, None, 128)])

@@ -43,10 +43,11 @@ for bits, d, group, hq, hkv, page, lens, splits in (
     fmt = KVQuantFormat(bits, d, group)
     q, k, v, indptr, indices, lens_t = random_pages(fmt, lens, hq, hkv, page, seed=cases)
     ref = decode_attention_torch(q, k, v, indptr, indices, lens_t, fmt, d**-0.5)
-    out = decode_attention(q, k, v, indptr, indices, lens_t, fmt, d**-0.5,
-                           max_kv_len=max(lens), num_splits=splits)
-    err = (out - ref).abs().max().item()
-    assert err < 4e-3, (bits, d, group, err)
+    for contiguous in ((True, False) if bits == 4 else (True,)):
+        out = decode_attention(q, k, v, indptr, indices, lens_t, fmt, d**-0.5,
+                               max_kv_len=max(lens), num_splits=splits, contiguous=contiguous)
+        err = (out - ref).abs().max().item()
+        assert err < 4e-3, (bits, d, group, contiguous, err)
     cases += 1
 
 from dendrite.kernels.kv_quant_write import write_rows
