@@ -8,6 +8,7 @@ Each configuration builds its own `Engine` on the same model dir and dtype
     int4kv      Engine(kv_dtype="int4")         4-bit KV cache
     fp8w        Engine(quantization="fp8")      FP8 weights
     mxfp8w      Engine(quantization="mxfp8")    MXFP8 weights
+    fp32        Engine(dtype="float32")         not quantized: bf16's own rounding, for scale
     a+b         both (one KV part, one weight part), e.g. fp8kv+fp8w
 
 An engine that does not accept a configuration's options (not built yet, or
@@ -56,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import time
@@ -75,6 +75,8 @@ PARTS: dict[str, dict[str, Any]] = {
     "int4kv": {"kv_dtype": "int4"},
     "fp8w": {"quantization": "fp8"},
     "mxfp8w": {"quantization": "mxfp8"},
+    # Not a quantization: float32 model and KV, the floor of what bf16 itself changes.
+    "fp32": {"dtype": "float32"},
 }
 DEFAULT_CONFIGS = "bf16,fp8kv,fp8w,fp8kv+fp8w,int4kv,mxfp8w"
 
@@ -128,6 +130,8 @@ def build_engine(model_dir: Path, device: torch.device, dtype: torch.dtype, kwar
     """(engine, None), or (None, why) when the engine does not accept `kwargs`."""
     from dendrite.engine import Engine
 
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", dtype)
     try:
         return Engine(model_dir, device=str(device), dtype=dtype, **kwargs, **engine_args), None
     except Exception as e:  # noqa: BLE001 - any refusal is a row, not a crash
@@ -191,19 +195,25 @@ def ppl_of(lps: list[float]) -> float:
     return math.exp(-sum(lps) / len(lps))
 
 
+#: Margins (nats) of the agreement-by-margin table, besides --margin.
+MARGINS = (0.1, 0.25, 0.5, 1.0)
+
+
 def agreement(ref_top: list, top: list, margin: float) -> dict[str, Any]:
-    """Top-1 agreement with the reference on decidable positions (ref gap > margin) and all."""
+    """Top-1 agreement with the reference on decidable positions (ref gap > margin) and all,
+    and by margin (`by_margin`: margin -> [decidable positions, agreement %])."""
     assert len(ref_top) == len(top)
-    decidable = agree_dec = agree_all = 0
-    for r, t in zip(ref_top, top):
-        same = r[0][0] == t[0][0]
-        agree_all += same
-        if len(r) > 1 and r[0][1] - r[1][1] > margin:
-            decidable += 1
-            agree_dec += same
-    return {"decidable": decidable, "positions": len(ref_top),
-            "top1_agree_pct": 100.0 * agree_dec / decidable if decidable else None,
-            "top1_agree_all_pct": 100.0 * agree_all / len(ref_top) if ref_top else None}
+    same = [r[0][0] == t[0][0] for r, t in zip(ref_top, top)]
+    gaps = [r[0][1] - r[1][1] if len(r) > 1 else math.inf for r in ref_top]
+
+    def at(m: float) -> tuple[int, float | None]:
+        dec = [s for s, g in zip(same, gaps) if g > m]
+        return len(dec), (100.0 * sum(dec) / len(dec) if dec else None)
+
+    decidable, pct = at(margin)
+    return {"decidable": decidable, "positions": len(ref_top), "top1_agree_pct": pct,
+            "top1_agree_all_pct": 100.0 * sum(same) / len(same) if same else None,
+            "by_margin": {str(m): list(at(m)) for m in sorted({*MARGINS, margin})}}
 
 
 def gsm8k_prompts(tokenizer: Any, questions: list[str]) -> tuple[list[str], bool]:
@@ -237,22 +247,36 @@ def run_gsm8k(engine: Any, prompts: list[str], labels: list, max_tokens: int) ->
 
 def kv_page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
                   fmt_name: str) -> tuple[int, str]:
-    """(bytes of one KV page in format `fmt_name`, where the figure comes from)."""
+    """(bytes of one KV page in format `fmt_name`, where the figure comes from).
+
+    The engine's own page arithmetic: `KVCache.bytes_per_page` at the pool's
+    storage dtype (`kv_format`) for bf16 / FP8, `QuantKVCache.bytes_per_page`
+    (codes + per-group scales and mins) for the N-bit formats; a formula
+    (payload only) where those functions are not there.
+    """
     from dendrite.model.kv_cache import KVCache
 
-    kv_dtype, bits = KV_FORMATS[fmt_name]
-    shape = (num_layers, page_size, num_kv_heads, head_dim)
-    if kv_dtype is None:
-        return KVCache.bytes_per_page(*shape, torch.bfloat16), "KVCache.bytes_per_page"
-    params = inspect.signature(KVCache.bytes_per_page).parameters
-    if "kv_dtype" in params:
-        try:
-            return (KVCache.bytes_per_page(*shape, torch.bfloat16, kv_dtype=kv_dtype),
-                    "KVCache.bytes_per_page")
-        except Exception as e:  # noqa: BLE001 - fall back to the formula, say so
-            why = f"{type(e).__name__}: {e}"
-    else:
-        why = "KVCache.bytes_per_page has no kv_dtype"
+    _, bits = KV_FORMATS[fmt_name]
+    shape = (num_layers, page_size, num_kv_heads)
+    try:
+        if fmt_name == "bf16":
+            return KVCache.bytes_per_page(*shape, head_dim, torch.bfloat16), \
+                "KVCache.bytes_per_page"
+        if fmt_name.startswith("fp8"):
+            from dendrite.model.kv_cache import kv_format
+
+            storage = kv_format(fmt_name).storage_dtype(torch.bfloat16)
+            name = str(storage).removeprefix("torch.")
+            return (KVCache.bytes_per_page(*shape, head_dim, storage),
+                    f"KVCache.bytes_per_page ({name}, per-layer scales)")
+        from dendrite.model.kv_quant import kv_quant_format
+        from dendrite.model.kv_quant_cache import QuantKVCache
+
+        qf = kv_quant_format(fmt_name, head_dim)
+        return (QuantKVCache.bytes_per_page(*shape, qf),
+                f"QuantKVCache.bytes_per_page (group {qf.group_size}, fp16 scale+min)")
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
+        why = f"{type(e).__name__}: {e}"
     per_page = math.ceil(num_layers * 2 * page_size * num_kv_heads * head_dim * bits / 8)
     return per_page, f"formula, payload only ({why})"
 
@@ -337,6 +361,14 @@ def render(d: dict[str, Any]) -> str:
     if any(r.get("cpu_emulation") and r.get("status") == "ok" for r in d["rows"]):
         out.append("\n\\* CPU emulation: quantized formats stored and converted with torch's "
                    "float8/int dtypes on the CPU, not the GPU kernels.\n")
+    by = [r for r in d["rows"] if r.get("by_margin")]
+    if by:
+        ms = list(by[0]["by_margin"])
+        out.append("\nTop-1 agreement % by decidability margin (decidable positions):\n\n")
+        out.append(bc.md_table(["config", *[f"gap > {m} nats" for m in ms]],
+                               [[r["config"], *[f"{bc.fmt(r['by_margin'][m][1], '.2f')} "
+                                                f"({r['by_margin'][m][0]})" for m in ms]]
+                                for r in by], right=set(range(1, len(ms) + 1))))
     if d.get("gates"):
         out.append("\n" + bc.md_table(["config", "gate", "verdict"],
                                       [[g["config"], g["gate"], g["verdict"]] for g in d["gates"]]))
@@ -426,7 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, name in enumerate(a.config_list):
         kwargs = config_kwargs(name)
         row: dict[str, Any] = {"config": name, "options": kwargs, "reference": i == 0,
-                               "cpu_emulation": device.type == "cpu" and bool(kwargs)}
+                               "cpu_emulation": device.type == "cpu" and bool(
+                                   {"kv_dtype", "quantization"} & set(kwargs))}
         bc.log(f"{name}: building the engine with {kwargs or 'no options'}")
         t0 = time.perf_counter()
         engine, why = build_engine(model_dir, device, dtype, kwargs, num_pages=num_pages,
@@ -440,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bpp = engine.memory_stats()["bytes_per_page"]
             row["kv_bytes_per_token"] = bpp / engine.page_size
             kv_fmt = kwargs.get("kv_dtype") or "bf16"
-            if engine.page_size == 16 and (kv_fmt != "bf16" or dtype == torch.bfloat16):
+            if engine.page_size == 16 and (kv_fmt != "bf16"
+                                           or engine.runner.dtype == torch.bfloat16):
                 engine_bytes.setdefault(kv_fmt, bpp)
             with torch.inference_mode():
                 s = score(engine, wins)
