@@ -53,11 +53,13 @@ def _store_kv(ptr, x, inv_scale, max_value, mask, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _rope_store(src_ptr, dst_ptr, c1, s1, c2, s2, heads, inv_scale, max_value,
-                HALF: tl.constexpr, HBLOCK: tl.constexpr, QUANT: tl.constexpr):
+def _rope_store(src_ptr, dst_ptr, mean_ptr, c1, s1, c2, s2, heads, inv_scale, max_value,
+                HALF: tl.constexpr, HBLOCK: tl.constexpr, QUANT: tl.constexpr,
+                HAS_MEAN: tl.constexpr):
     """dst = src * cos + rotate_half(src) * sin for [heads, 2 HALF] rows, each
     product rounded to the dtype before the sum, as the torch expression
-    (stored as FP8 with QUANT, see `_store_kv`)."""
+    (stored as FP8 with QUANT, less the float32 [heads, 2 HALF] rows at
+    mean_ptr with HAS_MEAN, see `_store_kv`)."""
     dt = src_ptr.dtype.element_ty
     h = tl.arange(0, HBLOCK)[:, None]
     j = tl.arange(0, HALF)[None, :]
@@ -70,15 +72,19 @@ def _rope_store(src_ptr, dst_ptr, c1, s1, c2, s2, heads, inv_scale, max_value,
     hi = round_to(x2 * c2, dt) + round_to(x1 * s2, dt)
     if QUANT:  # quantize the value the model dtype holds, as KVCache.write does
         lo, hi = round_to(lo, dt), round_to(hi, dt)
+        if HAS_MEAN:
+            lo = lo - tl.load(mean_ptr + row + j, mask=ok, other=0.0)
+            hi = hi - tl.load(mean_ptr + row + HALF + j, mask=ok, other=0.0)
     _store_kv(dst_ptr + row + j, lo, inv_scale, max_value, ok, QUANT)
     _store_kv(dst_ptr + row + HALF + j, hi, inv_scale, max_value, ok, QUANT)
 
 
 @triton.jit
 def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                      k_inv_scale, v_inv_scale, max_value,
+                      k_mean_ptr, k_inv_scale, v_inv_scale, max_value,
                       HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-                      HQ_BLOCK: tl.constexpr, HKV_BLOCK: tl.constexpr, QUANT: tl.constexpr):
+                      HQ_BLOCK: tl.constexpr, HKV_BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                      HAS_MEAN: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     j = tl.arange(0, HALF)[None, :]
@@ -87,11 +93,11 @@ def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v
     s1 = tl.load(sin_ptr + t * D + j).to(tl.float32)
     s2 = tl.load(sin_ptr + t * D + HALF + j).to(tl.float32)
     src = qkv_ptr + t * ((HQ + 2 * HKV) * D)
-    _rope_store(src, q_ptr + t * (HQ * D), c1, s1, c2, s2, HQ, 1.0, max_value, HALF,
-                HQ_BLOCK, False)
+    _rope_store(src, q_ptr + t * (HQ * D), k_mean_ptr, c1, s1, c2, s2, HQ, 1.0, max_value,
+                HALF, HQ_BLOCK, False, False)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    _rope_store(src + HQ * D, k_cache_ptr + slot * (HKV * D), c1, s1, c2, s2, HKV,
-                k_inv_scale, max_value, HALF, HKV_BLOCK, QUANT)
+    _rope_store(src + HQ * D, k_cache_ptr + slot * (HKV * D), k_mean_ptr, c1, s1, c2, s2, HKV,
+                k_inv_scale, max_value, HALF, HKV_BLOCK, QUANT, HAS_MEAN)
     h = tl.arange(0, HKV_BLOCK)[:, None]
     d = tl.arange(0, D)[None, :]
     v = tl.load(src + (HQ + HKV) * D + h * D + d, mask=h < HKV, other=0.0)

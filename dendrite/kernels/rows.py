@@ -20,9 +20,10 @@ CUDA, fp16/bf16, Triton present, and not under torch.compile (which fuses the
 torch ops itself).
 
 FP8 KV pages (dendrite/model/kv_cache.py): `rope_write` quantizes on store,
-as `KVCache.write` does -- the rotated k (rounded to the model dtype) and v
-are multiplied by 1 / scale, clamped to +-448 (NaN kept) and rounded to
-nearest even into float8_e4m3fn, so both writers store the same bytes.
+as `KVCache.write` does -- the rotated k (rounded to the model dtype, less
+the layer's `k_mean` row) and v are multiplied by 1 / scale, clamped to
++-448 (NaN kept) and rounded to nearest even into float8_e4m3fn, so both
+writers store the same bytes.
 Triton converts to FP8 natively from compute capability 8.9 (`fp8_supported`);
 below that `rope_write` does the FP8 store in torch.
 """
@@ -104,13 +105,15 @@ _FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (the stores saturate th
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                num_heads: int, num_kv_heads: int, head_dim: int,
-               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+               k_scale: float = 1.0, v_scale: float = 1.0,
+               k_mean: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE on q and k of `qkv` [T, (Hq + 2 Hkv) D]; writes k and v at their slots.
 
     `cos`/`sin` are [T, ..., D] in the model dtype; `k_cache`/`v_cache` any
     contiguous views whose slot `s` starts at element `s * Hkv * D`, in the
-    model dtype or float8_e4m3fn (then stored as value / scale, saturated;
-    see the module docstring). Returns the rotated q [T, Hq, D].
+    model dtype or float8_e4m3fn (then stored as value / scale, saturated,
+    K less `k_mean` [Hkv, D] float32 when given; see the module docstring).
+    Returns the rotated q [T, Hq, D].
     """
     qkv = qkv.contiguous()
     t = qkv.shape[0]
@@ -118,19 +121,21 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8 and not fp8_supported(qkv.device):
         return _rope_write_torch(qkv, cos, sin, slot_mapping, k_cache, v_cache, num_heads,
-                                 num_kv_heads, head_dim, k_scale, v_scale)
+                                 num_kv_heads, head_dim, k_scale, v_scale, k_mean)
+    has_mean = fp8 and k_mean is not None
     if t:
         _k().rope_write_kernel[(t,)](
             qkv, cos.contiguous(), sin.contiguous(), slot_mapping, q, k_cache, v_cache,
-            1.0 / k_scale, 1.0 / v_scale, _FP8_MAX,
+            k_mean.contiguous() if has_mean else qkv, 1.0 / k_scale, 1.0 / v_scale, _FP8_MAX,
             HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, HQ_BLOCK=_pow2(num_heads),
-            HKV_BLOCK=_pow2(num_kv_heads), QUANT=fp8, num_warps=4)
+            HKV_BLOCK=_pow2(num_kv_heads), QUANT=fp8, HAS_MEAN=has_mean, num_warps=4)
     return q
 
 
 def _rope_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      hq: int, hkv: int, d: int, k_scale: float, v_scale: float) -> torch.Tensor:
+                      hq: int, hkv: int, d: int, k_scale: float, v_scale: float,
+                      k_mean: torch.Tensor | None = None) -> torch.Tensor:
     """`rope_write` in torch ops (the model's unfused expressions), for FP8 pages
     on GPUs whose Triton lacks FP8 conversions."""
     t = qkv.shape[0]
@@ -142,7 +147,8 @@ def _rope_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
     q, k = rot(q), rot(k)
-    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+    kf = k.float() - k_mean if k_mean is not None else k.float()
+    for x, cache, scale in ((kf, k_cache, k_scale), (v, v_cache, v_scale)):
         y = (x.float() * (1.0 / scale)).clamp(-_FP8_MAX, _FP8_MAX).to(cache.dtype)
         cache.view(torch.uint8).view(-1, hkv, d)[slot_mapping] = y.view(torch.uint8)
     return q

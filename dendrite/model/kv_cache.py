@@ -11,11 +11,15 @@ place a KV dtype name is turned into storage): "auto" stores K/V in the model
 dtype; "fp8_e4m3" stores `torch.float8_e4m3fn` (one byte an element, twice the
 tokens in the same memory) with static per-layer scales for K and for V
 (`KVScales`): stored = clamp(value / scale, -448, 448), value = stored * scale.
-The scales are per layer, not per page, so a copy-on-write copy moves bytes
-only and a fork touches nothing. Readers fold the scales into the attention
-they already do (K's into the softmax scale, V's into the output), so no
-kernel needs a dequantized copy (docs/quantization.md says why per layer and
-how they are calibrated, dendrite/model/kv_calibration.py).
+K is stored less a static per-(layer, head, channel) vector `k_mean` (the
+calibrated mean of K after RoPE): every key of a query's softmax moves by the
+same q . k_mean, so attention is unchanged and no reader knows about it, but
+the stored magnitudes -- and with them e4m3's rounding errors -- shrink.
+The scales and k_mean are per layer, not per page, so a copy-on-write copy
+moves bytes only and a fork touches nothing. Readers fold the scales into the
+attention they already do (K's into the softmax scale, V's into the output),
+so no kernel needs a dequantized copy (docs/quantization.md says why, and how
+both are calibrated, dendrite/model/kv_calibration.py).
 
 "int4" and "int3" name N-bit page formats (rotated, 3-4 bit codes with a
 scale per row, dendrite/model/kv_quant.py): their pool is a `QuantKVCache`
@@ -178,6 +182,7 @@ class KVCache:
         self.dtype, self.device = dtype, device
         self.format, self.storage_dtype = fmt, storage
         self.scales = KVScales(num_layers)
+        self.k_mean: torch.Tensor | None = None  # [num_layers, Hkv, D] float32 (set_k_mean)
         # zeros, not empty: padded/unused slots are masked, but NaN garbage
         # times a zero attention weight would still be NaN.
         self.kv = torch.zeros(
@@ -218,14 +223,36 @@ class KVCache:
         """(K, V) caches of `layer`, each [num_pages, page_size, Hkv, D]."""
         return self.kv[layer, 0], self.kv[layer, 1]
 
+    def set_k_mean(self, k_mean: torch.Tensor | None) -> None:
+        """Set the vector subtracted from K before it is stored ([num_layers,
+        Hkv, D], float32; None: nothing). Quantized pools only; set it before
+        anything is written (and before CUDA graphs are captured)."""
+        if k_mean is not None:
+            if not self.format.quantized:
+                raise ValueError("k_mean applies to quantized KV pools only")
+            shape = (self.num_layers, self.num_kv_heads, self.head_dim)
+            if tuple(k_mean.shape) != shape or not torch.isfinite(k_mean).all():
+                raise ValueError(f"k_mean must be finite with shape {shape}, "
+                                 f"got {tuple(k_mean.shape)}")
+            k_mean = k_mean.to(device=self.device, dtype=torch.float32).contiguous()
+        self.k_mean = k_mean
+
+    def write_args(self, layer: int) -> dict[str, object]:
+        """What a fused writer (`dendrite.kernels.rows.rope_write`) needs besides
+        the caches: the layer's scales and k_mean row ([Hkv, D] or None)."""
+        return {"k_scale": self.scales.k[layer], "v_scale": self.scales.v[layer],
+                "k_mean": self.k_mean[layer] if self.k_mean is not None else None}
+
     def write(
         self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Store the step's new K/V ([T, Hkv, D]) at their slots (quantized when
-        the format is)."""
+        the format is, K less `k_mean`)."""
         k_cache, v_cache = self.layer(layer)
         if self.format.quantized:
             m = self.format.max_value
+            if self.k_mean is not None:  # (k rounded to the model dtype first, as stored)
+                k = k.float() - self.k_mean[layer]
             k = quantize(k, self.scales.k[layer], self.storage_dtype, m)
             v = quantize(v, self.scales.v[layer], self.storage_dtype, m)
         if self.kv.element_size() == 1:  # as raw bytes: index kernels need not know fp8

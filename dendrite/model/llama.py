@@ -169,8 +169,8 @@ class Attention(nn.Module):
             # One kernel for RoPE on q and k and both cache writes (same rounding).
             k_cache, v_cache = kv.layer(self.layer)
             q = rope_write(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache,
-                           self.hq, self.hkv, self.d, kv.scales.k[self.layer],
-                           kv.scales.v[self.layer])  # (FP8 pages: quantized on store)
+                           self.hq, self.hkv, self.d,
+                           **kv.write_args(self.layer))  # (FP8 pages: quantized on store)
             return backend.forward(self.layer, q, k_cache, v_cache).reshape(t, self.hq * self.d)
         q, k, v = qkv.split(
             [self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1

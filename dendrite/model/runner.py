@@ -42,6 +42,7 @@ from dendrite.quant.scheme import check_quantization
 
 if TYPE_CHECKING:
     from dendrite.model.cuda_graph import CudaGraphDecodeRunner
+    from dendrite.model.kv_calibration import KVCalibration
 
 __all__ = ["CASCADE_MODES", "ModelRunner", "StepPlan", "default_num_pages", "make_backend"]
 
@@ -190,7 +191,7 @@ class ModelRunner:
         self.kv_cache = make_kv_cache(kv_fmt, self.config.num_layers, num_pages, page_size,
                                       self.config.num_kv_heads, self.config.head_dim,
                                       self.dtype, self.device)
-        self.kv_scale_calibration: dict[str, list[float]] | None = None
+        self.kv_scale_calibration: KVCalibration | None = None
         if kv_fmt.quantized:
             self._calibrate_kv_scales()
         self.backend = make_backend(attention, self.config, self.device, self.dtype, page_size,
@@ -212,15 +213,16 @@ class ModelRunner:
             self._capture_graphs(cascade) if cuda_graphs else None)
 
     def _calibrate_kv_scales(self) -> None:
-        """Set the FP8 pool's per-layer scales from one forward over the
-        calibration text (dendrite/model/kv_calibration.py)."""
+        """Set the FP8 pool's per-layer scales and K means from one forward over
+        the calibration text (dendrite/model/kv_calibration.py)."""
         from dendrite.model.kv_calibration import calibrate_kv_scales
 
-        k, v, k_amax, v_amax = calibrate_kv_scales(
+        cal = calibrate_kv_scales(
             self.model, self.tokenizer, device=self.device, dtype=self.dtype,
             page_size=self.page_size, max_value=self.kv_cache.format.max_value)
-        self.kv_cache.scales.set(k, v)
-        self.kv_scale_calibration = {"k_amax": k_amax, "v_amax": v_amax}
+        self.kv_cache.scales.set(cal.k_scales, cal.v_scales)
+        self.kv_cache.set_k_mean(cal.k_mean)
+        self.kv_scale_calibration = cal
 
     @property
     def kv_dtype(self) -> str:

@@ -15,11 +15,11 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from dendrite.attention.base import build_attention_metadata  # noqa: E402
-from dendrite.attention.reference import ReferenceBackend  # noqa: E402
-from dendrite.model.kv_cache import KVScales, quantize  # noqa: E402
+from gpu_helpers import rel_err, report
 
-from gpu_helpers import rel_err, report  # noqa: E402
+from dendrite.attention.base import build_attention_metadata
+from dendrite.attention.reference import ReferenceBackend
+from dendrite.model.kv_cache import KVScales, quantize
 
 E4M3 = torch.float8_e4m3fn
 PS, NP = 16, 96
@@ -137,7 +137,15 @@ def test_graph_wrappers_and_tree_attention_read_fp8_pages():
     assert max(errs.values()) < 2e-2, errs
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two FP8 byte tensors hold the same values (NaN where the other has NaN)."""
+    torch.testing.assert_close(a.view(E4M3).float(), b.view(E4M3).float(), rtol=0, atol=0,
+                               equal_nan=True)
+
+
 def test_fused_writer_stores_the_torch_writers_bytes():
+    """rope_write into FP8 pages (scales, K mean) == the torch ops, byte for byte;
+    and == KVCache.write of the torch-rotated k."""
     pytest.importorskip("triton")
     from dendrite.kernels.rows import _rope_write_torch, fp8_supported, rope_write
 
@@ -153,17 +161,31 @@ def test_fused_writer_stores_the_torch_writers_bytes():
     emb = torch.cat([pos[:, None] * inv] * 2, -1)
     cos, sin = emb.cos().to(torch.bfloat16)[:, None], emb.sin().to(torch.bfloat16)[:, None]
     slots = torch.randperm(NP * PS, device="cuda", generator=g)[:t]
+    k_mean = torch.randn(hkv, d, device="cuda", generator=g) * 5
     got, want = [], []
     for fn, out in ((rope_write, got), (_rope_write_torch, want)):
         kc = torch.zeros(NP, PS, hkv, d, device="cuda", dtype=E4M3)
         vc = torch.zeros_like(kc)
-        q = fn(qkv, cos, sin, slots, kc, vc, hq, hkv, d, KS, VS)
+        q = fn(qkv, cos, sin, slots, kc, vc, hq, hkv, d, KS, VS, k_mean)
         out += [q, kc.view(torch.uint8), vc.view(torch.uint8)]
     assert torch.equal(got[0], want[0])  # q: rotated, unscaled, model dtype
-    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert torch.equal(got[1], want[1])
+    _same_values(got[2], want[2])  # (V holds a NaN: its byte may differ in sign)
     vf = got[2].view(E4M3).float().view(-1, hkv, d)[slots]
     assert vf[3, 0, 0].item() == 448.0 and torch.isnan(vf[4, 0, 1])
     assert not torch.isnan(vf[5]).any()
+    from dendrite.model.kv_cache import KVCache
+
+    pool = KVCache(1, NP, PS, hkv, d, torch.bfloat16, "cuda", kv_dtype="fp8_e4m3")
+    pool.scales.set([KS], [VS])
+    pool.set_k_mean(k_mean[None])
+    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+    k1, k2 = k.chunk(2, dim=-1)
+    k_rot = k * cos + torch.cat((-k2, k1), dim=-1) * sin  # the model's RoPE expression
+    pool.write(0, slots, k_rot, v)
+    assert torch.equal(pool.kv[0, 0].view(torch.uint8), got[1])
+    _same_values(pool.kv[0, 1].view(torch.uint8), got[2])
 
 
 @pytest.mark.parametrize("cascade", ["never", "always"])

@@ -138,6 +138,46 @@ def test_write_quantizes_and_copy_pages_moves_bytes():
     assert torch.equal(flat[:, :, 15], old[:, :, 15])  # the rest untouched
 
 
+def test_k_mean_is_subtracted_on_store_and_attention_does_not_see_it():
+    """K is stored less k_mean; attention over those pages is attention over
+    the keys with the mean added back (every score of a query moves by the
+    same q . k_mean), with unit and non-unit scales."""
+    torch.manual_seed(2)
+    hq, hkv, d, ps, n_pages = 4, 2, 16, 4, 6
+    n = n_pages * ps
+    k = torch.randn(n, hkv, d) * 3
+    mean = torch.randn(hkv, d) * 40  # a large offset, as real K has on some channels
+    v = torch.randn(n, hkv, d)
+    meta = build_attention_metadata([n - 3, n - 2, n - 1, n - 1], np.arange(n)[-4:] * 0,
+                                    [0, 3, 4], [0, n_pages, 2 * n_pages],
+                                    list(range(n_pages)) * 2, [ps, ps], page_size=ps,
+                                    validate=False)
+    q = torch.randn(4, hq, d)
+    for ks in (1.0, 2.0**-2):
+        c = KVCache(1, n_pages, ps, hkv, d, torch.float32, "cpu", kv_dtype="fp8_e4m3")
+        c.scales.set([ks], [1.0])
+        c.set_k_mean(mean[None])
+        c.write(0, torch.arange(n), k + mean, v)
+        stored = c.layer(0)[0].reshape(n, hkv, d)
+        assert torch.equal(stored.view(torch.uint8), quantize(k + mean - mean, ks).view(torch.uint8))
+        be = ReferenceBackend(hq, hkv, d, ps, kv_scales=c.scales)
+        be.plan(meta)
+        out = be.forward(0, q, *c.layer(0)).double()
+        # float64 attention over the keys as written (mean included), the pages' rounding kept
+        keys = dequantize(quantize(k, ks), ks).double() + mean.double()
+        vals = dequantize(quantize(v, 1.0), 1.0).double()
+        g = hq // hkv
+        for row, (qi, kv_len) in enumerate(((0, n - 2), (1, n - 1), (2, n), (3, n))):
+            s = torch.einsum("hd,thd->ht", q[qi].double(),
+                             keys[:kv_len].repeat_interleave(g, 1)) / math.sqrt(d)
+            want = torch.einsum("ht,thd->hd", s.softmax(-1), vals[:kv_len].repeat_interleave(g, 1))
+            torch.testing.assert_close(out[qi], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="k_mean must be finite with shape"):
+        c.set_k_mean(torch.zeros(2, hkv, d))
+    with pytest.raises(ValueError, match="quantized KV pools only"):
+        KVCache(1, 2, 4, 1, 8, torch.float32, "cpu").set_k_mean(torch.zeros(1, 1, 8))
+
+
 def test_bad_scales_are_refused():
     c = KVCache(2, 4, 4, 1, 8, torch.float32, "cpu", kv_dtype="fp8_e4m3")
     for k, v in (([1.0], [1.0, 1.0]), ([0.0, 1.0], [1.0, 1.0]),
@@ -215,9 +255,12 @@ def test_calibrated_scales_and_memory_stats(tiny):
         r = e.runner
         assert r.kv_dtype == "fp8_e4m3" and r.kv_cache.kv.dtype == E4M3
         cal = r.kv_scale_calibration
-        assert len(cal["k_amax"]) == r.config.num_layers
-        assert r.kv_cache.scales.k == [scale_for(a) for a in cal["k_amax"]]
-        assert r.kv_cache.scales.v == [scale_for(a) for a in cal["v_amax"]]
+        assert len(cal.k_amax) == r.config.num_layers
+        assert r.kv_cache.scales.k == [scale_for(a) for a in cal.k_amax]
+        assert r.kv_cache.scales.v == [scale_for(a) for a in cal.v_amax]
+        assert torch.equal(r.kv_cache.k_mean, cal.k_mean)
+        assert r.kv_cache.k_mean.shape == (r.config.num_layers, r.config.num_kv_heads,
+                                           r.config.head_dim)
         stats = e.memory_stats()
         cfg = r.config
         assert stats["kv_dtype"] == "fp8_e4m3"
