@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import bench_quant as bq
 import pytest
-from conftest import run_script
+from conftest import REPO, run_script
 
 QUANT_CONFIGS = "bf16,bf16,fp8kv,fp8w,int4kv"
 
@@ -141,3 +142,25 @@ def test_speed_quick_run(tmp_path, bench_env):
     assert d["args"]["prefix"] == 64 and d["args"]["branches"] == 4  # (--quick's)
     assert all("quick: not a measurement" in t["verdict"] for t in d["targets"])
     assert "| config | weights MB |" in p.stdout
+
+
+def test_device_wrapper_rejects_unknown_arguments(tmp_path):
+    p = subprocess.run(["bash", "benchmarks/device_run_quant.sh", "--models", "x"], check=False,
+                       cwd=REPO, capture_output=True, text=True, timeout=30,
+                       env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 2 and "unknown argument --models" in p.stderr
+
+
+@pytest.mark.slow  # ~30 s: both scripts, every configuration, on the tiny models
+def test_device_wrapper_quick_on_cpu(tiny_model, bench_env, tmp_path):
+    out = tmp_path / "out17"
+    p = subprocess.run(["bash", "benchmarks/device_run_quant.sh", "--model", str(tiny_model),
+                        "--device", "cpu", "--quick"], check=False, cwd=REPO, capture_output=True,
+                       text=True, env={**bench_env, "OUT": str(out)}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "== accuracy: rc=0" in p.stdout and "== speed: rc=0" in p.stdout
+    for name in ("quant.json", "quant.md", "speed.json", "speed.md", "run.log"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "quant.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["bf16", "fp32", "fp8kv", "fp8w", "fp8kv+fp8w",
+                                           "int4kv", "mxfp8w"]
