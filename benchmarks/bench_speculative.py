@@ -238,25 +238,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="controlled target: layers appended to the draft (default 7x its layers)")
     p.add_argument("--noise", default="0,0.3,1",
                    help="controlled target: noise levels of the appended layers' projections")
-    p.add_argument("--parts", default="rule,ngram,draft", help="which tables to measure")
+    p.add_argument("--parts", default="rule,ngram,self,controlled",
+                   help="which parts to measure (comma-separated)")
+    p.add_argument("--reps", type=int, default=2, help="timed repetitions per row (best kept)")
+    p.add_argument("--rule-branches", default="1,2,4,8,16,32",
+                   help="branch counts of the rule table")
     a = p.parse_args(argv)
     device, dtype, model_dir, budget, res = C.start("bench_speculative", a, render)
     torch.manual_seed(a.seed)
     quick = a.quick
-    reps = 1 if quick else 2
+    reps = 1 if quick else a.reps
     max_tokens = 12 if quick else a.max_tokens
     branches = [1, 4] if quick else [int(x) for x in a.branches.split(",")]
     parts = set(a.parts.split(","))
     engine_kw = dict(device=str(device), dtype=dtype)
     if device.type == "cpu":
-        engine_kw["num_pages"] = 4096
+        engine_kw["num_pages"] = 1024  # 16K tokens: the CPU default would hold GBs per engine
     base = Engine(model_dir, **engine_kw)
     copy_ids = prompt_ids(base, COPY_TASK)
     story_ids = prompt_ids(base, STORY_TASK)
     base.close()
 
     if "rule" in parts:
-        rule_rows(res, engine_kw, model_dir, story_ids, [1, 4] if quick else [1, 2, 4, 8, 16, 32],
+        rule_rows(res, engine_kw, model_dir, story_ids,
+                  [1, 4] if quick else [int(x) for x in a.rule_branches.split(",")],
                   a.k, 2 if quick else 10)
 
     if "ngram" in parts:
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         for eng in [plain_eng, *engines.values()]:
             eng.close()
 
-    if "draft" in parts:
+    if "self" in parts:
         plain_eng = Engine(model_dir, **engine_kw)
         self_eng = Engine(model_dir, speculative=SpeculativeConfig(
             method="model", draft_model=str(model_dir), num_draft=a.k), **engine_kw)
@@ -288,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 reps)
         plain_eng.close()
         self_eng.close()
+
+    if "controlled" in parts:
         layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
         extra = a.extra_layers if a.extra_layers is not None else (2 if quick else 7 * layers)
         noises = [float(x) for x in a.noise.split(",")][: 1 if quick else None]

@@ -57,7 +57,7 @@ class SpeculativeConfig:
     budget: int = 16  # dynamic tree: nodes kept
     ngram_min: int = 1
     ngram_max: int = 3
-    draft_pages: int = 4096  # the draft model's KV pool
+    draft_pages: int = 2048  # the draft model's KV pool (pages)
     #: The rule (see the module docstring and docs/speculative.md).
     max_rows: int = 16
     break_even: float = 1.5

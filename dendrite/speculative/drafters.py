@@ -164,14 +164,15 @@ def check_same_tokenizer(target, draft, draft_name: str = "the draft model") -> 
     b = draft.backend.get_vocab(with_added_tokens=True)
     if a == b and set(target.eos_token_ids) == set(draft.eos_token_ids):
         return
-    diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
-    example = f"; e.g. token {diff[0][0]!r} (id {diff[0][1]})" if diff else ""
-    if not diff:
-        example = (f"; EOS ids differ: target {sorted(target.eos_token_ids)}, "
-                   f"draft {sorted(draft.eos_token_ids)}")
+    diff = sorted((t for t in a.keys() | b.keys() if a.get(t) != b.get(t)),
+                  key=lambda t: (a.get(t, b.get(t)), t))
+    example = (f"; e.g. token {diff[0]!r}: id {a.get(diff[0])} in the target, "
+               f"{b.get(diff[0])} in the draft") if diff else \
+        (f"; EOS ids differ: target {sorted(target.eos_token_ids)}, "
+         f"draft {sorted(draft.eos_token_ids)}")
     raise TokenizerMismatch(
         f"speculative: {draft_name} has another tokenizer than the target model "
-        f"({len(a)} vs {len(b)} tokens, {len(diff)} (token, id) pairs differ{example}); "
+        f"({len(a)} vs {len(b)} tokens, {len(diff)} with another id or missing{example}); "
         f"a draft model must use the target's tokenizer")
 
 

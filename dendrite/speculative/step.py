@@ -109,7 +109,12 @@ class Speculator:
     def would_speculate(self, seqs: Seq["Sequence"]) -> bool:
         """Whether the next step over `seqs` may speculate (the engine then launches
         no step ahead)."""
-        return len(seqs) <= self.config.max_rows and any(self._wants(s) for s in seqs)
+        if len(seqs) <= self.config.max_rows and any(self._wants(s) for s in seqs):
+            return True
+        for s in seqs:  # each takes a plain step now: paused branches count it
+            if id(s) in self._ema:
+                self._paused[id(s)] = self._paused.get(id(s), 0) + 1
+        return False
 
     def _forget_gone(self) -> None:
         live = {id(s) for s in self.engine._live.values()}

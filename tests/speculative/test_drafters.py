@@ -11,7 +11,6 @@ from dendrite.speculative import (
     TokenizerMismatch,
     TreeShape,
 )
-from dendrite.tiny_model import build_tiny_model
 
 
 def test_ngram_lookup_longest_suffix_first():
@@ -31,18 +30,41 @@ def test_ngram_arguments_are_checked():
         NgramDrafter(n_min=4, n_max=2)
 
 
-def test_model_drafter_other_tokenizer_is_a_clear_error(tmp_path, target_dir):
-    from dendrite.tiny_model import build_tokenizer
+def other_tokenizer(src, dst, swap=True):
+    """A copy of `src`'s tokenizer files with two token ids swapped (`swap`) or
+    another EOS token."""
+    import json
+    import shutil
 
-    other = build_tiny_model(tmp_path / "other_vocab", "llama", seed=1)
-    build_tokenizer(other, vocab_size=600)  # the same model with another tokenizer
+    dst.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(src / name, dst / name)
+    if swap:
+        tok = json.loads((dst / "tokenizer.json").read_text())
+        vocab = tok["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[100:102]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        (dst / "tokenizer.json").write_text(json.dumps(tok))
+    else:
+        cfg = json.loads((dst / "tokenizer_config.json").read_text())
+        cfg["eos_token"] = "<|pad|>"
+        (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_model_drafter_other_tokenizer_is_a_clear_error(tmp_path, target_dir):
+    swapped = other_tokenizer(target_dir, tmp_path / "swapped")
+    eos = other_tokenizer(target_dir, tmp_path / "eos", swap=False)
     e = Engine(target_dir, device="cpu", num_pages=64)
     try:
-        with pytest.raises(TokenizerMismatch, match="another tokenizer than the target"):
-            ModelDrafter(other, tokenizer=e.tokenizer)
+        with pytest.raises(TokenizerMismatch, match="another tokenizer than the target.*2 "
+                                                    "with another id or missing; e.g. token"):
+            ModelDrafter(swapped, tokenizer=e.tokenizer)
+        with pytest.raises(TokenizerMismatch, match="EOS ids differ"):
+            ModelDrafter(eos, tokenizer=e.tokenizer)
         with pytest.raises(TokenizerMismatch):
             Engine(target_dir, device="cpu", num_pages=64,
-                   speculative=SpeculativeConfig(method="model", draft_model=str(other)))
+                   speculative=SpeculativeConfig(method="model", draft_model=str(swapped)))
     finally:
         e.close()
 

@@ -69,6 +69,18 @@ def test_forks_speculate_in_one_batch_with_seeds(make_engine, target_dir):
     assert e.stats["spec_rows"] > e.stats["spec_steps"]  # several branches per step
 
 
+def test_steps_launched_ahead_between_speculative_ones(make_engine, other_dir):
+    """With lookahead (the CUDA default) a paused branch's plain steps are
+    launched ahead, and speculative steps come in between: same tokens."""
+    params = [SamplingParams(temperature=0, max_tokens=24)] + [
+        SamplingParams(temperature=0.7, seed=s, max_tokens=24) for s in range(3)]
+    want = run(make_engine(), REPEAT, params, n=4)
+    e = make_engine(lookahead=True, speculative=SpeculativeConfig(
+        method="model", draft_model=str(other_dir), num_draft=2, probe_every=3))
+    assert run(e, REPEAT, params, n=4) == want
+    assert e.stats["lookahead_steps"] > 0 and e.stats["spec_steps"] > 1
+
+
 def test_forked_branch_draws_what_an_unforked_run_draws(make_engine):
     p = SamplingParams(temperature=0.9, seed=7, max_tokens=16)
     e = make_engine(speculative=SpeculativeConfig(num_draft=3, width=2))

@@ -16,7 +16,7 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 P = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1], dtype=torch.float64)
 Q = torch.tensor([0.3, 0.1, 0.4, 0.1, 0.1], dtype=torch.float64)
-N = 3000
+N = 2000
 
 
 def _draw(q, u):
