@@ -178,24 +178,48 @@ async def stream(worker: EngineWorker, gen: Generation, n: int, *, chat: bool, m
         if chat:
             for i in range(n):
                 yield sse(chunk(i, "", [], [], [], None, role=True))
+        def flush(i: int) -> str | None:
+            """One chunk of choice i's tokens received since its last chunk."""
+            ids, lps, tops = unsent.pop(i)
+            delta = texts[i].feed(choices.token_ids[i])
+            if not (delta or logprobs):
+                return None
+            offsets[i] += len(delta)
+            return sse(chunk(i, delta, ids, lps, tops, None))
+
         while not choices.done:
-            ev = await gen.events.get()
-            if ev[0] == "error":
-                yield sse(ev[1].body())
-                return
-            choices.apply(ev)
-            if ev[0] == "sequence":
-                extra = {**(extra or {}), "sequence": ev[1]}
-                continue
-            i = ev[1]
-            if ev[0] == "tokens":
-                delta = texts[i].feed(choices.token_ids[i])
-                if delta or logprobs:
-                    yield sse(chunk(i, delta, ev[2], ev[3], ev[4], None))
-                    offsets[i] += len(delta)
-            else:
+            # Everything the engine pushed since the last wake-up goes out as
+            # one chunk per choice: a client (or this loop) that falls behind
+            # the engine gets fewer, larger events instead of one per token.
+            batch = [await gen.events.get()]
+            while not gen.events.empty():
+                batch.append(gen.events.get_nowait())
+            unsent: dict[int, tuple[list, list, list]] = {}
+            for ev in batch:
+                if ev[0] == "error":
+                    for i in sorted(unsent):
+                        if (out := flush(i)) is not None:
+                            yield out
+                    yield sse(ev[1].body())
+                    return
+                choices.apply(ev)
+                if ev[0] == "sequence":
+                    extra = {**(extra or {}), "sequence": ev[1]}
+                    continue
+                i = ev[1]
+                if ev[0] == "tokens":
+                    ids, lps, tops = unsent.setdefault(i, ([], [], []))
+                    ids.extend(ev[2])
+                    lps.extend(ev[3])
+                    tops.extend(ev[4])
+                    continue
+                if i in unsent and (out := flush(i)) is not None:
+                    yield out
                 delta = texts[i].finish(ev[2].text)
                 yield sse(chunk(i, delta, [], [], [], FINISH.get(ev[2].finish_reason, "stop")))
+            for i in sorted(unsent):
+                if (out := flush(i)) is not None:
+                    yield out
         if include_usage:
             body = {"id": rid, "object": obj, "created": created, "model": model,
                     "choices": [], "usage": usage(gen, choices)}
