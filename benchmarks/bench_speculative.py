@@ -11,8 +11,8 @@ Three parts, each a table:
   length exceeds t_verify / t_plain (plus the drafting time): the break-even
   acceptance length per B, the measurement behind `SpeculativeConfig`'s
   `break_even` and `max_rows`.
-* ``ngram``: prompt lookup on a repetitive task (the model is asked to copy a
-  block of code, then to repeat it with one change), 1 and 16 branches.
+* ``ngram``: prompt lookup on a repetitive task (a few-shot "copy the text
+  exactly" prompt ending in a block of code to copy), 1 and 16 branches.
 * ``draft``: a draft model. ``self``: the target drafts for itself
   (acceptance upper bound: every draft agrees under greedy; its speed means
   nothing, the draft costs as much as the target). ``controlled``: a target
@@ -59,8 +59,11 @@ CODE = '''def fork(node, n):
     return children
 '''
 
-COPY_TASK = ("Copy the following Python code exactly, line for line, then write it once "
-             "more with the name fork replaced by split.\n\n" + CODE)
+# A few-shot copy task as plain text (no chat template): SmolLM2-135M follows
+# this format (it copies, and keeps copying), where an instruction to copy in
+# a chat turn makes it summarize the code instead.
+COPY_TASK = ("Copy the text exactly.\n\nText: The cat sat on the mat.\nCopy: The cat sat on "
+             "the mat.\n\nText: " + CODE + "\nCopy: ")
 STORY_TASK = "Write a short story about a robot who learns to paint."
 
 
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         engine_kw["num_pages"] = 1024  # 16K tokens: the CPU default would hold GBs per engine
     base = Engine(model_dir, **engine_kw)
-    copy_ids = prompt_ids(base, COPY_TASK)
+    copy_ids = base.encode(COPY_TASK)
     story_ids = prompt_ids(base, STORY_TASK)
     base.close()
 

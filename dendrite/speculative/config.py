@@ -7,12 +7,16 @@ command line and the DSL take:
     off | ngram[:OPTS] | model:DIR[,OPTS]        OPTS: key=value,...
 
 keys: k (draft depth), width (static tree), tree (static|dynamic), top_k and
-budget (dynamic tree), n and n_min (n-gram lengths), max_rows, break_even.
+budget (dynamic tree), n and n_min (n-gram lengths), max_rows, max_verify,
+break_even, probe_every.
 
 The on/off rule (docs/speculative.md has the measurement behind the
 defaults): a step speculates only when it has at most `max_rows` decoding
 branches (beyond that a batched decode step is already compute-bound and
-the verify tokens cost as much as they save), and only for the branches
+the verify tokens cost as much as they save), with at most
+`max_verify_tokens` tokens in all (default: the largest decode step the
+runner replays as a CUDA graph; draft trees are made shallower or trimmed
+to fit), and only for the branches
 whose recent acceptance length (an exponential average, `ema` weight of the
 newest step) is at least `break_even` tokens per step; a branch below it
 drafts again after `probe_every` plain steps, to see whether the text
@@ -39,7 +43,7 @@ METHODS = ("ngram", "model")
 
 _INT_KEYS = {"k": "num_draft", "width": "width", "top_k": "top_k", "budget": "budget",
              "n": "ngram_max", "n_min": "ngram_min", "max_rows": "max_rows",
-             "probe_every": "probe_every"}
+             "max_verify": "max_verify_tokens", "probe_every": "probe_every"}
 _FLOAT_KEYS = {"break_even": "break_even"}
 
 
@@ -59,7 +63,10 @@ class SpeculativeConfig:
     ngram_max: int = 3
     draft_pages: int = 2048  # the draft model's KV pool (pages)
     #: The rule (see the module docstring and docs/speculative.md).
-    max_rows: int = 16
+    max_rows: int = 8
+    #: Tokens one speculative step may verify (None: the largest decode step
+    #: the runner replays as a CUDA graph, else the engine's step budget).
+    max_verify_tokens: int | None = None
     break_even: float = 1.5
     ema: float = 0.5
     probe_every: int = 8
@@ -84,6 +91,10 @@ class SpeculativeConfig:
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"speculative n_min ({self.ngram_min}) must be <= n "
                              f"({self.ngram_max})")
+        mv = self.max_verify_tokens
+        if mv is not None and (isinstance(mv, bool) or not isinstance(mv, int) or mv < 2):
+            raise ValueError(f"speculative max_verify_tokens must be an int >= 2 or None, "
+                             f"got {mv!r}")
         for name, low, high in (("break_even", 0.0, float("inf")), ("ema", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:

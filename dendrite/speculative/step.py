@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,6 +84,13 @@ class Speculator:
         self._ema: dict[int, float] = {}  # id(seq) -> recent acceptance length
         self._paused: dict[int, int] = {}  # id(seq) -> plain steps since it stopped drafting
         self._keys: set[int] = set()  # branches the drafter has seen
+        # The verify budget: tokens of one speculative step. Default: the
+        # largest decode step the runner replays as a CUDA graph (beyond it
+        # the step runs eagerly, slower than the graph decode it replaces),
+        # else the engine's step budget.
+        graphs = getattr(engine.runner, "graphs", None)
+        auto = graphs.max_batch_size if graphs is not None else engine.max_batch_tokens
+        self.max_verify = min(config.max_verify_tokens or auto, engine.max_batch_tokens)
         for k in SPEC_STATS:
             engine.stats.setdefault(k, 0)
         engine.stats.setdefault("spec_mean_accept_len", 0.0)
@@ -142,20 +150,25 @@ class Speculator:
         if not want:
             stats["spec_off_steps"] += 1
             return None
-        if self._token_bound(len(seqs), len(want)) > e.max_batch_tokens:
-            stats["spec_off_steps"] += 1  # the verify rows would not fit one step
+        # Verify tokens per drafting branch, so that the step stays within the
+        # verify budget (a CUDA-graph-sized decode step by default).
+        per_row = (self.max_verify - (len(seqs) - len(want))) // len(want)
+        if per_row < 2:
+            stats["spec_off_steps"] += 1
             return None
         # Matchers are advanced below: no mask prefetch may be computing or kept.
         e._settle_masks()
         if e._mask_worker is not None:
             e._mask_worker.prefetch([])
         self._forget_gone()
-        trees = self._draft(want)
+        trees = self._draft(want, per_row)
         if not any(len(t) for t in trees.values()):
             return None
         rows = []
         for s in seqs:
             tree = trees.get(id(s), DraftTree())
+            if tree.verify_tokens > per_row:
+                tree = tree.trim(per_row)
             states = None
             if s.handle.matcher is not None and len(tree):
                 tree, states = prune_by_grammar(tree, s.handle.matcher)
@@ -164,19 +177,21 @@ class Speculator:
             self._paused.pop(id(s), None)
         return self._run(rows)
 
-    def _token_bound(self, rows: int, drafting: int) -> int:
-        """The most tokens a step's verify rows can hold."""
-        sh = self.shape
-        paths = sh.width if sh.kind == "static" else sh.budget
-        return rows - drafting + drafting * paths * (1 + sh.depth)
-
-    def _draft(self, want: list["Sequence"]) -> dict[int, DraftTree]:
-        depths = [max(0, min(self.config.num_draft,
+    def _draft(self, want: list["Sequence"], per_row: int) -> dict[int, DraftTree]:
+        # Fit `per_row` verify tokens: a static tree's paths each run depth + 1
+        # tokens (fewer, deeper paths first); a dynamic one is trimmed after.
+        shape = self.shape
+        if shape.kind == "static":
+            shape = replace(shape, width=max(1, min(shape.width, per_row // 2)))
+            fit = per_row // shape.width - 1
+        else:
+            fit = per_row - 1
+        depths = [max(0, min(self.config.num_draft, fit,
                              s.handle.params.max_tokens - len(s.handle.token_ids) - 1))
                   for s in want]
         keys = [id(s) for s in want]
         self._keys.update(keys)
-        trees = self.drafter.propose(keys, [s.tokens for s in want], self.shape, depths)
+        trees = self.drafter.propose(keys, [s.tokens for s in want], shape, depths)
         self._check_trees(trees, len(want))
         return {k: t for k, t in zip(keys, trees)}
 

@@ -100,6 +100,25 @@ class DraftTree:
         """Root-to-leaf node paths, one per leaf (none for an empty tree)."""
         return [self.path(leaf) for leaf in self.leaves()]
 
+    @property
+    def verify_tokens(self) -> int:
+        """Tokens its verification runs: each root-to-leaf path with the last token."""
+        return sum(1 + len(p) for p in self.paths()) if self.tokens else 1
+
+    def trim(self, max_tokens: int) -> "DraftTree":
+        """The subtree whose `verify_tokens` fit `max_tokens`: leaves of lowest
+        cumulative probability go first (the deeper one on a tie)."""
+        nodes = set(range(len(self.tokens)))
+        cum = [self.cum_prob(i) for i in range(len(self.tokens))]
+        depth = [self.depth(i) for i in range(len(self.tokens))]
+        tree = self
+        while nodes and tree.verify_tokens > max_tokens:
+            has_child = {self.parents[i] for i in nodes}
+            leaves = [i for i in nodes if i not in has_child]
+            nodes.remove(min(leaves, key=lambda i: (cum[i], -depth[i], -i)))
+            tree = self.keep(sorted(nodes))
+        return tree
+
     def keep(self, nodes: Sequence[int]) -> "DraftTree":
         """The subtree of `nodes` (ancestor-closed), renumbered in the original order."""
         kept = sorted(set(nodes))

@@ -103,3 +103,18 @@ def test_rule_pauses_a_branch_whose_drafts_fail(make_engine, other_dir):
     e.generate(e.new_sequence(REPEAT), SamplingParams(temperature=0, max_tokens=30))
     assert e.stats["spec_off_steps"] >= 15
     assert e.stats["spec_steps"] <= 10
+
+
+def test_verify_budget_caps_every_step(make_engine):
+    """max_verify=10 over 4 branches: 2 tokens per branch, a 1-token chain each;
+    no speculative step verifies more than 10 tokens."""
+    e = make_engine(speculative=SpeculativeConfig(num_draft=4, width=2, max_verify_tokens=10,
+                                                  break_even=0.0))
+    kids = e.new_sequence(REPEAT).fork(4)
+    hs = [e.submit(k, SamplingParams(temperature=0, max_tokens=12)) for k in kids]
+    while not all(h.done for h in hs):
+        before, spec = e.stats["forward_tokens"], e.stats["spec_steps"]
+        e.step()
+        if e.stats["spec_steps"] > spec:
+            assert e.stats["forward_tokens"] - before <= 10
+    assert e.stats["spec_steps"] > 0

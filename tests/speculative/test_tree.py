@@ -58,3 +58,14 @@ def test_tree_helpers_and_bad_shapes():
         TreeShape(kind="beam")
     with pytest.raises(ValueError, match="depth must be an int >= 1"):
         TreeShape(depth=0)
+
+
+def test_trim_drops_unlikely_leaves_until_verification_fits():
+    [t] = build_dynamic(expand_from(TABLE), 1, top_k=3, depth=3, budget=10)
+    assert t.verify_tokens > 6
+    small = t.trim(6)
+    assert small.verify_tokens <= 6
+    # Kept: the likeliest path (cumulative 0.6, 0.54, 0.432) and, in the two
+    # tokens left, the next likeliest first token (0.3).
+    assert sorted(small.path_tokens(p[-1]) for p in small.paths()) == [[1, 4, 9], [2]]
+    assert DraftTree().verify_tokens == 1 and t.trim(1).tokens == []
