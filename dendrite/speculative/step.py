@@ -114,6 +114,12 @@ class Speculator:
             return True
         return self._paused.get(id(s), 0) >= self.config.probe_every
 
+    def _note_accept(self, s: "Sequence", length: float) -> None:
+        """Fold a step's acceptance length into the branch's running average."""
+        a = self.config.ema
+        old = self._ema.get(id(s), length)
+        self._ema[id(s)] = (1 - a) * old + a * length
+
     def would_speculate(self, seqs: Seq["Sequence"]) -> bool:
         """Whether the next step over `seqs` may speculate (the engine then launches
         no step ahead)."""
@@ -162,6 +168,13 @@ class Speculator:
             e._mask_worker.prefetch([])
         self._forget_gone()
         trees = self._draft(want, per_row)
+        for s in want:
+            if not len(trees[id(s)]):
+                # Nothing to draft counts as a step that gained nothing: a
+                # branch the drafter has nothing for pauses like a rejected one
+                # (and then lets the engine launch its steps ahead again).
+                self._note_accept(s, 1.0)
+                self._paused.pop(id(s), None)
         if not any(len(t) for t in trees.values()):
             return None
         rows = []
@@ -340,9 +353,7 @@ class Speculator:
                 stats["spec_rows"] += 1
                 stats["spec_drafted"] += len(r.tree)
                 stats["spec_accepted"] += j
-                a = self.config.ema
-                old = self._ema.get(id(seq), j + 1.0)
-                self._ema[id(seq)] = (1 - a) * old + a * (j + 1)
+                self._note_accept(seq, j + 1.0)
             # The row that holds the accepted path becomes the branch.
             pick = 0
             if j:
