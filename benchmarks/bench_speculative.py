@@ -171,8 +171,8 @@ def controlled_target(draft_dir: Path, out: Path, extra: int, noise: float, seed
 
 
 def render(d: dict) -> str:
-    out = [f"# Speculative decoding (issue 18)\n\n{C.env_line(d['env'])}\n\n"
-           f"`{d['command']}`\n"]
+    out = [(f"# Speculative decoding (issue 18)\n\n{C.env_line(d['env'])}\n\n"
+            f"`{d['command']}`\n")]
     rule = [r for r in d["rows"] if r["case"] == "rule"]
     if rule:
         out.append("\n## Verify step vs plain decode step (break-even acceptance length)\n\n")
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = 12 if quick else a.max_tokens
     branches = [1, 4] if quick else [int(x) for x in a.branches.split(",")]
     parts = set(a.parts.split(","))
-    engine_kw = dict(device=str(device), dtype=dtype)
+    engine_kw: dict[str, Any] = {"device": str(device), "dtype": dtype}
     if device.type == "cpu":
         engine_kw["num_pages"] = 1024  # 16K tokens: the CPU default would hold GBs per engine
     base = Engine(model_dir, **engine_kw)

@@ -341,6 +341,9 @@ class Engine:
                 raise ValueError(f"quantization={quantization!r} is not supported with "
                                  "tensor_parallel > 1 yet (FP8 weights are not sharded)")
             if tensor_parallel > 1:  # one process per device; this one is rank 0
+                if kv_dtype not in (None, "auto"):
+                    raise ValueError(f"kv_dtype={kv_dtype!r} with tensor_parallel > 1 is not "
+                                     "supported yet (its runner builds model-dtype KV pages)")
                 from dendrite.parallel import start_tensor_parallel
 
                 runner = start_tensor_parallel(

@@ -21,7 +21,13 @@ from dendrite.speculative.drafters import (
     TokenizerMismatch,
     check_same_tokenizer,
 )
-from dendrite.speculative.tree import DraftTree, Expansion, TreeShape, build_dynamic, build_static
+from dendrite.speculative.tree import (
+    DraftTree,
+    Expansion,
+    TreeShape,
+    build_dynamic,
+    build_static,
+)
 
 __all__ = [
     "METHODS",

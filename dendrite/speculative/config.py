@@ -36,7 +36,7 @@ from dendrite.speculative.tree import TREE_KINDS, TreeShape
 if TYPE_CHECKING:
     from dendrite.engine import Engine
 
-__all__ = ["SpeculativeConfig", "METHODS", "speculating"]
+__all__ = ["METHODS", "SpeculativeConfig", "speculating"]
 
 #: Drafting methods by name.
 METHODS = ("ngram", "model")
@@ -108,7 +108,7 @@ class SpeculativeConfig:
                          top_k=self.top_k, budget=self.budget)
 
     @classmethod
-    def parse(cls, spec: "str | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+    def parse(cls, spec: str | SpeculativeConfig | None) -> SpeculativeConfig | None:
         """`off` / `ngram[:OPTS]` / `model:DIR[,OPTS]` -> a config (None for off)."""
         if spec is None or isinstance(spec, SpeculativeConfig):
             return spec
@@ -152,11 +152,11 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative: unknown option {key!r}; allowed: {allowed}")
         return cls(**kw)
 
-    def with_(self, **changes) -> "SpeculativeConfig":
+    def with_(self, **changes) -> SpeculativeConfig:
         """A copy with `changes`."""
         return replace(self, **changes)
 
-    def make_drafter(self, engine: "Engine") -> Drafter:
+    def make_drafter(self, engine: Engine) -> Drafter:
         """The drafter this config names, built for `engine`'s tokenizer and device."""
         if self.drafter is not None:
             return self.drafter
@@ -168,7 +168,7 @@ class SpeculativeConfig:
                             dtype=engine.runner.dtype, num_pages=self.draft_pages,
                             page_size=engine.page_size, vocab_size=engine.runner.vocab_size)
 
-    def attach(self, engine: "Engine"):
+    def attach(self, engine: Engine):
         """The `dendrite.speculative.step.Speculator` the engine's steps call (the
         engine's one entry point into this package)."""
         from dendrite.speculative.step import Speculator
@@ -177,7 +177,7 @@ class SpeculativeConfig:
 
 
 @contextmanager
-def speculating(engine: "Engine", spec: "str | SpeculativeConfig | None"):
+def speculating(engine: Engine, spec: str | SpeculativeConfig | None):
     """Run the body with `engine` speculating as `spec` says ("off"/None: not at
     all); the engine's own setting comes back afterwards. A program's
     `run(engine, speculative=...)` is this around the run."""

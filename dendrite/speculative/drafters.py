@@ -45,8 +45,14 @@ from dendrite.model.runner import ModelRunner, StepPlan
 from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree, Expansion, TreeShape, build
 
-__all__ = ["Drafter", "ExpandingDrafter", "NgramDrafter", "ModelDrafter", "check_same_tokenizer",
-           "TokenizerMismatch"]
+__all__ = [
+    "Drafter",
+    "ExpandingDrafter",
+    "ModelDrafter",
+    "NgramDrafter",
+    "TokenizerMismatch",
+    "check_same_tokenizer",
+]
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from dendrite.speculative.verify import prune_by_grammar, walk
 if TYPE_CHECKING:
     from dendrite.engine import Engine, GenHandle, Sequence
 
-__all__ = ["Speculator", "SPEC_STATS"]
+__all__ = ["SPEC_STATS", "Speculator"]
 
 #: The counters a speculator adds to `Engine.stats`.
 SPEC_STATS = ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_off_steps")
@@ -57,10 +57,19 @@ SPEC_STATS = ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_
 class _Row:
     """One branch of a speculative step: its draft tree and where its rows went."""
 
-    __slots__ = ("seq", "tree", "states", "paths", "nodes", "forked", "cached", "last",
-                 "first_row")
+    __slots__ = (
+        "cached",
+        "first_row",
+        "forked",
+        "last",
+        "nodes",
+        "paths",
+        "seq",
+        "states",
+        "tree",
+    )
 
-    def __init__(self, seq: "Sequence", tree: DraftTree, states: list | None) -> None:
+    def __init__(self, seq: Sequence, tree: DraftTree, states: list | None) -> None:
         self.seq = seq
         self.tree = tree
         self.states = states  # grammar state after each node (constrained only)
@@ -75,7 +84,7 @@ class _Row:
 class Speculator:
     """Drafts, verifies and commits for an engine (see the module docstring)."""
 
-    def __init__(self, engine: "Engine", config) -> None:
+    def __init__(self, engine: Engine, config) -> None:
         # (`config` is a SpeculativeConfig, which imports this module to attach.)
         self.engine = engine
         self.config = config
@@ -96,7 +105,7 @@ class Speculator:
         engine.stats.setdefault("spec_mean_accept_len", 0.0)
 
     # -- the rule ---------------------------------------------------------------------
-    def _decode_rows(self) -> list["Sequence"] | None:
+    def _decode_rows(self) -> list[Sequence] | None:
         """The runnable leaves if all are plain decoding branches, else None."""
         runnable = self.engine._runnable()
         if not runnable:
@@ -108,19 +117,19 @@ class Speculator:
                 return None
         return runnable
 
-    def _wants(self, s: "Sequence") -> bool:
+    def _wants(self, s: Sequence) -> bool:
         ema = self._ema.get(id(s))
         if ema is None or ema >= self.config.break_even:
             return True
         return self._paused.get(id(s), 0) >= self.config.probe_every
 
-    def _note_accept(self, s: "Sequence", length: float) -> None:
+    def _note_accept(self, s: Sequence, length: float) -> None:
         """Fold a step's acceptance length into the branch's running average."""
         a = self.config.ema
         old = self._ema.get(id(s), length)
         self._ema[id(s)] = (1 - a) * old + a * length
 
-    def would_speculate(self, seqs: Seq["Sequence"]) -> bool:
+    def would_speculate(self, seqs: Seq[Sequence]) -> bool:
         """Whether the next step over `seqs` may speculate (the engine then launches
         no step ahead)."""
         if len(seqs) <= self.config.max_rows and any(self._wants(s) for s in seqs):
@@ -139,7 +148,7 @@ class Speculator:
         self._keys &= live
 
     # -- the step ----------------------------------------------------------------------
-    def try_step(self) -> list["GenHandle"] | None:
+    def try_step(self) -> list[GenHandle] | None:
         """One speculative step, or None when this step should be a plain one."""
         e = self.engine
         seqs = self._decode_rows()
@@ -190,7 +199,7 @@ class Speculator:
             self._paused.pop(id(s), None)
         return self._run(rows)
 
-    def _draft(self, want: list["Sequence"], per_row: int) -> dict[int, DraftTree]:
+    def _draft(self, want: list[Sequence], per_row: int) -> dict[int, DraftTree]:
         # Fit `per_row` verify tokens: a static tree's paths each run depth + 1
         # tokens (fewer, deeper paths first); a dynamic one is trimmed after.
         shape = self.shape
@@ -234,7 +243,7 @@ class Speculator:
                 need += sum(-(-(r.cached % ps + 1 + len(p)) // ps) for p in r.paths)
         return need
 
-    def _run(self, rows: list[_Row]) -> list["GenHandle"] | None:
+    def _run(self, rows: list[_Row]) -> list[GenHandle] | None:
         e = self.engine
         total = sum(1 + len(p) for r in rows for p in r.paths)
         if total > e.max_batch_tokens:
@@ -340,14 +349,14 @@ class Speculator:
             r.seq.pending = [r.last]
             r.nodes = []
 
-    def _commit(self, rows: list[_Row], drawn: list[dict[int, tuple]]) -> list["GenHandle"]:
+    def _commit(self, rows: list[_Row], drawn: list[dict[int, tuple]]) -> list[GenHandle]:
         e = self.engine
         stats = e.stats
         finished: list[GenHandle] = []
         stats["spec_steps"] += 1
         for r, dr in zip(rows, drawn):
             seq, h = r.seq, r.seq.handle
-            accepted, _ = walk(r.tree, lambda n: dr[n][0])
+            accepted, _ = walk(r.tree, lambda n, dr=dr: dr[n][0])
             j = len(accepted)
             if len(r.tree):
                 stats["spec_rows"] += 1
@@ -415,7 +424,7 @@ class Speculator:
         e.tree.release(old)  # kept alive by the branch's new node
         e._track(seq)
 
-    def _accept_all(self, r: _Row, h: "GenHandle", emitted: list[tuple], j: int) -> bool:
+    def _accept_all(self, r: _Row, h: GenHandle, emitted: list[tuple], j: int) -> bool:
         """Hand the accepted tokens to the engine as a plain step would have.
 
         `emitted[:j]` are accepted draft tokens (their KV is already in the
@@ -437,7 +446,7 @@ class Speculator:
         return False
 
     @staticmethod
-    def _record_if_plain(h: "GenHandle", tok: int, lp: float, top) -> bool:
+    def _record_if_plain(h: GenHandle, tok: int, lp: float, top) -> bool:
         """Record a draft token if the request simply goes on after it; otherwise
         leave everything as it was and return False."""
         h.token_ids.append(tok)

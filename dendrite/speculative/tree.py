@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["DraftTree", "Expansion", "TreeShape", "build_static", "build_dynamic", "build"]
+__all__ = ["DraftTree", "Expansion", "TreeShape", "build", "build_dynamic", "build_static"]
 
 #: Tree kinds `TreeShape.kind` accepts.
 TREE_KINDS = ("static", "dynamic")
@@ -105,7 +105,7 @@ class DraftTree:
         """Tokens its verification runs: each root-to-leaf path with the last token."""
         return sum(1 + len(p) for p in self.paths()) if self.tokens else 1
 
-    def trim(self, max_tokens: int) -> "DraftTree":
+    def trim(self, max_tokens: int) -> DraftTree:
         """The subtree whose `verify_tokens` fit `max_tokens`: leaves of lowest
         cumulative probability go first (the deeper one on a tie)."""
         nodes = set(range(len(self.tokens)))
@@ -119,7 +119,7 @@ class DraftTree:
             tree = self.keep(sorted(nodes))
         return tree
 
-    def keep(self, nodes: Sequence[int]) -> "DraftTree":
+    def keep(self, nodes: Sequence[int]) -> DraftTree:
         """The subtree of `nodes` (ancestor-closed), renumbered in the original order."""
         kept = sorted(set(nodes))
         index = {old: new for new, old in enumerate(kept)}

@@ -40,8 +40,14 @@ import torch
 from dendrite.sampling import gumbel_noise, row_keys
 from dendrite.speculative.tree import DraftTree
 
-__all__ = ["walk", "rejection_sample_chain", "recursive_rejection_sample", "seeded_uniforms",
-           "residual", "prune_by_grammar"]
+__all__ = [
+    "prune_by_grammar",
+    "recursive_rejection_sample",
+    "rejection_sample_chain",
+    "residual",
+    "seeded_uniforms",
+    "walk",
+]
 
 
 def walk(tree: DraftTree, target_token: Callable[[int], int]) -> tuple[list[int], int]:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import torch
-
-from conftest import run_script
-
 import bench_speculative as B
+import torch
+from conftest import run_script
 
 
 def test_quick_run(tmp_path, tiny_model, bench_env):

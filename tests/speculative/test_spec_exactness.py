@@ -23,9 +23,10 @@ def spec_stats(e):
 
 
 CONFIGS = {
-    "ngram-chain": dict(method="ngram", num_draft=4),
-    "ngram-width3": dict(method="ngram", num_draft=3, width=3),
-    "ngram-dynamic": dict(method="ngram", tree="dynamic", top_k=2, budget=6, num_draft=4),
+    "ngram-chain": {"method": "ngram", "num_draft": 4},
+    "ngram-width3": {"method": "ngram", "num_draft": 3, "width": 3},
+    "ngram-dynamic": {"method": "ngram", "tree": "dynamic", "top_k": 2, "budget": 6,
+                      "num_draft": 4},
 }
 
 

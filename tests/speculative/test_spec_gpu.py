@@ -56,7 +56,7 @@ def test_bf16_graphs_replay_verify_steps(tmp_path):
 
     d = build_tiny_model(tmp_path / "m", "llama", seed=4, hidden_size=256, heads=4, kv_heads=2,
                          num_layers=2, dtype="bfloat16")
-    want, _, plain_graphs = generate(d, torch.bfloat16, None)
+    want, _, _ = generate(d, torch.bfloat16, None)
     for name, spec in specs(d).items():
         got, stats, graphs = generate(d, torch.bfloat16, spec)
         assert stats["spec_steps"] > 0, name

@@ -2,12 +2,11 @@
 run, a cancel or an error; the on/off rule; stats."""
 
 import pytest
+from test_spec_exactness import REPEAT
 
 from dendrite.sampling import SamplingParams
 from dendrite.speculative import NgramDrafter, SpeculativeConfig
 from dendrite.speculative.tree import DraftTree
-
-from test_spec_exactness import REPEAT
 
 
 def test_rejected_forks_are_released_in_the_step(make_engine, other_dir):

@@ -2,11 +2,10 @@
 only, with the same results as a plain run (forks, seeds, regex gens)."""
 
 import pytest
+from test_spec_exactness import REPEAT
 
 from dendrite.program import program
 from dendrite.speculative import SpeculativeConfig
-
-from test_spec_exactness import REPEAT
 
 
 @program
