@@ -354,6 +354,8 @@ def test_bad_kv_dtype_fails_before_the_model_loads(tmp_path):
         Engine(str(missing), device="cpu", kv_dtype="int2")
     with pytest.raises(ValueError, match="kv_dtype"):
         ModelRunner(str(missing), device="cpu", kv_dtype="bf16")
+    with pytest.raises(ValueError, match="kv_dtype='fp8_e4m3' with tensor_parallel > 1"):
+        Engine(str(missing), device="cpu", kv_dtype="fp8_e4m3", tensor_parallel=2)
 
 
 def test_a_ready_backend_without_fp8_support_is_refused(tiny):
