@@ -88,3 +88,31 @@ def test_walk_follows_the_target_tokens():
     target = {-1: 10, a: 20, c: 99}
     assert walk(t, target.__getitem__) == ([a, c], 99)
     assert walk(t, {-1: 12}.__getitem__) == ([], 12)
+
+
+def test_chain_output_distribution_is_p_on_a_grid_of_uniforms():
+    """The first emitted token's distribution, integrated over an even grid of
+    each uniform (accept test, residual draw) and summed over the draft token
+    x ~ q: equal to p up to the grid step — an exact expectation, no sampling."""
+    grid = 400
+    us = [(i + 0.5) / grid for i in range(grid)]
+    out = torch.zeros(5, dtype=torch.float64)
+    for x in range(5):
+        accepted = 0
+        residual_counts = torch.zeros(5, dtype=torch.float64)
+        for u in us:
+            n, _ = rejection_sample_chain(P[None].expand(2, 5), Q[None], [x],
+                                          torch.tensor([u, 0.5, 0.5], dtype=torch.float64))
+            accepted += n
+        a = accepted / grid
+        assert abs(a - min(1.0, float(P[x] / Q[x]))) <= 1 / grid
+        if a < 1:
+            for u in us:  # force the rejection, draw the correction with u
+                n, tok = rejection_sample_chain(P[None].expand(2, 5), Q[None], [x],
+                                                torch.tensor([1 - 1e-12, u, 0.5],
+                                                             dtype=torch.float64))
+                assert n == 0
+                residual_counts[tok] += 1 / grid
+        out[x] += float(Q[x]) * a
+        out += float(Q[x]) * (1 - a) * residual_counts
+    torch.testing.assert_close(out, P, atol=3 / grid, rtol=0)
