@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SPEC_STATS", "Speculator"]
 
+#: Plain steps a branch takes after its drafter had nothing for it.
+EMPTY_DRAFT_SKIP = 2
+
 #: The counters a speculator adds to `Engine.stats`.
 SPEC_STATS = ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_off_steps")
 
@@ -92,6 +95,7 @@ class Speculator:
         self.drafter = config.make_drafter(engine)
         self._ema: dict[int, float] = {}  # id(seq) -> recent acceptance length
         self._paused: dict[int, int] = {}  # id(seq) -> plain steps since it stopped drafting
+        self._skip: dict[int, int] = {}  # id(seq) -> plain steps left before drafting again
         self._keys: set[int] = set()  # branches the drafter has seen
         # The verify budget: tokens of one speculative step. Default: the
         # largest decode step the runner replays as a CUDA graph (beyond it
@@ -118,6 +122,8 @@ class Speculator:
         return runnable
 
     def _wants(self, s: Sequence) -> bool:
+        if self._skip.get(id(s), 0) > 0:
+            return False
         ema = self._ema.get(id(s))
         if ema is None or ema >= self.config.break_even:
             return True
@@ -134,10 +140,17 @@ class Speculator:
         no step ahead)."""
         if len(seqs) <= self.config.max_rows and any(self._wants(s) for s in seqs):
             return True
-        for s in seqs:  # each takes a plain step now: paused branches count it
-            if id(s) in self._ema:
-                self._paused[id(s)] = self._paused.get(id(s), 0) + 1
+        for s in seqs:  # each takes a plain step now
+            self._plain_step(s)
         return False
+
+    def _plain_step(self, s: Sequence) -> None:
+        """Count a plain step of a branch that is pausing or skipping."""
+        key = id(s)
+        if key in self._ema:
+            self._paused[key] = self._paused.get(key, 0) + 1
+        if self._skip.get(key, 0) > 0:
+            self._skip[key] -= 1
 
     def _forget_gone(self) -> None:
         live = {id(s) for s in self.engine._live.values()}
@@ -145,6 +158,7 @@ class Speculator:
             self.drafter.forget(key)
             self._ema.pop(key, None)
             self._paused.pop(key, None)
+            self._skip.pop(key, None)
         self._keys &= live
 
     # -- the step ----------------------------------------------------------------------
@@ -161,7 +175,7 @@ class Speculator:
         want = [s for s in seqs if self._wants(s)]
         for s in seqs:
             if s not in want:
-                self._paused[id(s)] = self._paused.get(id(s), 0) + 1
+                self._plain_step(s)
         if not want:
             stats["spec_off_steps"] += 1
             return None
@@ -179,11 +193,9 @@ class Speculator:
         trees = self._draft(want, per_row)
         for s in want:
             if not len(trees[id(s)]):
-                # Nothing to draft counts as a step that gained nothing: a
-                # branch the drafter has nothing for pauses like a rejected one
-                # (and then lets the engine launch its steps ahead again).
-                self._note_accept(s, 1.0)
-                self._paused.pop(id(s), None)
+                # Nothing to draft (no n-gram match): the branch skips drafting
+                # for a few plain steps, which the engine may launch ahead.
+                self._skip[id(s)] = EMPTY_DRAFT_SKIP
         if not any(len(t) for t in trees.values()):
             return None
         rows = []
