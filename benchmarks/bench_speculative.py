@@ -271,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         plain_eng = Engine(model_dir, **engine_kw)
         specs = {"ngram k=4": SpeculativeConfig(num_draft=4),
                  "ngram k=8": SpeculativeConfig(num_draft=8),
-                 "ngram k=4 w=2": SpeculativeConfig(num_draft=4, width=2)}
+                 "ngram k=4 w=2": SpeculativeConfig(num_draft=4, width=2),
+                 # The rule's max_rows lifted: what speculating at 16 branches costs
+                 # or gains (16 x 4 tokens = 64 rows, still one CUDA graph).
+                 "ngram k=3 max_rows=16": SpeculativeConfig(num_draft=3, max_rows=16)}
         if quick:
             specs = {"ngram k=4 w=2": specs["ngram k=4 w=2"]}
         engines = {label: Engine(model_dir, speculative=s, **engine_kw)
