@@ -320,7 +320,8 @@ def gate_verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         max_ppl, min_agree = GATES[r["config"]]
         need = f"abs(ppl Δ) <= {max_ppl}%" + (f", top-1 >= {min_agree}%" if min_agree else "")
         if r.get("ppl_delta_pct") is None or (min_agree and r.get("top1_agree_pct") is None):
-            verdict = "not measured (" + (r.get("status") or "no reference") + ")"
+            why = r.get("status", "ok")
+            verdict = f"not measured ({'no reference' if why == 'ok' else why})"
         else:
             ok = abs(r["ppl_delta_pct"]) <= max_ppl
             if min_agree:

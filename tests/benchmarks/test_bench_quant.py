@@ -82,6 +82,9 @@ def test_an_engine_refusing_a_config_is_a_row(monkeypatch, tmp_path, tiny_model,
     assert "no_such_engine_option" in bogus["status"]
     assert bf16["status"] == "ok" and "ppl_delta_pct" not in bf16  # no reference to compare with
     assert any("did not run" in n for n in d["notes"])
+    assert d["gates"] == []  # neither is gated; a gated config without a reference:
+    row = {"config": "fp8kv", "status": "ok", "ppl": 1.0}
+    assert bq.gate_verdicts([row])[0]["verdict"] == "not measured (no reference)"
 
 
 def test_config_names():
