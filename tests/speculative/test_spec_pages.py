@@ -117,3 +117,27 @@ def test_verify_budget_caps_every_step(make_engine):
         if e.stats["spec_steps"] > spec:
             assert e.stats["forward_tokens"] - before <= 10
     assert e.stats["spec_steps"] > 0
+
+
+@pytest.mark.parametrize("pages", [10, 12])
+def test_short_pool_falls_back_to_plain_steps(make_engine, target_dir, pages):
+    """A pool too small for the draft forks: the step runs plain (the plain step
+    preempts as usual, with 10 pages; speculation never does) and the tokens
+    are unchanged."""
+    p = [SamplingParams(temperature=0, max_tokens=20)] + [
+        SamplingParams(temperature=0.8, seed=s, max_tokens=20) for s in range(3)]
+    want = None
+    for spec in (None, SpeculativeConfig(method="model", draft_model=str(target_dir),
+                                         width=2, num_draft=3)):
+        e = make_engine(num_pages=pages, prefix_cache=False, speculative=spec)
+        kids = e.new_sequence(REPEAT[:120]).fork(4)
+        got = [r.token_ids for r in e.generate(kids, p)]
+        assert e.tree.validate() == []
+        if want is None:
+            want = got
+            continue
+        assert got == want
+        if pages == 10:
+            assert e.stats["preemptions"] > 0
+        else:
+            assert e.stats["spec_steps"] > 0
