@@ -7,8 +7,9 @@ command line and the DSL take:
     off | ngram[:OPTS] | model:DIR[,OPTS]        OPTS: key=value,...
 
 keys: k (draft depth), width (static tree), tree (static|dynamic), top_k and
-budget (dynamic tree), n and n_min (n-gram lengths), max_rows, max_verify,
-break_even, probe_every.
+budget (dynamic tree), n and n_min (n-gram lengths), draft_temperature
+(model drafts drawn, not proposed), max_rows, max_verify, break_even,
+probe_every.
 
 The on/off rule (docs/speculative.md has the measurement behind the
 defaults): a step speculates only when it has at most `max_rows` decoding
@@ -44,7 +45,7 @@ METHODS = ("ngram", "model")
 _INT_KEYS = {"k": "num_draft", "width": "width", "top_k": "top_k", "budget": "budget",
              "n": "ngram_max", "n_min": "ngram_min", "max_rows": "max_rows",
              "max_verify": "max_verify_tokens", "probe_every": "probe_every"}
-_FLOAT_KEYS = {"break_even": "break_even"}
+_FLOAT_KEYS = {"break_even": "break_even", "draft_temperature": "draft_temperature"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class SpeculativeConfig:
     ngram_min: int = 1
     ngram_max: int = 3
     draft_pages: int = 2048  # the draft model's KV pool (pages)
+    #: The draft model's sampling: 0 proposes its best tokens; > 0 draws the
+    #: drafts and verifies them by rejection sampling (see verify.py).
+    draft_temperature: float = 0.0
     #: The rule (see the module docstring and docs/speculative.md).
     max_rows: int = 8
     #: Tokens one speculative step may verify (None: the largest decode step
@@ -95,7 +99,8 @@ class SpeculativeConfig:
         if mv is not None and (isinstance(mv, bool) or not isinstance(mv, int) or mv < 2):
             raise ValueError(f"speculative max_verify_tokens must be an int >= 2 or None, "
                              f"got {mv!r}")
-        for name, low, high in (("break_even", 0.0, float("inf")), ("ema", 0.0, 1.0)):
+        for name, low, high in (("break_even", 0.0, float("inf")), ("ema", 0.0, 1.0),
+                                ("draft_temperature", 0.0, 1e6)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
                 raise ValueError(f"speculative {name} must be a number in [{low}, {high}], "
@@ -166,7 +171,8 @@ class SpeculativeConfig:
             return NgramDrafter(self.ngram_min, self.ngram_max)
         return ModelDrafter(self.draft_model, tokenizer=engine.tokenizer, device=engine.device,
                             dtype=engine.runner.dtype, num_pages=self.draft_pages,
-                            page_size=engine.page_size, vocab_size=engine.runner.vocab_size)
+                            page_size=engine.page_size, vocab_size=engine.runner.vocab_size,
+                            temperature=self.draft_temperature)
 
     def attach(self, engine: Engine):
         """The `dendrite.speculative.step.Speculator` the engine's steps call (the

@@ -43,7 +43,7 @@ import torch
 from dendrite.kv import BlockPool, KVTree, OutOfPages
 from dendrite.model.runner import ModelRunner, StepPlan
 from dendrite.speculative.plan import decode_shaped_plan
-from dendrite.speculative.tree import DraftTree, Expansion, TreeShape, build
+from dendrite.speculative.tree import DraftTree, Expansion, Sampled, TreeShape, build
 
 __all__ = [
     "Drafter",
@@ -192,12 +192,21 @@ class ModelDrafter(ExpandingDrafter):
         device, dtype, num_pages, page_size: the draft runner's, when `model`
             is a directory (default: CPU / the loader's dtype / 4096 pages).
         vocab_size: the target's vocabulary; draft candidates past it are dropped.
+        temperature: 0 proposes the draft's k best tokens (point masses);
+            > 0 draws them from the draft's softmax at that temperature and
+            hands the distribution on, for rejection sampling (better
+            acceptance when the target samples too).
     """
 
     def __init__(self, model: str | Path | ModelRunner, *, tokenizer=None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                  num_pages: int = 4096, page_size: int = 16,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, temperature: float = 0.0) -> None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 <= temperature < float("inf"):
+            raise ValueError(f"ModelDrafter: temperature must be a finite number >= 0 "
+                             f"(0: the draft's best tokens), got {temperature!r}")
+        self.temperature = float(temperature)
         if isinstance(model, ModelRunner):
             runner = model
         else:
@@ -306,11 +315,31 @@ class ModelDrafter(ExpandingDrafter):
             return [[] for _ in requests]
         for key, (node, _) in zip(keys, rows):
             self._nodes[key] = node
+        if self.temperature > 0:
+            return self._sampled(requests, logits)
         probs = torch.softmax(logits.float(), dim=-1)[:, :self.vocab_size]
         k = max(r.k for r in requests)
         vals, ids = probs.topk(min(k, probs.shape[1]), dim=-1)
         vals, ids = vals.tolist(), ids.tolist()
         return [list(zip(ids[i][:r.k], vals[i][:r.k])) for i, r in enumerate(requests)]
+
+    def _sampled(self, requests: Sequence[Expansion], logits: torch.Tensor) -> list[Sampled]:
+        """k independent draws per request from softmax(logits / temperature), in
+        the order drawn (a value-sorted order would not be draws from q any
+        more), each with that distribution for verification. The draws are
+        seeded by the request's context and path: a branch's run is
+        reproducible given its own seed."""
+        q = torch.softmax(logits.float()[:, :self.vocab_size] / self.temperature, dim=-1)
+        out = []
+        for i, req in enumerate(requests):
+            ctx = self._contexts[req.row]
+            key = hash((tuple(ctx[-16:]), len(ctx), req.path)) & ((1 << 63) - 1)
+            g = torch.Generator(device=q.device).manual_seed(key)
+            ids = torch.multinomial(q[i], req.k, replacement=True, generator=g).tolist()
+            row = q[i]
+            probs = row[ids].tolist()
+            out.append(Sampled(list(zip(ids, probs)), row))
+        return out
 
     def _forward(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
         """Append each row's tokens and run them; logits at each row's last token.

@@ -22,6 +22,9 @@ the batch, in one step:
    the drawn tokens down the tree. This is the point-mass case of recursive
    rejection sampling, so it is exact; and since the draws are the ones a
    plain step would make, the tokens are those of a non-speculative run.
+   Drafts drawn from a draft distribution (a sampling branch without a
+   grammar) are verified by recursive rejection sampling instead: exact in
+   distribution, seeded, not the plain run's tokens.
 4. Commit: the accepted path's fork becomes the branch's node, the other
    forks are released at once (their pages go back to the pool in this
    step), the KV is cut after the last accepted draft token, and the
@@ -43,7 +46,11 @@ import torch
 
 from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree
-from dendrite.speculative.verify import prune_by_grammar, walk
+from dendrite.speculative.verify import (
+    prune_by_grammar,
+    recursive_rejection_sample,
+    seeded_uniforms,
+)
 
 if TYPE_CHECKING:
     from dendrite.engine import Engine, GenHandle, Sequence
@@ -69,6 +76,8 @@ class _Row:
         "paths",
         "seq",
         "states",
+        "stochastic",
+        "target",
         "tree",
     )
 
@@ -82,6 +91,13 @@ class _Row:
         self.cached = seq.num_cached
         self.last = seq.pending[0]
         self.first_row = 0  # index of its first row in the step
+        # Drawn drafts of a sampling, unconstrained branch are verified by
+        # recursive rejection sampling against the target's distribution;
+        # otherwise (proposals, greedy, or a grammar that pruned the draws)
+        # by the walk of the target's own draws, exact for any proposal.
+        h = seq.handle
+        self.stochastic = bool(tree.dists) and not h.params.greedy and h.matcher is None
+        self.target: dict[int, tuple] = {}  # node -> (p, model logprobs, position)
 
 
 class Speculator:
@@ -346,7 +362,34 @@ class Speculator:
             n = rows[k].seq.handle.params.logprobs
             top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n > 0 else None
             drawn[k][node] = (toks[j], lps[j], top)
+        self._target_dists(rows, logits, idx, owners, positions, history if need_history
+                           else None)
         return drawn
+
+    def _target_dists(self, rows: list[_Row], logits: torch.Tensor, idx: torch.Tensor,
+                      owners: list[tuple[int, int]], positions: list[int],
+                      history: list | None) -> None:
+        """For the branches verified by rejection sampling (drawn drafts, see
+        `_Row.stochastic`): the target's distribution p at each node whose
+        children were drawn, processed as the sampler processes a row
+        (penalty, temperature, top-k/p, min-p), and the model's logprobs there."""
+        from dendrite.sampling import _apply_repetition_penalty, _filter
+
+        sel = [j for j, (k, node) in enumerate(owners)
+               if rows[k].stochastic and node in rows[k].tree.dists]
+        if not sel:
+            return
+        raw = logits[idx[torch.as_tensor(sel, device=idx.device)]].float()
+        logp = torch.log_softmax(raw, dim=-1)
+        params = [rows[owners[j][0]].seq.handle.params for j in sel]
+        x = raw
+        if history is not None:
+            x = _apply_repetition_penalty(x, params, [history[j] for j in sel])
+        temps = torch.tensor([p.temperature for p in params], device=x.device)[:, None]
+        p = torch.softmax(_filter(x / temps, params), dim=-1)
+        for i, j in enumerate(sel):
+            k, node = owners[j]
+            rows[k].target[node] = (p[i], logp[i], positions[j])
 
     def _rollback(self, rows: list[_Row]) -> None:
         """Undo a step that failed before its commit: forks released, KV cut back,
@@ -368,7 +411,7 @@ class Speculator:
         stats["spec_steps"] += 1
         for r, dr in zip(rows, drawn):
             seq, h = r.seq, r.seq.handle
-            accepted, _ = walk(r.tree, lambda n, dr=dr: dr[n][0])
+            accepted, final = self._walk(r, dr)
             j = len(accepted)
             if len(r.tree):
                 stats["spec_rows"] += 1
@@ -386,15 +429,55 @@ class Speculator:
                 self._adopt(r, pick, j)
             else:
                 e.tree.truncate(seq.node, r.cached + 1 + j)
-            # The draw at a node is the token after it: the draws at the root and
-            # the accepted nodes are d1..dj and then the new token.
-            emitted = [dr[n] for n in [-1] + accepted]
+            # Each accepted draft token with the model's logprob at its parent,
+            # then the token drawn after the last of them.
+            emitted = []
+            for parent, child in zip([-1, *accepted], accepted):
+                tok = r.tree.tokens[child]
+                if dr[parent][0] == tok:
+                    emitted.append(dr[parent])
+                else:  # accepted by rejection sampling: not the sampler's draw
+                    emitted.append((tok, float(r.target[parent][1][tok]), dr[parent][2]))
+            emitted.append(final)
             if self._accept_all(r, h, emitted, j):
                 finished.append(h)
         rows_spec = stats["spec_rows"]
         if rows_spec:
             stats["spec_mean_accept_len"] = (stats["spec_accepted"] + rows_spec) / rows_spec
         return finished
+
+    def _walk(self, r: _Row, dr: dict[int, tuple]) -> tuple[list[int], tuple]:
+        """The accepted draft nodes, root first, and the (token, logprob, top)
+        emitted after them.
+
+        At a node whose children are proposals, the target's own draw there
+        (`dr`) picks the child (`verify.walk`); at a node whose children were
+        drawn from a draft distribution q (a stochastic branch), SpecInfer's
+        recursive rejection sampling decides, with uniforms keyed by the
+        branch's seed and the node's position."""
+        tree, node, accepted = r.tree, -1, []
+        while True:
+            kids = tree.children(node)
+            if kids and r.stochastic and node in tree.dists:
+                p, logp, pos = r.target[node]
+                q = tree.dists[node].to(p.device)
+                seed = r.seq.handle.params.seed
+                if seed is None:
+                    seed = self.engine.sampler._rng.getrandbits(64)
+                u = seeded_uniforms(seed, pos, len(kids) + 1, p.device)
+                i, tok = recursive_rejection_sample(p, [tree.tokens[c] for c in kids],
+                                                    [q] * len(kids), u)
+                if i >= 0:
+                    accepted.append(kids[i])
+                    node = kids[i]
+                    continue
+                return accepted, (tok, float(logp[tok]), dr[node][2])
+            tok = dr[node][0]
+            child = tree.child_with_token(node, tok)
+            if child is None:
+                return accepted, dr[node]
+            accepted.append(child)
+            node = child
 
     def _adopt(self, r: _Row, pick: int, j: int) -> None:
         """Make the accepted path's fork the branch's KV; release the other forks now.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["DraftTree", "Expansion", "TreeShape", "build", "build_dynamic", "build_static"]
 
@@ -40,6 +41,10 @@ class DraftTree:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     probs: list[float] = field(default_factory=list)
+    #: node (-1: the root) -> the draft distribution (float [V]) its children
+    #: were drawn from, independently; a node without one has proposed
+    #: children (point masses). Verification uses it (recursive rejection).
+    dists: dict[int, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -129,6 +134,11 @@ class DraftTree:
             if parent >= 0 and parent not in index:
                 raise ValueError(f"node {old} is kept but its parent {parent} is not")
             out.add(index[parent] if parent >= 0 else -1, self.tokens[old], self.probs[old])
+        # A distribution stays only with all of its children: a subset chosen
+        # by token is no longer a set of independent draws from it.
+        for node, dist in self.dists.items():
+            if (node < 0 or node in index) and all(c in index for c in self.children(node)):
+                out.dists[index[node] if node >= 0 else -1] = dist
         return out
 
 
@@ -174,7 +184,17 @@ class Expansion:
     k: int
 
 
-#: A drafter's batched expansion: per request, up to `k` (token, prob) pairs, best first.
+class Sampled(list):
+    """An expansion's candidates drawn independently from `dist` (a float [V]
+    distribution), not proposed: `[(token, prob), ...]` plus the distribution."""
+
+    def __init__(self, pairs: Sequence[tuple[int, float]], dist: Any) -> None:
+        super().__init__(pairs)
+        self.dist = dist
+
+
+#: A drafter's batched expansion: per request, up to `k` (token, prob) pairs,
+#: best first, or `Sampled` draws.
 ExpandFn = Callable[[Sequence[Expansion]], list[list[tuple[int, float]]]]
 
 
@@ -193,6 +213,8 @@ def build_static(expand: ExpandFn, rows: int, width: int, depth: int | Sequence[
         level += 1
         nxt = []
         for (r, n), cs in zip(frontier, cands):
+            if isinstance(cs, Sampled) and cs:
+                trees[r].dists[n] = cs.dist
             for tok, prob in cs[:width if n < 0 else 1]:
                 child = trees[r].add(n, tok, prob)
                 if level < depths[r]:
@@ -217,6 +239,8 @@ def build_dynamic(expand: ExpandFn, rows: int, top_k: int, depth: int | Sequence
         new: dict[int, list[int]] = {}
         for (r, n), cs in zip(frontier, cands):
             base = cum[r][n] if n >= 0 else 1.0
+            if isinstance(cs, Sampled) and cs:
+                trees[r].dists[n] = cs.dist
             for tok, prob in cs[:top_k]:
                 child = trees[r].add(n, tok, prob)
                 cum[r].append(base * prob)

@@ -26,6 +26,11 @@ schemes, both exact:
   same seed emits, greedy or sampled, and the per-row seeds, penalties,
   top-k/p and grammar masks apply unchanged.
 
+Drafts drawn from a draft distribution (`DraftTree.dists`, a model drafter
+with a temperature) go through `recursive_rejection_sample` in the engine's
+speculative step, for sampling branches without a grammar; everything else
+through the walk.
+
 Uniform draws are counter-based (`seeded_uniforms`): a pure function of
 (seed, position, index), as the sampler's Gumbel noise is, so a run is
 reproducible given its seed whatever the batch.

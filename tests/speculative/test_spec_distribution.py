@@ -36,15 +36,22 @@ def chi2_pvalue(counts, probs):
     return scipy_stats.chisquare(observed, expected).pvalue
 
 
-def test_first_and_second_token_distributions(make_engine, target_dir):
+# (0.05: the tiny random model's drafts then land in the target's top-4
+# about a third of the time: acceptances and rejections both happen.)
+@pytest.mark.parametrize("draft_temperature", [0.0, 0.05], ids=["proposed", "drawn"])
+def test_first_and_second_token_distributions(make_engine, target_dir, draft_temperature):
+    """Proposed drafts (the draft's best tokens: the walk of the target's draws)
+    and drawn drafts (from the draft's softmax: recursive rejection sampling
+    against the top-k-filtered target) both leave the target's distribution."""
     e = make_engine(max_batch_tokens=4 * RUNS, num_pages=4 * RUNS, speculative=SpeculativeConfig(
-        method="model", draft_model=str(target_dir), num_draft=1, width=2, max_rows=RUNS))
+        method="model", draft_model=str(target_dir), num_draft=1, width=2, max_rows=RUNS,
+        draft_temperature=draft_temperature))
     prompt_ids = e.encode(PROMPT)
     root = e.new_sequence(prompt_ids, add_bos=False)
     kids = root.fork(RUNS)
     results = e.generate(kids, [SamplingParams(temperature=1.0, top_k=TOP_K, seed=i,
                                                max_tokens=3) for i in range(RUNS)])
-    assert e.stats["spec_accepted"] > RUNS // 4  # drafts were accepted, and rejected
+    assert e.stats["spec_accepted"] > RUNS // 10  # drafts were accepted, and rejected
     assert e.stats["spec_accepted"] < e.stats["spec_drafted"]
     first = {}
     for r in results:

@@ -122,3 +122,22 @@ def test_logprobs_and_stops_match(make_engine):
     assert r1.logprobs == pytest.approx(r0.logprobs, abs=1e-4)
     assert [[t for t, _ in top] for top in r1.top_logprobs] == \
         [[t for t, _ in top] for top in r0.top_logprobs]
+
+
+def test_drawn_drafts_are_reproducible_and_greedy_exact(make_engine, target_dir):
+    """Drafts drawn from the draft's softmax: seeded branches get the same tokens
+    run after run (two with one seed in one batch: the same tokens), and a
+    greedy branch still gets exactly the plain run's (its verification is the
+    walk of argmax draws). Sampled tokens are the target's distribution
+    (test_spec_distribution.py), not the plain run's tokens."""
+    spec = SpeculativeConfig(method="model", draft_model=str(target_dir), num_draft=3,
+                             width=2, draft_temperature=0.5)
+    sampled = SamplingParams(temperature=0.9, seed=5, max_tokens=16)
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    params = [sampled, greedy, sampled]
+    first = make_engine(speculative=spec)
+    a = run(first, REPEAT, params, n=3)
+    b = run(make_engine(speculative=spec), REPEAT, params, n=3)
+    assert a == b and a[0] == a[2]
+    assert a[1] == run(make_engine(), REPEAT, greedy)[0]
+    assert first.stats["spec_accepted"] > 0
