@@ -83,15 +83,16 @@ def prompt_ids(engine: Engine, text: str) -> list[int]:
         return engine.encode(text)
 
 
-def run_once(engine: Engine, ids: list[int], branches: int, max_tokens: int
-             ) -> tuple[list[list[int]], float, int]:
-    """Generate on `branches` forks of `ids`; (tokens, seconds, generated tokens)."""
+def run_once(engine: Engine, ids: list[int], branches: int, max_tokens: int,
+             first_temperature: float = 0.0) -> tuple[list[list[int]], float, int]:
+    """Generate on `branches` forks of `ids` (branch 0 at `first_temperature`,
+    default greedy; the others sampled at 0.7, seeded); (tokens, seconds,
+    generated tokens)."""
     root = engine.new_sequence(ids, add_bos=False)
     engine.flush([root])
     seqs = root.fork(branches) if branches > 1 else [root]
-    params = [SamplingParams(temperature=0, max_tokens=max_tokens) if i == 0 else
-              SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens)
-              for i in range(branches)]
+    params = [SamplingParams(temperature=first_temperature if i == 0 else 0.7, seed=i,
+                             max_tokens=max_tokens) for i in range(branches)]
     C.sync(engine.device)
     t0 = time.perf_counter()
     res = engine.generate(seqs, params)
@@ -115,12 +116,15 @@ def spec_stats(engine: Engine, before: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(res: C.Results, case: str, label: str, engine: Engine, ids: list[int],
-            branches: int, max_tokens: int, plain: dict | None, reps: int) -> dict:
-    run_once(engine, ids, branches, min(max_tokens, 8))  # warm-up (graphs, caches)
+            branches: int, max_tokens: int, plain: dict | None, reps: int,
+            temperature: float = 0.0, exact: bool = True) -> dict:
+    """Time a generation (best of `reps`) and record its row; `exact`: its tokens
+    must equal `plain`'s (False for drawn drafts: the same distribution only)."""
+    run_once(engine, ids, branches, min(max_tokens, 8), temperature)  # warm-up
     best, toks, n = None, None, 0
     before = dict(engine.stats)
     for _ in range(reps):
-        toks, dt, n = run_once(engine, ids, branches, max_tokens)
+        toks, dt, n = run_once(engine, ids, branches, max_tokens, temperature)
         best = dt if best is None else min(best, dt)
     st = spec_stats(engine, before)
     row = {"case": case, "config": label, "branches": branches, "tokens": n,
@@ -130,7 +134,8 @@ def measure(res: C.Results, case: str, label: str, engine: Engine, ids: list[int
            "drafted": st["spec_drafted"] // reps, "accepted": st["spec_accepted"] // reps}
     if plain is not None:
         row["speedup"] = plain["seconds"] / best
-        row["same"] = toks == plain["_tokens"]
+        if exact:
+            row["same"] = toks == plain["_tokens"]
     row["_tokens"] = toks
     C.log(f"{case} {label} B={branches}: {n / best:.1f} tok/s, accept_len "
           f"{C.fmt(st['accept_len'])}, speedup {C.fmt(row.get('speedup'))}, "
@@ -297,8 +302,20 @@ def main(argv: list[str] | None = None) -> int:
         plain = measure(res, "self-draft", "off", plain_eng, story_ids, 1, max_tokens, None, reps)
         measure(res, "self-draft", f"model k={a.k}", self_eng, story_ids, 1, max_tokens, plain,
                 reps)
-        plain_eng.close()
+        # Sampling at 0.8: the draft's best tokens (proposed) against drafts
+        # drawn from its softmax at 0.8 (rejection sampling).
+        plain = measure(res, "self-draft T=0.8", "off", plain_eng, story_ids, 1, max_tokens,
+                        None, reps, temperature=0.8)
+        measure(res, "self-draft T=0.8", f"model k={a.k} proposed", self_eng, story_ids, 1,
+                max_tokens, plain, reps, temperature=0.8)
         self_eng.close()
+        drawn_eng = Engine(model_dir, speculative=SpeculativeConfig(
+            method="model", draft_model=str(model_dir), num_draft=a.k, draft_temperature=0.8),
+            **engine_kw)
+        measure(res, "self-draft T=0.8", f"model k={a.k} drawn", drawn_eng, story_ids, 1,
+                max_tokens, plain, reps, temperature=0.8, exact=False)
+        drawn_eng.close()
+        plain_eng.close()
 
     if "controlled" in parts:
         layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
