@@ -10,12 +10,13 @@ the batch, in one step:
    most `max_tokens - generated - 1` deep); a grammar-constrained branch
    drops the nodes its grammar forbids (`prune_by_grammar`).
 2. Verify in one forward. A chain (one path) is appended to the branch's own
-   KV node: its row is [last token, d1..dk]. A tree with several paths forks
-   the branch's node once per root-to-leaf path (O(1), pages shared by
-   reference) and each fork's row is [last token, its path]: shared draft
-   prefixes are recomputed per path, which keeps every row an ordinary
-   causal row of the existing attention backends and CUDA paths (no custom
-   mask). Logits come back at every position.
+   KV node: [last token, d1..dk]. A tree with several paths forks the
+   branch's node once per root-to-leaf path (O(1), pages shared by
+   reference) and appends [last token, its path] to each fork: shared draft
+   prefixes are recomputed per path, and no custom mask is needed. Every new
+   token runs as a decode row of its own over its pages up to itself
+   (dendrite/speculative/plan.py), so the step is decode-shaped and a CUDA
+   runner replays it as a graph. Logits come back at every position.
 3. Accept (dendrite/speculative/verify.py): the engine's sampler draws the
    target token at every tree node, with the branch's seed and the node's
    absolute position, its penalties and its grammar mask; the walk follows
@@ -25,9 +26,10 @@ the batch, in one step:
    Drafts drawn from a draft distribution (a sampling branch without a
    grammar) are verified by recursive rejection sampling instead: exact in
    distribution, seeded, not the plain run's tokens.
-4. Commit: the accepted path's fork becomes the branch's node, the other
-   forks are released at once (their pages go back to the pool in this
-   step), the KV is cut after the last accepted draft token, and the
+4. Commit: the other forks are released at once (their pages go back to the
+   pool in this step), the accepted path's tokens are appended to the
+   branch's own node with their K/V copied from its fork (which is then
+   released too), the KV is cut after the last accepted draft token, and the
    accepted tokens go through the engine's own bookkeeping (stop strings,
    EOS, grammar, forced tokens, max_tokens) exactly as if sampled one per
    step: the first that ends the request or makes the grammar force tokens
