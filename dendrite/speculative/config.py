@@ -71,7 +71,7 @@ class SpeculativeConfig:
     #: Tokens one speculative step may verify (None: the largest decode step
     #: the runner replays as a CUDA graph, else the engine's step budget).
     max_verify_tokens: int | None = None
-    break_even: float = 1.5
+    break_even: float = 2.0
     ema: float = 0.5
     probe_every: int = 8
 
