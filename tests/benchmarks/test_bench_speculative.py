@@ -5,10 +5,22 @@ at noise 0 computes exactly the draft's function (every draft accepted)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import bench_speculative as B
 import torch
-from conftest import run_script
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, args: list[str], env: dict[str, str], timeout: float):
+    # (Not conftest's: `conftest` may name another directory's when several
+    # test directories are collected together.)
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO,
+                          check=False)
 
 
 def test_quick_run(tmp_path, tiny_model, bench_env):
@@ -23,7 +35,7 @@ def test_quick_run(tmp_path, tiny_model, bench_env):
     assert {r["case"] for r in spec} == {"ngram-repeat", "self-draft", "self-draft T=0.8",
                                          "controlled noise=0.0"}
     assert all(r.get("same", True) for r in spec), spec
-    assert [r for r in spec if r["config"].endswith("drawn")][0].get("same") is None
+    assert next(r for r in spec if r["config"].endswith("drawn")).get("same") is None
     self_draft = next(r for r in spec if r["case"] == "self-draft")
     assert self_draft["accept_len"] > 2.5
     assert "Acceptance and speed" in out.with_suffix(".md").read_text()
