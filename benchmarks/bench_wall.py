@@ -12,7 +12,10 @@ the prefix cache is cleared before every run, so no run reuses another's prompt)
               device-to-device copy measured in the same run gives bytes/s
               (read + write), and decode reads per token the weights (tied
               embeddings once; an untied input embedding is a gather, not
-              counted) plus the KV cache at the mean context length.
+              counted) plus the KV cache at the mean context length, on
+              wall time and (Dendrite) on GPU busy time: the kernels'
+              summed durations (torch.profiler) over one N-token run less a
+              one-token run, per decoded token.
               HF: `generate(min_new_tokens=N)` with the dynamic cache, and
               (--hf-static, default on CUDA) the static cache, which
               transformers compiles.
@@ -139,7 +142,28 @@ def dendrite_single(engine, prompt: str, tokens: int, reps: int, device) -> dict
     run(tokens)()  # warm-up
     t1, _ = timed(run(1), reps, device, clear)
     tn, got = timed(run(tokens), reps, device, clear)
-    return single_row("Dendrite", "Engine.generate", t1, tn, got)
+    row = single_row("Dendrite", "Engine.generate", t1, tn, got)
+    if device.type == "cuda":
+        # GPU busy time, apart from the wall: prefill and first token counted
+        # from a one-token run, as the wall's decode figure does.
+        if clear is not None:
+            clear()
+        busy_1 = gpu_busy_seconds(run(1), device)
+        if clear is not None:
+            clear()
+        busy_n = gpu_busy_seconds(run(tokens), device)
+        row["gpu_decode_ms_per_token"] = 1e3 * (busy_n - busy_1) / max(got - 1, 1)
+    return row
+
+
+def gpu_busy_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Sum of the CUDA kernel durations of one `fn()` (torch.profiler): the time
+    the GPU was busy, whatever the host did in between."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        bc.sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e6
 
 
 def single_row(system: str, mode: str, t1: list[float], tn: list[float], got: int) -> dict[str, Any]:
@@ -284,7 +308,10 @@ def render(d: dict[str, Any]) -> str:
             bc.fmt(r.get("decode_ms_per_token"), ".3f") if single else "",
             bc.fmt(r.get("tok_per_s"), ",.0f"),
             bc.fmt(r.get("pct_roofline"), ".0f", "") + ("%" if r.get("pct_roofline") else ""),
-            (f"TTFT {r['ttft_ms']:.1f} ms, {r['tokens']} tokens" if single else
+            (f"TTFT {r['ttft_ms']:.1f} ms, {r['tokens']} tokens" + (
+                f"; GPU busy {r['gpu_decode_ms_per_token']:.3f} ms/token = "
+                f"{r['pct_roofline_gpu']:.0f}% of the roofline"
+                if r.get("pct_roofline_gpu") else "") if single else
              f"{r.get('gen_tokens')} tokens" + (f", {r['engine_steps']} engine steps, "
                                                f"{r['ms_per_engine_step']:.2f} ms/step"
                                                if "ms_per_engine_step" in r else "")),
@@ -368,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             row["bytes_per_token"] = nbytes
             row["roofline_ms_per_token"] = 1e3 * nbytes / bw
             row["pct_roofline"] = 100 * row["roofline_ms_per_token"] / row["decode_ms_per_token"]
+            if row.get("gpu_decode_ms_per_token"):
+                row["pct_roofline_gpu"] = (100 * row["roofline_ms_per_token"]
+                                           / row["gpu_decode_ms_per_token"])
         return row
 
     def attempt(case: str, system: str, fn: Callable[[], dict[str, Any]], need: float = 0) -> None:

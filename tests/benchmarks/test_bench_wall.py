@@ -71,3 +71,22 @@ def test_results_json_is_readable_after_each_row(quick_results):
     path = quick_results["wall"]["path"]
     assert json.loads(path.read_text())["benchmark"] == "wall"
     assert not path.with_suffix(path.suffix + ".tmp").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_busy_time_counts_kernels_not_host_gaps():
+    import time
+
+    a = torch.randn(2048, 2048, device="cuda")
+
+    def work() -> None:
+        for _ in range(4):
+            a @ a
+            torch.cuda.synchronize()
+            time.sleep(0.05)  # host time the GPU is idle
+
+    device = torch.device("cuda")
+    work()  # cuBLAS warm-up
+    busy = W.gpu_busy_seconds(work, device)
+    assert 0 < busy < 0.1  # four 2048^3 matmuls, not the 0.2 s of sleeps
