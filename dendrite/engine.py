@@ -320,6 +320,11 @@ class Engine:
                             f"None (SpeculativeConfig.parse reads 'ngram:k=4'), got "
                             f"{type(speculative).__name__}")
         tensor_parallel = _check_int("tensor_parallel", tensor_parallel, 1)
+        if tensor_parallel > 1 and speculative is not None:
+            # (Its tree commit copies pages through the runner's own KV pool,
+            # which a tensor-parallel runner shards over processes.)
+            raise ValueError("speculative decoding with tensor_parallel > 1 is not supported "
+                             "yet; pass speculative=None or tensor_parallel=1")
         if tensor_parallel > 1 and runner is not None:
             raise ValueError("tensor_parallel applies to the runner the engine builds; "
                              "with a ready runner leave it at 1")

@@ -35,6 +35,21 @@ def test_bad_sizes_refused_before_spawning(tp_model_dir, tp, err, match):
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(kv_dtype="fp8_e4m3"), "kv_dtype='fp8_e4m3' with tensor_parallel > 1"),
+    (dict(quantization="fp8"), "quantization='fp8' is not supported with tensor_parallel"),
+    (dict(speculative="ngram"), "speculative decoding with tensor_parallel > 1"),
+])
+def test_options_tp_does_not_run_yet_are_refused_before_spawning(tp_model_dir, kw, match):
+    if "speculative" in kw:
+        from dendrite.speculative import SpeculativeConfig
+
+        kw = dict(speculative=SpeculativeConfig.parse(kw["speculative"]))
+    with pytest.raises(ValueError, match=match):
+        Engine(tp_model_dir, device="cpu", num_pages=64, tensor_parallel=2, **kw)
+    assert not _tp_children()
+
+
 def test_tp_with_ready_runner_refused(tp_model_dir):
     one = Engine(tp_model_dir, device="cpu", num_pages=64)
     with pytest.raises(ValueError, match="tensor_parallel applies to the runner the engine"):
