@@ -1209,6 +1209,9 @@ class Engine:
             self.release(seq)
         if self._mask_worker is not None:
             self._mask_worker.close()
+        if self._spec is not None:
+            self._spec.close()
+            self._spec = None
         close_runner = getattr(self.runner, "close", None) if self._own_runner else None
         if close_runner is not None:
             close_runner()

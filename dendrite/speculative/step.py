@@ -127,6 +127,16 @@ class Speculator:
         engine.stats.setdefault("spec_mean_accept_len", 0.0)
 
     # -- the rule ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the drafter's KV (a draft model's roots) and, for a drafter
+        this config built, the drafter itself: its weights go with the engine."""
+        close = getattr(self.drafter, "close", None)
+        if close is not None:
+            close()
+        self._keys.clear()
+        if self.config.drafter is None:
+            self.drafter = None
+
     def _decode_rows(self) -> list[Sequence] | None:
         """The runnable leaves if all are plain decoding branches, else None."""
         runnable = self.engine._runnable()

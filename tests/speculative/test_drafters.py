@@ -94,3 +94,18 @@ def test_bad_spec_strings(spec, match):
 def test_engine_takes_a_config_not_a_string(target_dir):
     with pytest.raises(TypeError, match="speculative must be a dendrite.speculative"):
         Engine(target_dir, device="cpu", num_pages=64, speculative="ngram")
+
+
+def test_engine_close_releases_the_draft_models_pages_and_drops_it(make_engine, other_dir):
+    from dendrite.sampling import SamplingParams
+    from dendrite.speculative import SpeculativeConfig
+
+    e = make_engine(speculative=SpeculativeConfig.parse(f"model:{other_dir}"))
+    drafter = e._spec.drafter
+    s = e.new_sequence("a b c a b c a b")
+    e.generate(s, SamplingParams(max_tokens=8, temperature=0))
+    assert drafter.pool.used > 0  # the draft model keeps the branch's context
+    spec = e._spec
+    e.close()
+    assert drafter.pool.used == 0
+    assert spec.drafter is None and e._spec is None  # its weights go with the engine
