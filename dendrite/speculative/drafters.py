@@ -32,6 +32,7 @@ call per depth, exactly as `ModelDrafter` runs its small model.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -72,7 +73,7 @@ class Drafter(Protocol):
         """The branch `key` is gone: drop whatever was kept for it."""
 
 
-class ExpandingDrafter:
+class ExpandingDrafter(ABC):
     """A drafter made of a batched next-token `expand` (see the module docstring)."""
 
     def propose(self, keys: Sequence[Hashable], contexts: Sequence[Sequence[int]],
@@ -90,9 +91,9 @@ class ExpandingDrafter:
         """A step's rows; `expand` requests name them by index."""
         self._contexts = contexts
 
+    @abstractmethod
     def expand(self, requests: Sequence[Expansion]) -> list[list[tuple[int, float]]]:
         """Per request, up to `k` (token, probability) candidates, best first."""
-        raise NotImplementedError
 
     def end(self) -> None:
         """The step's trees are built: drop what only this step needed."""
