@@ -37,8 +37,17 @@ import torch
 
 from dendrite.model.devices import check_device, check_dtype, check_int, check_kv_size
 
-__all__ = ["FP8_E4M3_MAX", "KVCache", "KVFormat", "KVScales", "KV_DTYPES", "dequantize",
-           "kv_format", "quantize"]
+__all__ = [
+    "FP8_E4M3_MAX",
+    "KV_DTYPES",
+    "KVCache",
+    "KVFormat",
+    "KVScales",
+    "cow_slot_pairs",
+    "dequantize",
+    "kv_format",
+    "quantize",
+]
 
 #: The KV dtype names `kv_format` accepts (None means "auto").
 KV_DTYPES = ("auto", "fp8_e4m3", "int4", "int3")
@@ -270,34 +279,32 @@ class KVCache:
         are copied as they are: the scales are per layer, so a copied page
         needs none of its own.
         """
-        if isinstance(copies, torch.Tensor):
-            copies = copies.detach().cpu().numpy()
-        rows = np.asarray(copies, dtype=np.int64).reshape(-1, 3)
-        rows = rows[rows[:, 2] > 0]
-        if len(rows) == 0:
+        idx = cow_slot_pairs(copies, self.num_pages, self.page_size, self.device)
+        if idx is None:
             return
-        src, dst, n = rows[:, 0], rows[:, 1], rows[:, 2]
-        if (
-            (n > self.page_size).any()
-            or (rows[:, :2] < 0).any()
-            or (rows[:, :2] >= self.num_pages).any()
-        ):
-            raise ValueError(
-                f"invalid copy-on-write rows {rows.tolist()} for "
-                f"{self.num_pages} pages of {self.page_size}"
-            )
-        # Token offsets 0..n-1 of every row, without a per-row Python loop.
-        offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        idx = torch.from_numpy(
-            np.stack(
-                [
-                    np.repeat(src, n) * self.page_size + offs,
-                    np.repeat(dst, n) * self.page_size + offs,
-                ]
-            )
-        )
-        idx = idx.to(self.device, non_blocking=True)
         # (as raw bytes: index kernels need not know the fp8 dtypes)
         kv = self.kv.view(torch.uint8) if self.kv.element_size() == 1 else self.kv
         flat = kv.view(self.num_layers, 2, -1, self.num_kv_heads, self.head_dim)
         flat[:, :, idx[1]] = flat[:, :, idx[0]]
+
+
+def cow_slot_pairs(copies: np.ndarray | torch.Tensor, num_pages: int, page_size: int,
+                   device: torch.device) -> torch.Tensor | None:
+    """Copy-on-write rows `(src_page, dst_page, num_tokens)` as int64 [2, N]
+    flat slot indices (sources, destinations) on `device`; None when no row
+    copies anything. A row outside the pool is a ValueError naming the rows."""
+    if isinstance(copies, torch.Tensor):
+        copies = copies.detach().cpu().numpy()
+    rows = np.asarray(copies, dtype=np.int64).reshape(-1, 3)
+    rows = rows[rows[:, 2] > 0]
+    if len(rows) == 0:
+        return None
+    src, dst, n = rows[:, 0], rows[:, 1], rows[:, 2]
+    if (n > page_size).any() or (rows[:, :2] < 0).any() or (rows[:, :2] >= num_pages).any():
+        raise ValueError(f"invalid copy-on-write rows {rows.tolist()} for "
+                         f"{num_pages} pages of {page_size}")
+    # Token offsets 0..n-1 of every row, without a per-row Python loop.
+    offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    idx = torch.from_numpy(np.stack([np.repeat(src, n) * page_size + offs,
+                                     np.repeat(dst, n) * page_size + offs]))
+    return idx.to(device, non_blocking=True)

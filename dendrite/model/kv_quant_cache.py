@@ -23,7 +23,7 @@ import torch
 
 from dendrite.kernels import kv_quant_write
 from dendrite.model.devices import check_device, check_int, check_kv_size
-from dendrite.model.kv_cache import KVCache, KVFormat, kv_format
+from dendrite.model.kv_cache import KVCache, KVFormat, cow_slot_pairs, kv_format
 from dendrite.model.kv_quant import KVQuantFormat, kv_quant_format, rotation_matrix
 
 __all__ = ["QuantKVCache", "make_kv_cache", "page_bytes"]
@@ -140,26 +140,8 @@ class QuantKVCache:
         """Execute copy-on-write rows `(src_page, dst_page, num_tokens)` (see KVCache).
 
         Whole packed rows move, scales with their codes."""
-        if isinstance(copies, torch.Tensor):
-            copies = copies.detach().cpu().numpy()
-        rows = np.asarray(copies, dtype=np.int64).reshape(-1, 3)
-        rows = rows[rows[:, 2] > 0]
-        if len(rows) == 0:
+        idx = cow_slot_pairs(copies, self.num_pages, self.page_size, self.device)
+        if idx is None:
             return
-        src, dst, n = rows[:, 0], rows[:, 1], rows[:, 2]
-        if (
-            (n > self.page_size).any()
-            or (rows[:, :2] < 0).any()
-            or (rows[:, :2] >= self.num_pages).any()
-        ):
-            raise ValueError(
-                f"invalid copy-on-write rows {rows.tolist()} for "
-                f"{self.num_pages} pages of {self.page_size}"
-            )
-        offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        idx = torch.from_numpy(
-            np.stack([np.repeat(src, n) * self.page_size + offs,
-                      np.repeat(dst, n) * self.page_size + offs])
-        ).to(self.device, non_blocking=True)
         flat = self.kv.view(self.num_layers, 2, -1, self.num_kv_heads, self.fmt.row_bytes)
         flat[:, :, idx[1]] = flat[:, :, idx[0]]
