@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import socket
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -179,9 +180,8 @@ class _Workers:
                 with self._lock:
                     if self.closing:
                         return
-                    w.proc.join(1)  # (its pipe closes just before it can be reaped)
                     self.died = self.died or (
-                        f"{w.describe()} exited with code {w.proc.exitcode}")
+                        f"{w.describe()} exited with code {_exit_code(w.proc)}")
                 log.error("%s", self.died)
                 if self.backend == "nccl":  # unblock collectives waiting for it
                     try:
@@ -216,8 +216,7 @@ class _Workers:
 
     @staticmethod
     def _raise_died(w: _Worker, stage: str) -> None:
-        w.proc.join(1)
-        raise WorkerDied(f"{w.describe()} exited with code {w.proc.exitcode} "
+        raise WorkerDied(f"{w.describe()} exited with code {_exit_code(w.proc)} "
                          f"while starting (before it {stage})")
 
     def shutdown(self) -> None:
@@ -344,3 +343,14 @@ def _start_torchrun(spec: RankSpec, n: int, env: tuple[int, int, int]) -> Tensor
     runner.attach(n, channel, state.dead, state.shutdown)
     weakref.finalize(runner, state.shutdown)
     return runner
+
+
+def _exit_code(proc, wait_s: float = 1.0) -> int | None:
+    """`proc`'s exit code, waiting up to `wait_s` for it: its pipe closes just
+    before it can be reaped, and another thread joining it at the same moment
+    (the owner of the Process object) can make our own reap see nothing yet."""
+    deadline = time.monotonic() + wait_s
+    proc.join(wait_s)
+    while proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc.exitcode
