@@ -130,7 +130,7 @@ def _worker_main(spec: RankSpec, rank: int, world: int, init_method: str, conn: 
                                     lambda: conn.send(("loaded", None)))
         channel = PlanChannel.connect(dist.distributed_c10d._get_default_store(), rank)
         conn.send(("ready", None))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure, KeyboardInterrupt too, goes to rank 0 first
         try:
             conn.send(("error", traceback.format_exc()))
         finally:
