@@ -16,6 +16,7 @@ cannot step without it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -24,6 +25,10 @@ import torch.distributed as dist
 
 from dendrite.model.runner import ModelRunner, StepPlan
 from dendrite.parallel.channel import STOP, PlanChannel, pack_plan, unpack_plan
+
+#: How long a failed step waits for the watcher to name a dead worker (it
+#: waits up to 1 s for the exit code) before the raw error is raised instead.
+DEATH_NOTICE_S = 2.0
 
 __all__ = ["TensorParallelRunner", "WorkerDied", "follow"]
 
@@ -75,7 +80,13 @@ class TensorParallelRunner(ModelRunner):
         except (OSError, RuntimeError) as e:
             if isinstance(e, WorkerDied):
                 raise
+            # A collective or the channel can fail a moment before the watcher
+            # thread has the dead worker's exit code: give it that moment.
             why = self._dead()
+            deadline = time.monotonic() + DEATH_NOTICE_S
+            while why is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                why = self._dead()
             if why is None:
                 raise
             raise WorkerDied(f"{why}; this engine cannot step any more: close it and "
