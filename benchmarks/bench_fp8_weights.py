@@ -194,8 +194,11 @@ def model_rows(model_dir: Path, device: torch.device, dtype: torch.dtype,
         try:
             r = eng.runner
             n = len(prompt)
+            page = r.page_size
+            pages = -(-n // page)  # the prompt's pages, 0..pages-1 of the fresh pool
             meta = r.build_metadata(np.arange(n), np.arange(n), np.array([0, n]),
-                                    np.array([0, 1]), np.array([0]), np.array([n]))
+                                    np.array([0, pages]), np.arange(pages),
+                                    np.array([n - (pages - 1) * page]))
             logits = r.run(torch.tensor(prompt), meta).float()
             ref = logits if ref is None else ref
             row = {"format": f, "weights": weight_format(r.model),
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = dict(LLAMA_1B, **(TINY if a.quick else {}))
     if a.quick:
-        a.iters, a.steps, a.warmup, a.prompt_tokens, a.num_pages = 3, 3, 1, 16, 64
+        a.iters, a.steps, a.warmup, a.prompt_tokens, a.num_pages = 3, 3, 1, 40, 64
     model_dir = a.model_dir or Path(tempfile.gettempdir()) / (
         "dendrite-bench-fp8w-" + ("tiny" if a.quick else "llama1b"))
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -37,6 +37,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -259,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     max_tokens = 12 if quick else a.max_tokens
     branches = [1, 4] if quick else [int(x) for x in a.branches.split(",")]
     parts = set(a.parts.split(","))
-    engine_kw: dict[str, Any] = {"device": str(device), "dtype": dtype}
-    if device.type == "cpu":
-        engine_kw["num_pages"] = 1024  # 16K tokens: the CPU default would hold GBs per engine
+    # A fixed pool per engine: several engines live in this process at once, and
+    # the default (a share of the memory free at start-up) would let the first
+    # take what the next one's weights need. 16 branches x (prompt + 128) < 4K tokens.
+    engine_kw: dict[str, Any] = {"device": str(device), "dtype": dtype,
+                                 "num_pages": 1024 if device.type == "cpu" else 2048}
     base = Engine(model_dir, **engine_kw)
     copy_ids = base.encode(COPY_TASK)
     story_ids = prompt_ids(base, STORY_TASK)
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             if not budget.allows():
                 res.note(f"controlled noise={noise}: skipped (budget)")
                 continue
-            tdir = controlled_target(model_dir, a.out.parent / f"spec-target-{extra}-{noise}",
+            tdir = controlled_target(model_dir, Path(tempfile.mkdtemp()) / f"spec-target-{extra}-{noise}",
                                      extra, noise, a.seed)
             res.note(f"controlled target {tdir.name}: the draft's {layers} layers + {extra} "
                      f"appended layers, output projections noise {noise} x std")
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_tokens, plain, reps)
             t_plain.close()
             t_spec.close()
-            shutil.rmtree(tdir, ignore_errors=True)
+            shutil.rmtree(tdir.parent, ignore_errors=True)
     res.finish()
     return 0
 

@@ -32,11 +32,12 @@ dendrite/default_model.py).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 __all__ = ["ENV_VARS", "KernelConfig", "triton_available"]
 
@@ -110,11 +111,21 @@ class KernelConfig:
         return cls(**{name: False for name in _FLAGS})
 
 
-@functools.cache
+_triton_importable: bool | None = None
+
+
+# Dynamo treats the answer as a constant instead of tracing into importlib
+# (which would break a fullgraph compile of any layer that asks); it cannot
+# change within a process. A module global, not functools.cache: Dynamo looks
+# through cache wrappers.
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether Triton imports (CPU installs lack it); asked once per process."""
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            importlib.import_module("triton")
+            _triton_importable = True
+        except ImportError:
+            _triton_importable = False
+    return _triton_importable

@@ -69,3 +69,19 @@ def test_no_kernel_variable_is_read_outside_the_config_module():
     text = (PACKAGE / "kernels" / "config.py").read_text()
     for var in OTHER_VARIABLES:  # listed in the config module's docstring
         assert var in text
+
+
+def test_triton_probe_compiles_fullgraph():
+    """Layers ask `triton_available()` inside torch.compile(fullgraph=True) regions
+    (kernels.linear): the probe must be a constant to Dynamo, not a trace into
+    importlib (test_gemv's compile test broke on the H100 that way)."""
+    import torch
+
+    from dendrite.kernels import config
+
+    @torch.compile(fullgraph=True, dynamic=False, backend="eager")
+    def f(x):
+        return x * 2 if config.triton_available() else x * 3
+
+    expected = 2 if config.triton_available() else 3
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), float(expected)))
