@@ -89,7 +89,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def _draw(dist: torch.Tensor, u: float) -> int:
     """Inverse-CDF draw from `dist` with uniform `u`."""
     c = torch.cumsum(dist.double(), 0)
-    i = int(torch.searchsorted(c, torch.tensor([u * float(c[-1])], dtype=c.dtype)).item())
+    i = int(torch.searchsorted(c, c.new_tensor([u * float(c[-1])])).item())
     # (The first index whose cumulative mass reaches u: its own mass is > 0.)
     return min(i, len(dist) - 1)
 

@@ -71,3 +71,20 @@ def test_bf16_graphs_replay_verify_steps(tmp_path):
             i = next(i for i, (a, b) in enumerate(zip(w.token_ids, g.token_ids)) if a != b)
             (_, lp1), (_, lp2) = w.top_logprobs[i][:2]
             assert lp1 - lp2 < 0.05, (name, i, lp1, lp2)  # only a near-tie may flip
+
+
+def test_drawn_drafts_run_on_cuda_and_greedy_is_exact(tmp_path):
+    """Drafts drawn from the draft model's softmax (draft_temperature > 0) go through
+    the rejection sampler's inverse-CDF draw on the device's tensors (on the H100
+    its query tensor was made on the CPU: a device-mismatch crash)."""
+    from dendrite.speculative import SpeculativeConfig
+    from dendrite.tiny_model import build_tiny_model
+
+    d = build_tiny_model(tmp_path / "m", "llama", seed=3)
+    want, _, _ = generate(d, torch.float32, None, attention="reference", cuda_graphs=False)
+    spec = SpeculativeConfig(method="model", draft_model=str(d), num_draft=4,
+                             draft_temperature=0.8)
+    got, stats, _ = generate(d, torch.float32, spec, attention="reference", cuda_graphs=False)
+    assert stats["spec_steps"] > 0
+    assert got[0].token_ids == want[0].token_ids  # the greedy row
+    assert all(len(r.token_ids) == 32 for r in got)
