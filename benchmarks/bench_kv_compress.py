@@ -274,7 +274,7 @@ def kernel_rows(device: torch.device, quick: bool = False) -> list[dict[str, Any
             row[f"{kv_dtype} KV MB"] = bsz * ctx * hkv * 2 * fmt.row_bytes / 1e6
         for k in ("bf16", "int4", "int3"):
             t_us = row[f"{k} kernel us"] if k != "bf16" else row["bf16 us"]
-            row[f"{k} GB/s"] = row[f"{k} KV MB"] / t_us * 1e-3 * 1e6 / 1e3
+            row[f"{k} TB/s"] = row[f"{k} KV MB"] / t_us  # MB per µs is TB per s
         rows.append(row)
         log(f"kernels {row}")
     # one decode step's K/V write per layer (T = batch rows) and a prefill chunk's
