@@ -14,12 +14,15 @@ probe_every.
 The on/off rule (docs/speculative.md has the measurement behind the
 defaults): a step speculates only when it has at most `max_rows` decoding
 branches (beyond that a batched decode step is already compute-bound and
-the verify tokens cost as much as they save), with at most
+the verify tokens cost as much as they save), and a branch that has run in
+a step of more than `max_rows` branches never speculates (the ragged tail
+of a wide batch, once branches finish, is not a narrow batch), with at most
 `max_verify_tokens` tokens in all (default: the largest decode step the
 runner replays as a CUDA graph; draft trees are made shallower or trimmed
 to fit), and only for the branches
 whose recent acceptance length (an exponential average, `ema` weight of the
-newest step) is at least `break_even` tokens per step; a branch below it
+newest step) is at least `break_even` tokens per step (None: the device's
+default, `BREAK_EVEN_DEFAULTS`); a branch below it
 drafts again after `probe_every` plain steps, to see whether the text
 became predictable.
 """
@@ -37,10 +40,18 @@ from dendrite.speculative.tree import TREE_KINDS, TreeShape
 if TYPE_CHECKING:
     from dendrite.engine import Engine
 
-__all__ = ["METHODS", "SpeculativeConfig", "speculating"]
+__all__ = ["BREAK_EVEN_DEFAULTS", "METHODS", "SpeculativeConfig", "speculating"]
 
 #: Drafting methods by name.
 METHODS = ("ngram", "model")
+
+#: `break_even` when the config leaves it None, by the engine's device type
+#: (docs/speculative.md, "The on/off rule"): the verify step's cost in plain
+#: steps, measured by benchmarks/bench_speculative.py's rule table. CUDA:
+#: 2.0-3.1 on an H100 over 1-32 branches (SmolLM2-135M, bf16, graphs),
+#: median 2.7; CPU: 1.2-2.3 up to 8 branches (float32), 2.0 kept. Other
+#: devices take the CPU value.
+BREAK_EVEN_DEFAULTS = {"cuda": 2.7, "cpu": 2.0}
 
 _INT_KEYS = {"k": "num_draft", "width": "width", "top_k": "top_k", "budget": "budget",
              "n": "ngram_max", "n_min": "ngram_min", "max_rows": "max_rows",
@@ -71,7 +82,8 @@ class SpeculativeConfig:
     #: Tokens one speculative step may verify (None: the largest decode step
     #: the runner replays as a CUDA graph, else the engine's step budget).
     max_verify_tokens: int | None = None
-    break_even: float = 2.0
+    #: None: the device's measured default (`BREAK_EVEN_DEFAULTS`).
+    break_even: float | None = None
     ema: float = 0.5
     probe_every: int = 8
 
@@ -102,6 +114,8 @@ class SpeculativeConfig:
         for name, low, high in (("break_even", 0.0, float("inf")), ("ema", 0.0, 1.0),
                                 ("draft_temperature", 0.0, 1e6)):
             v = getattr(self, name)
+            if name == "break_even" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
                 raise ValueError(f"speculative {name} must be a number in [{low}, {high}], "
                                  f"got {v!r}")
@@ -156,6 +170,12 @@ class SpeculativeConfig:
                 allowed = ", ".join(["tree", *_INT_KEYS, *_FLOAT_KEYS])
                 raise ValueError(f"speculative: unknown option {key!r}; allowed: {allowed}")
         return cls(**kw)
+
+    def break_even_for(self, device_type: str) -> float:
+        """`break_even`, or the default for `device_type` ("cuda", "cpu", ...) when None."""
+        if self.break_even is not None:
+            return float(self.break_even)
+        return BREAK_EVEN_DEFAULTS.get(device_type, BREAK_EVEN_DEFAULTS["cpu"])
 
     def with_(self, **changes) -> SpeculativeConfig:
         """A copy with `changes`."""

@@ -45,6 +45,8 @@ from dendrite.kv import BlockPool, KVTree, OutOfPages
 from dendrite.model.runner import ModelRunner, StepPlan
 from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree, Expansion, Sampled, TreeShape, build
+from dendrite.speculative.verify import seeded_uniforms
+from dendrite.transfer import to_device
 
 __all__ = [
     "Drafter",
@@ -53,9 +55,22 @@ __all__ = [
     "NgramDrafter",
     "TokenizerMismatch",
     "check_same_tokenizer",
+    "host_copies",
 ]
 
 log = logging.getLogger(__name__)
+
+def host_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host copies of `tensors` with one wait: from CUDA the copies are queued
+    (into pinned memory) and one event is waited for, not one sync each."""
+    if not any(t.is_cuda for t in tensors):
+        return [t.cpu() for t in tensors]
+    out = [t.to("cpu", non_blocking=True) for t in tensors]
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(next(t.device for t in tensors if t.is_cuda)))
+    ready.synchronize()
+    return out
+
 
 #: Rows of at most this many new tokens run decode-shaped (see `ModelDrafter._forward`).
 DECODE_SHAPED_MAX = 16
@@ -320,7 +335,7 @@ class ModelDrafter(ExpandingDrafter):
             return self._sampled(requests, logits)
         probs = torch.softmax(logits.float(), dim=-1)[:, :self.vocab_size]
         k = max(r.k for r in requests)
-        vals, ids = probs.topk(min(k, probs.shape[1]), dim=-1)
+        vals, ids = host_copies(*probs.topk(min(k, probs.shape[1]), dim=-1))
         vals, ids = vals.tolist(), ids.tolist()
         return [list(zip(ids[i][:r.k], vals[i][:r.k])) for i, r in enumerate(requests)]
 
@@ -331,16 +346,31 @@ class ModelDrafter(ExpandingDrafter):
         seeded by the request's context and path: a branch's run is
         reproducible given its own seed."""
         q = torch.softmax(logits.float()[:, :self.vocab_size] / self.temperature, dim=-1)
-        out = []
-        for i, req in enumerate(requests):
-            ctx = self._contexts[req.row]
-            key = hash((tuple(ctx[-16:]), len(ctx), req.path)) & ((1 << 63) - 1)
-            g = torch.Generator(device=q.device).manual_seed(key)
-            ids = torch.multinomial(q[i], req.k, replacement=True, generator=g).tolist()
-            row = q[i]
-            probs = row[ids].tolist()
-            out.append(Sampled(list(zip(ids, probs)), row))
+        # Inverse-CDF draws with counter-based uniforms, all requests at once: a
+        # seeded torch.multinomial per request cost a generator and a few kernel
+        # launches each, and a device read each for the tokens.
+        ks = [r.k for r in requests]
+        u = np.concatenate([seeded_uniforms(self._draw_key(req), 0, req.k).numpy()
+                            for req in requests])
+        dev = q.device
+        rows = to_device(np.repeat(np.arange(len(requests)), ks), dev)
+        cdf = torch.cumsum(q.double(), dim=-1)[rows]
+        x = to_device(u.astype(np.float64), dev)[:, None] * cdf[:, -1:]
+        # (The first token whose cumulative mass exceeds x: its own mass is > 0.)
+        ids = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_max(q.shape[1] - 1)
+        # Every request's draws and their probabilities in one host transfer.
+        ids_h, probs_h = host_copies(ids, q[rows, ids])
+        ids_h, probs_h = ids_h.tolist(), probs_h.tolist()
+        out, at = [], 0
+        for i, n in enumerate(ks):
+            out.append(Sampled(list(zip(ids_h[at:at + n], probs_h[at:at + n])), q[i]))
+            at += n
         return out
+
+    def _draw_key(self, req: Expansion) -> int:
+        """The draws' seed: the request's context (its tail and length) and path."""
+        ctx = self._contexts[req.row]
+        return hash((tuple(ctx[-16:]), len(ctx), req.path)) & ((1 << 63) - 1)
 
     def _forward(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
         """Append each row's tokens and run them; logits at each row's last token.

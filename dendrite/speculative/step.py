@@ -25,7 +25,10 @@ the batch, in one step:
    plain step would make, the tokens are those of a non-speculative run.
    Drafts drawn from a draft distribution (a sampling branch without a
    grammar) are verified by recursive rejection sampling instead: exact in
-   distribution, seeded, not the plain run's tokens.
+   distribution, seeded, not the plain run's tokens. The host reads the
+   device once for all of it: the draws, their logprobs and the
+   distributions the rejection tests need come over in one queued transfer,
+   and the walks run on the host copies.
 4. Commit: the other forks are released at once (their pages go back to the
    pool in this step), the accepted path's tokens are appended to the
    branch's own node with their K/V copied from its fork (which is then
@@ -53,6 +56,7 @@ from dendrite.speculative.verify import (
     recursive_rejection_sample,
     seeded_uniforms,
 )
+from dendrite.transfer import to_device
 
 if TYPE_CHECKING:
     from dendrite.engine import Engine, GenHandle, Sequence
@@ -64,6 +68,12 @@ EMPTY_DRAFT_SKIP = 2
 
 #: The counters a speculator adds to `Engine.stats`.
 SPEC_STATS = ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_off_steps")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the host; from CUDA a queued copy into pinned memory, valid after
+    the step's one wait (`SamplerOutput.cpu_async`, queued after it)."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
 
 
 class _Row:
@@ -83,11 +93,12 @@ class _Row:
         "tree",
     )
 
-    def __init__(self, seq: Sequence, tree: DraftTree, states: list | None) -> None:
+    def __init__(self, seq: Sequence, tree: DraftTree, states: list | None,
+                 paths: list[list[int]] | None = None) -> None:
         self.seq = seq
         self.tree = tree
         self.states = states  # grammar state after each node (constrained only)
-        self.paths = tree.paths() or [[]]
+        self.paths = (tree.paths() if paths is None else paths) or [[]]
         self.nodes: list[int] = []  # KV node of each path's row
         self.forked = len(self.paths) > 1
         self.cached = seq.num_cached
@@ -99,7 +110,8 @@ class _Row:
         # by the walk of the target's own draws, exact for any proposal.
         h = seq.handle
         self.stochastic = bool(tree.dists) and not h.params.greedy and h.matcher is None
-        self.target: dict[int, tuple] = {}  # node -> (p, model logprobs, position)
+        # node -> (p, model logprobs, position, q): host copies (see _target_dists)
+        self.target: dict[int, tuple] = {}
 
 
 class Speculator:
@@ -115,6 +127,10 @@ class Speculator:
         self._paused: dict[int, int] = {}  # id(seq) -> plain steps since it stopped drafting
         self._skip: dict[int, int] = {}  # id(seq) -> plain steps left before drafting again
         self._keys: set[int] = set()  # branches the drafter has seen
+        # Branches that ran in a step of more than max_rows branches: they never
+        # speculate (strong references, so that an id is not reused meanwhile).
+        self._wide: dict[int, Sequence] = {}
+        self.break_even = config.break_even_for(engine.device.type)
         # The verify budget: tokens of one speculative step. Default: the
         # largest decode step the runner replays as a CUDA graph (beyond it
         # the step runs eagerly, slower than the graph decode it replaces),
@@ -149,11 +165,26 @@ class Speculator:
                 return None
         return runnable
 
+    def _mark_wide(self, seqs: Seq[Sequence]) -> None:
+        """Remember the branches of a step wider than `max_rows`.
+
+        Without this, the rule let the tail of a wide run speculate: once
+        branches finish, the last `max_rows` or fewer pass the row count, and
+        every one of them drafts (a branch without an acceptance history is
+        probed). On the H100 a 16-branch n-gram run took 16 such steps and
+        ran at 0.84x of plain: the tail's steps lose launch-ahead to the
+        drafting and verify steps, and few of its tokens are left to win."""
+        if len(self._wide) > 2 * len(self.engine._live) + 64:  # drop finished branches
+            live = {id(s) for s in self.engine._live.values()}
+            self._wide = {k: s for k, s in self._wide.items() if k in live}
+        for s in seqs:
+            self._wide[id(s)] = s
+
     def _wants(self, s: Sequence) -> bool:
-        if self._skip.get(id(s), 0) > 0:
+        if self._skip.get(id(s), 0) > 0 or id(s) in self._wide:
             return False
         ema = self._ema.get(id(s))
-        if ema is None or ema >= self.config.break_even:
+        if ema is None or ema >= self.break_even:
             return True
         return self._paused.get(id(s), 0) >= self.config.probe_every
 
@@ -166,7 +197,9 @@ class Speculator:
     def would_speculate(self, seqs: Seq[Sequence]) -> bool:
         """Whether the next step over `seqs` may speculate (the engine then launches
         no step ahead)."""
-        if len(seqs) <= self.config.max_rows and any(self._wants(s) for s in seqs):
+        if len(seqs) > self.config.max_rows:
+            self._mark_wide(seqs)
+        elif any(self._wants(s) for s in seqs):
             return True
         for s in seqs:  # each takes a plain step now
             self._plain_step(s)
@@ -188,6 +221,7 @@ class Speculator:
             self._paused.pop(key, None)
             self._skip.pop(key, None)
         self._keys &= live
+        self._wide = {k: s for k, s in self._wide.items() if k in live}
 
     # -- the step ----------------------------------------------------------------------
     def try_step(self) -> list[GenHandle] | None:
@@ -198,11 +232,14 @@ class Speculator:
             return None
         stats = e.stats
         if len(seqs) > self.config.max_rows:
+            self._mark_wide(seqs)
             stats["spec_off_steps"] += 1
             return None
-        want = [s for s in seqs if self._wants(s)]
+        want = []
         for s in seqs:
-            if s not in want:
+            if self._wants(s):
+                want.append(s)
+            else:
                 self._plain_step(s)
         if not want:
             stats["spec_off_steps"] += 1
@@ -228,13 +265,19 @@ class Speculator:
             return None
         rows = []
         for s in seqs:
-            tree = trees.get(id(s), DraftTree())
-            if tree.verify_tokens > per_row:
+            tree = trees.get(id(s))
+            if tree is None or not len(tree):
+                rows.append(_Row(s, DraftTree(), None, []))
+                continue
+            paths = tree.paths()  # (once: verify_tokens and _Row would each walk the tree)
+            if sum(1 + len(p) for p in paths) > per_row:
                 tree = tree.trim(per_row)
+                paths = None
             states = None
             if s.handle.matcher is not None and len(tree):
                 tree, states = prune_by_grammar(tree, s.handle.matcher)
-            rows.append(_Row(s, tree, states))
+                paths = None
+            rows.append(_Row(s, tree, states, paths))
         for s in want:
             self._paused.pop(id(s), None)
         return self._run(rows)
@@ -333,6 +376,13 @@ class Speculator:
     def _sample(self, rows: list[_Row], logits: torch.Tensor, qo: np.ndarray):
         """The target's draw at every tree node (root included), in one sampler call.
 
+        Everything the acceptance reads on the host (the draws, their
+        logprobs, and for rejection-sampled branches the target and draft
+        distributions) comes back in one device->host transfer: the copies
+        are queued and waited for once (`SamplerOutput.cpu_async`), and the
+        gather index goes up asynchronously (`to_device`), so the host never
+        waits for the forward before the sampler is queued.
+
         Returns per row a dict node -> (token, logprob, top alternatives or None)."""
         e = self.engine
         index: list[int] = []
@@ -341,31 +391,47 @@ class Speculator:
         need_history = any(r.seq.handle.params.repetition_penalty != 1.0 for r in rows)
         for k, r in enumerate(rows):
             h = r.seq.handle
-            ctx = None
+            base = int(qo[r.first_row])
+            if not r.forked:
+                # A chain (or no draft): node d - 1 is at offset d of its one row.
+                n = len(r.tree) + 1
+                nodes = range(-1, n - 1)
+                index.extend(range(base, base + n))
+                positions.extend(range(r.cached + 1, r.cached + 1 + n))
+            else:
+                where = {-1: (0, 0)}  # node -> (path index, offset in its row)
+                for pi, path in enumerate(r.paths):
+                    for d, node in enumerate(path, 1):
+                        where.setdefault(node, (pi, d))
+                nodes = sorted(where)
+                for node in nodes:
+                    pi, d = where[node]
+                    index.append(int(qo[r.first_row + pi]) + d)
+                    positions.append(r.cached + 1 + d)
+            params.extend([h.params] * len(nodes))
             if need_history:
                 ctx = e.tree.tokens(r.nodes[0])[:r.cached + 1].tolist()
-            where = {-1: (0, 0)}  # node -> (path index, offset in its row)
-            for pi, path in enumerate(r.paths):
-                for d, node in enumerate(path, 1):
-                    where.setdefault(node, (pi, d))
-            for node, (pi, d) in sorted(where.items()):
-                index.append(int(qo[r.first_row + pi]) + d)
-                params.append(h.params)
-                positions.append(r.cached + 1 + d)
-                if need_history:
-                    history.append(ctx + r.tree.path_tokens(node))
-                if h.matcher is not None:
-                    matchers.append((len(owners), h.matcher if node < 0 else r.states[node]))
-                owners.append((k, node))
+                history.extend(ctx + r.tree.path_tokens(node) for node in nodes)
+            if h.matcher is not None:
+                matchers.extend((len(owners) + i, h.matcher if node < 0 else r.states[node])
+                                for i, node in enumerate(nodes))
+            owners.extend((k, node) for node in nodes)
         allowed = None
         if matchers:
             from dendrite.grammar.masks import fill_masks
 
             allowed = matchers[0][1].tokenizer.allocate_bitmask(len(owners), pin_memory=False)
             fill_masks([m for _, m in matchers], allowed, [i for i, _ in matchers])
-        idx = torch.as_tensor(index, dtype=torch.int64, device=logits.device)
-        out = e.sampler(logits[idx], params, positions,
-                        prev_tokens=history if need_history else None, allowed=allowed).cpu()
+        if index == list(range(logits.shape[0])):
+            idx, picked = None, logits  # every row is a node (all chains): no gather
+        else:
+            idx = to_device(np.asarray(index, dtype=np.int64), logits.device)
+            picked = logits[idx]
+        out = e.sampler(picked, params, positions,
+                        prev_tokens=history if need_history else None, allowed=allowed)
+        # (Queued before the sampler's copies: its one wait covers them too.)
+        self._target_dists(rows, picked, owners, positions, history if need_history else None)
+        out = out.cpu_async()()
         toks, lps = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -374,34 +440,37 @@ class Speculator:
             n = rows[k].seq.handle.params.logprobs
             top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n > 0 else None
             drawn[k][node] = (toks[j], lps[j], top)
-        self._target_dists(rows, logits, idx, owners, positions, history if need_history
-                           else None)
         return drawn
 
-    def _target_dists(self, rows: list[_Row], logits: torch.Tensor, idx: torch.Tensor,
+    def _target_dists(self, rows: list[_Row], picked: torch.Tensor,
                       owners: list[tuple[int, int]], positions: list[int],
                       history: list | None) -> None:
         """For the branches verified by rejection sampling (drawn drafts, see
         `_Row.stochastic`): the target's distribution p at each node whose
         children were drawn, processed as the sampler processes a row
-        (penalty, temperature, top-k/p, min-p), and the model's logprobs there."""
+        (penalty, temperature, top-k/p, min-p), the model's logprobs there,
+        and the draft distribution q, each queued for a host copy (the
+        rejection walk runs on the host: one transfer, not a read per test)."""
         from dendrite.sampling import _apply_repetition_penalty, _filter
 
         sel = [j for j, (k, node) in enumerate(owners)
                if rows[k].stochastic and node in rows[k].tree.dists]
         if not sel:
             return
-        raw = logits[idx[torch.as_tensor(sel, device=idx.device)]].float()
+        dev = picked.device
+        raw = picked[to_device(np.asarray(sel, dtype=np.int64), dev)].float()
         logp = torch.log_softmax(raw, dim=-1)
         params = [rows[owners[j][0]].seq.handle.params for j in sel]
         x = raw
         if history is not None:
             x = _apply_repetition_penalty(x, params, [history[j] for j in sel])
-        temps = torch.tensor([p.temperature for p in params], device=x.device)[:, None]
-        p = torch.softmax(_filter(x / temps, params), dim=-1)
+        temps = to_device(np.asarray([p.temperature for p in params], dtype=np.float32), dev)
+        p = torch.softmax(_filter(x / temps[:, None], params), dim=-1)
+        host = _to_host(torch.stack([p, logp]))
         for i, j in enumerate(sel):
             k, node = owners[j]
-            rows[k].target[node] = (p[i], logp[i], positions[j])
+            q = rows[k].tree.dists[node]
+            rows[k].target[node] = (host[0, i], host[1, i], positions[j], _to_host(q))
 
     def _rollback(self, rows: list[_Row]) -> None:
         """Undo a step that failed before its commit: forks released, KV cut back,
@@ -469,14 +538,14 @@ class Speculator:
         branch's seed and the node's position."""
         tree, node, accepted = r.tree, -1, []
         while True:
-            kids = tree.children(node)
-            if kids and r.stochastic and node in tree.dists:
-                p, logp, pos = r.target[node]
-                q = tree.dists[node].to(p.device)
+            kids = tree.children(node) if r.stochastic and node in tree.dists else None
+            if kids:
+                # (All on the host copies: no device read per test.)
+                p, logp, pos, q = r.target[node]
                 seed = r.seq.handle.params.seed
                 if seed is None:
                     seed = self.engine.sampler._rng.getrandbits(64)
-                u = seeded_uniforms(seed, pos, len(kids) + 1, p.device)
+                u = seeded_uniforms(seed, pos, len(kids) + 1)
                 i, tok = recursive_rejection_sample(p, [tree.tokens[c] for c in kids],
                                                     [q] * len(kids), u)
                 if i >= 0:

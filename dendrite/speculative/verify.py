@@ -34,15 +34,22 @@ through the walk.
 Uniform draws are counter-based (`seeded_uniforms`): a pure function of
 (seed, position, index), as the sampler's Gumbel noise is, so a run is
 reproducible given its seed whatever the batch.
+
+The rejection functions read single values (`float(p[x])`, one per test):
+give them host tensors. On a GPU each read of a device tensor is a
+device->host transfer and a wait; the engine's step copies the few
+distributions it needs to the host in its one transfer per step and runs
+these functions there (dendrite/speculative/step.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from dendrite.sampling import gumbel_noise, row_keys
+from dendrite.sampling import row_keys
 from dendrite.speculative.tree import DraftTree
 
 __all__ = [
@@ -72,11 +79,34 @@ def walk(tree: DraftTree, target_token: Callable[[int], int]) -> tuple[list[int]
         node = child
 
 
+_SALT = 0x5EC0_DE00_0000_0001  # keys differ from the sampler's for the same seed
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """`dendrite.sampling._mix32` ("lowbias32") on uint64 arrays of 32-bit values:
+    the products of two 32-bit values fit in 64 bits, so this is exact."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    return x ^ (x >> np.uint64(16))
+
+
 def seeded_uniforms(seed: int, position: int, n: int, device: torch.device | str = "cpu"
                     ) -> torch.Tensor:
-    """`n` uniforms in (0, 1), a pure function of (seed, position, index)."""
-    g = gumbel_noise(row_keys([seed ^ 0x5EC0_DE00_0000_0001], [position]), n, device)[0]
-    return torch.exp(-torch.exp(-g))  # the Gumbel noise's own uniform back
+    """`n` float32 uniforms in (0, 1), a pure function of (seed, position, index).
+
+    The uniforms under the sampler's Gumbel noise (`gumbel_noise`) for the
+    key of (seed ^ salt, position): 23 hashed bits + 0.5, exactly
+    representable. Computed on the host with numpy: a verify step needs a
+    few per tree node, where torch's per-op overhead cost 0.13 ms a call."""
+    key = row_keys([seed ^ _SALT], [position])[0]
+    v = np.arange(n, dtype=np.uint64)
+    h = _mix32(_mix32(v ^ np.uint64(key & 0xFFFFFFFF)) ^ np.uint64(key >> 32))
+    u = ((h >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 23))
+    t = torch.from_numpy(u)
+    return t if torch.device(device).type == "cpu" else t.to(device)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,10 @@ def test_bf16_graphs_replay_verify_steps(tmp_path):
 
 def test_drawn_drafts_run_on_cuda_and_greedy_is_exact(tmp_path):
     """Drafts drawn from the draft model's softmax (draft_temperature > 0) go through
-    the rejection sampler's inverse-CDF draw on the device's tensors (on the H100
-    its query tensor was made on the CPU: a device-mismatch crash)."""
+    the rejection sampler (on the H100 its inverse-CDF query tensor was once made
+    on the CPU for device tensors: a device-mismatch crash; the walk now runs on
+    host copies of the distributions, queued from the device in the step's one
+    transfer)."""
     from dendrite.speculative import SpeculativeConfig
     from dendrite.tiny_model import build_tiny_model
 

@@ -141,3 +141,39 @@ def test_short_pool_falls_back_to_plain_steps(make_engine, target_dir, pages):
             assert e.stats["preemptions"] > 0
         else:
             assert e.stats["spec_steps"] > 0
+
+
+class Repeats(NgramDrafter):
+    """Proposes the branch's last token k times: always a draft, so every step
+    the rule allows is a speculative one (and counted)."""
+
+    def propose(self, keys, contexts, shape, depths):
+        return [DraftTree([int(c[-1])] * d, list(range(-1, d - 1)), [1.0] * d)
+                for c, d in zip(contexts, depths)]
+
+
+@pytest.mark.parametrize("lookahead", [False, True], ids=["eager", "lookahead"])
+def test_wide_run_does_not_speculate_in_its_tail(make_engine, lookahead):
+    """16 branches (default max_rows 8) that finish one after another: once 8
+    or fewer are left the row count alone would let them speculate (the H100
+    run took 16 such steps, 0.84x of plain); a branch that ran in a wide step
+    never does. The same staggered run with the rule lifted speculates, and a
+    narrow request after the wide run still speculates."""
+    params = [SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
+              for i in range(16)]
+
+    def run(e):
+        kids = e.new_sequence(REPEAT).fork(16)
+        return [r.token_ids for r in e.generate(kids, params)]
+
+    wide = make_engine(speculative=SpeculativeConfig(drafter=Repeats(), num_draft=3),
+                       lookahead=lookahead)
+    lifted = make_engine(speculative=SpeculativeConfig(drafter=Repeats(), num_draft=3,
+                                                       max_rows=16), lookahead=lookahead)
+    plain = make_engine(lookahead=lookahead)
+    assert run(wide) == run(plain)
+    assert wide.stats["spec_steps"] == 0
+    assert run(lifted) == run(plain)
+    assert lifted.stats["spec_steps"] > 0
+    wide.generate(wide.new_sequence(REPEAT), SamplingParams(temperature=0, max_tokens=8))
+    assert wide.stats["spec_steps"] > 0

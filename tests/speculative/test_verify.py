@@ -79,6 +79,20 @@ def test_seeded_uniforms_are_a_function_of_seed_and_position():
     assert ((a > 0) & (a < 1)).all()
 
 
+def test_seeded_uniforms_are_the_gumbel_noise_uniforms():
+    """The host (numpy) hash is the sampler's torch hash: the uniform under
+    `gumbel_noise` for the salted key, bit for bit."""
+    from dendrite.sampling import _mix32, row_keys
+    from dendrite.speculative.verify import _SALT
+
+    for seed, pos, n in [(0, 0, 1), (5, 10, 8), (2**64 - 1, 123456, 5), (2**40 + 7, 3, 3)]:
+        key = row_keys([seed ^ _SALT], [pos])[0]
+        k = torch.tensor([[key & 0xFFFFFFFF, key >> 32]], dtype=torch.int64)
+        h = _mix32(_mix32(torch.arange(n, dtype=torch.int64)[None] ^ k[:, :1]) ^ k[:, 1:])
+        want = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+        assert torch.equal(seeded_uniforms(seed, pos, n), want[0])
+
+
 def test_walk_follows_the_target_tokens():
     t = DraftTree()
     a = t.add(-1, 10)
