@@ -45,7 +45,7 @@ from dendrite.kv import BlockPool, KVTree, OutOfPages
 from dendrite.model.runner import ModelRunner, StepPlan
 from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree, Expansion, Sampled, TreeShape, build
-from dendrite.speculative.verify import seeded_uniforms
+from dendrite.speculative.verify import uniforms_many
 from dendrite.transfer import to_device
 
 __all__ = [
@@ -350,8 +350,7 @@ class ModelDrafter(ExpandingDrafter):
         # seeded torch.multinomial per request cost a generator and a few kernel
         # launches each, and a device read each for the tokens.
         ks = [r.k for r in requests]
-        u = np.concatenate([seeded_uniforms(self._draw_key(req), 0, req.k).numpy()
-                            for req in requests])
+        u = uniforms_many([self._draw_key(req) for req in requests], [0] * len(ks), ks)
         dev = q.device
         rows = to_device(np.repeat(np.arange(len(requests)), ks), dev)
         cdf = torch.cumsum(q.double(), dim=-1)[rows]

@@ -58,6 +58,7 @@ __all__ = [
     "rejection_sample_chain",
     "residual",
     "seeded_uniforms",
+    "uniforms_many",
     "walk",
 ]
 
@@ -101,12 +102,22 @@ def seeded_uniforms(seed: int, position: int, n: int, device: torch.device | str
     key of (seed ^ salt, position): 23 hashed bits + 0.5, exactly
     representable. Computed on the host with numpy: a verify step needs a
     few per tree node, where torch's per-op overhead cost 0.13 ms a call."""
-    key = row_keys([seed ^ _SALT], [position])[0]
-    v = np.arange(n, dtype=np.uint64)
-    h = _mix32(_mix32(v ^ np.uint64(key & 0xFFFFFFFF)) ^ np.uint64(key >> 32))
-    u = ((h >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 23))
-    t = torch.from_numpy(u)
+    t = torch.from_numpy(uniforms_many([seed], [position], [n]))
     return t if torch.device(device).type == "cpu" else t.to(device)
+
+
+def uniforms_many(seeds: Sequence[int], positions: Sequence[int], counts: Sequence[int]
+                  ) -> np.ndarray:
+    """`seeded_uniforms(seeds[i], positions[i], counts[i])` for every i, concatenated
+    (float32 numpy), in one vectorized pass."""
+    keys = np.asarray(row_keys([s ^ _SALT for s in seeds], positions), dtype=np.uint64)
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    v = (np.arange(int(counts.sum())) - np.repeat(starts, counts)).astype(np.uint64)
+    key = np.repeat(keys, counts)
+    h = _mix32(_mix32(v ^ (key & _M32)) ^ (key >> np.uint64(32)))
+    return ((h >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) \
+        * np.float32(1.0 / (1 << 23))
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,13 @@ def test_seeded_uniforms_are_the_gumbel_noise_uniforms():
         h = _mix32(_mix32(torch.arange(n, dtype=torch.int64)[None] ^ k[:, :1]) ^ k[:, 1:])
         want = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
         assert torch.equal(seeded_uniforms(seed, pos, n), want[0])
+    # Batched (the model drafter's draws): each request's run is its own.
+    from dendrite.speculative.verify import uniforms_many
+
+    got = uniforms_many([3, 2**63 + 1, 3], [0, 7, 1], [2, 4, 1])
+    want = torch.cat([seeded_uniforms(3, 0, 2), seeded_uniforms(2**63 + 1, 7, 4),
+                      seeded_uniforms(3, 1, 1)])
+    assert torch.equal(torch.from_numpy(got), want)
 
 
 def test_walk_follows_the_target_tokens():
