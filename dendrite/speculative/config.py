@@ -15,8 +15,9 @@ The on/off rule (docs/speculative.md has the measurement behind the
 defaults): a step speculates only when it has at most `max_rows` decoding
 branches (beyond that a batched decode step is already compute-bound and
 the verify tokens cost as much as they save), and a branch that has run in
-a step of more than `max_rows` branches never speculates (the ragged tail
-of a wide batch, once branches finish, is not a narrow batch), with at most
+a step of more than `max_rows` branches does not speculate until it has
+taken `WIDE_COOLDOWN` plain steps in narrow batches (the ragged tail of a
+wide batch, once branches finish, is not a narrow batch), with at most
 `max_verify_tokens` tokens in all (default: the largest decode step the
 runner replays as a CUDA graph; draft trees are made shallower or trimmed
 to fit), and only for the branches

@@ -66,6 +66,12 @@ __all__ = ["SPEC_STATS", "Speculator"]
 #: Plain steps a branch takes after its drafter had nothing for it.
 EMPTY_DRAFT_SKIP = 2
 
+#: Plain steps in batches of at most `max_rows` branches after which a branch
+#: marked wide (it ran in a wider step) may speculate again: longer than the
+#: ragged tail of a wide run, where branches finish a few steps apart; a
+#: request that outlives a burst of others drafts again after it.
+WIDE_COOLDOWN = 32
+
 #: The counters a speculator adds to `Engine.stats`.
 SPEC_STATS = ("spec_steps", "spec_rows", "spec_drafted", "spec_accepted", "spec_off_steps")
 
@@ -127,9 +133,10 @@ class Speculator:
         self._paused: dict[int, int] = {}  # id(seq) -> plain steps since it stopped drafting
         self._skip: dict[int, int] = {}  # id(seq) -> plain steps left before drafting again
         self._keys: set[int] = set()  # branches the drafter has seen
-        # Branches that ran in a step of more than max_rows branches: they never
-        # speculate (strong references, so that an id is not reused meanwhile).
-        self._wide: dict[int, Sequence] = {}
+        # Branches that ran in a step of more than max_rows branches: they do not
+        # speculate until WIDE_COOLDOWN narrow plain steps later. id(seq) ->
+        # [seq, narrow steps since] (a strong reference: the id is not reused).
+        self._wide: dict[int, list] = {}
         self.break_even = config.break_even_for(engine.device.type)
         # The verify budget: tokens of one speculative step. Default: the
         # largest decode step the runner replays as a CUDA graph (beyond it
@@ -173,12 +180,14 @@ class Speculator:
         every one of them drafts (a branch without an acceptance history is
         probed). On the H100 a 16-branch n-gram run took 16 such steps and
         ran at 0.84x of plain: the tail's steps lose launch-ahead to the
-        drafting and verify steps, and few of its tokens are left to win."""
+        drafting and verify steps, and few of its tokens are left to win.
+        A marked branch speculates again after `WIDE_COOLDOWN` plain steps in
+        narrow batches (`_plain_step`)."""
         if len(self._wide) > 2 * len(self.engine._live) + 64:  # drop finished branches
             live = {id(s) for s in self.engine._live.values()}
-            self._wide = {k: s for k, s in self._wide.items() if k in live}
+            self._wide = {k: w for k, w in self._wide.items() if k in live}
         for s in seqs:
-            self._wide[id(s)] = s
+            self._wide[id(s)] = [s, 0]
 
     def _wants(self, s: Sequence) -> bool:
         if self._skip.get(id(s), 0) > 0 or id(s) in self._wide:
@@ -197,17 +206,24 @@ class Speculator:
     def would_speculate(self, seqs: Seq[Sequence]) -> bool:
         """Whether the next step over `seqs` may speculate (the engine then launches
         no step ahead)."""
-        if len(seqs) > self.config.max_rows:
+        narrow = len(seqs) <= self.config.max_rows
+        if not narrow:
             self._mark_wide(seqs)
         elif any(self._wants(s) for s in seqs):
             return True
         for s in seqs:  # each takes a plain step now
-            self._plain_step(s)
+            self._plain_step(s, narrow)
         return False
 
-    def _plain_step(self, s: Sequence) -> None:
-        """Count a plain step of a branch that is pausing or skipping."""
+    def _plain_step(self, s: Sequence, narrow: bool) -> None:
+        """Count a plain step of a branch that is pausing, skipping or marked wide
+        (`narrow`: the step has at most `max_rows` branches)."""
         key = id(s)
+        w = self._wide.get(key)
+        if w is not None and narrow:
+            w[1] += 1
+            if w[1] >= WIDE_COOLDOWN:
+                del self._wide[key]
         if key in self._ema:
             self._paused[key] = self._paused.get(key, 0) + 1
         if self._skip.get(key, 0) > 0:
@@ -221,7 +237,7 @@ class Speculator:
             self._paused.pop(key, None)
             self._skip.pop(key, None)
         self._keys &= live
-        self._wide = {k: s for k, s in self._wide.items() if k in live}
+        self._wide = {k: w for k, w in self._wide.items() if k in live}
 
     # -- the step ----------------------------------------------------------------------
     def try_step(self) -> list[GenHandle] | None:
@@ -240,7 +256,7 @@ class Speculator:
             if self._wants(s):
                 want.append(s)
             else:
-                self._plain_step(s)
+                self._plain_step(s, narrow=True)
         if not want:
             stats["spec_off_steps"] += 1
             return None

@@ -177,3 +177,32 @@ def test_wide_run_does_not_speculate_in_its_tail(make_engine, lookahead):
     assert lifted.stats["spec_steps"] > 0
     wide.generate(wide.new_sequence(REPEAT), SamplingParams(temperature=0, max_tokens=8))
     assert wide.stats["spec_steps"] > 0
+
+
+def test_branch_outliving_a_wide_run_speculates_after_the_cooldown(make_engine):
+    """One branch of 16 runs long after the other 15 stopped: after
+    WIDE_COOLDOWN plain steps alone it speculates again (a request that
+    outlives a burst is not kept plain for good), and its tokens are the
+    plain run's."""
+    from dendrite.speculative.step import WIDE_COOLDOWN
+
+    long = WIDE_COOLDOWN + 24
+    params = [SamplingParams(temperature=0, max_tokens=long if i == 5 else 3, ignore_eos=True)
+              for i in range(16)]
+
+    def run(e):
+        kids = e.new_sequence(REPEAT).fork(16)
+        hs = [e.submit(k, p) for k, p in zip(kids, params)]
+        first_spec = None
+        while not all(h.done for h in hs):
+            before = e.stats.get("spec_steps", 0)
+            e.step()
+            if first_spec is None and e.stats.get("spec_steps", 0) > before:
+                first_spec = len(hs[5].token_ids)
+        return [h.token_ids for h in hs], first_spec
+
+    spec = make_engine(speculative=SpeculativeConfig(drafter=Repeats(), num_draft=3))
+    plain = make_engine()
+    got, first_spec = run(spec)
+    assert got == run(plain)[0]
+    assert first_spec is not None and first_spec >= WIDE_COOLDOWN
