@@ -205,9 +205,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(keys: Sequence[int], vocab_size: int, device: torch.device | str) -> torch.Tensor:
     """float32 [len(keys), vocab] standard Gumbel noise, a pure function of (key, token)."""
-    k = torch.tensor(
-        [[(key & 0xFFFFFFFF), key >> 32] for key in keys], dtype=torch.int64, device=device
-    )
+    halves = np.array([[key & 0xFFFFFFFF, key >> 32] for key in keys], dtype=np.int64)
+    k = to_device(halves.reshape(len(keys), 2), torch.device(device))
     v = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
     h = _mix32(_mix32(v ^ k[:, :1]) ^ k[:, 1:])
     # 23 bits + 0.5 stays exactly representable in float32, so u < 1 strictly:
@@ -238,9 +237,9 @@ def _apply_repetition_penalty(
     if not rows:
         return logits
     dev = logits.device
-    r = torch.from_numpy(np.concatenate(rows)).to(dev)
-    t = torch.from_numpy(np.concatenate(toks)).to(dev)
-    pen = torch.from_numpy(np.concatenate(pens)).to(dev)
+    r = to_device(np.concatenate(rows), dev)
+    t = to_device(np.concatenate(toks), dev)
+    pen = to_device(np.concatenate(pens), dev)
     score = logits[r, t]
     logits = logits.clone()
     logits[r, t] = torch.where(score < 0, score * pen, score / pen)
@@ -257,20 +256,21 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
         sx, idx = x.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=dev)[None, :]
-        sx = sx.masked_fill(rank >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
+        k_dev = to_device(np.asarray(top_k, dtype=np.int64), dev)
+        sx = sx.masked_fill(rank >= k_dev[:, None], float("-inf"))
         probs = sx.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass strictly above each token
         # transformers' rule: drop a token once the mass above it reaches top_p;
         # rank 0 never drops (`before` is 0 there and top_p > 0).
-        drop = before >= torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+        p_dev = to_device(np.asarray(top_p, dtype=np.float32), dev).to(probs.dtype)
+        drop = before >= p_dev[:, None]
         sx = sx.masked_fill(drop, float("-inf"))
         x = torch.empty_like(x).scatter_(1, idx, sx)
     min_p = [p.min_p for p in params]
     if any(m > 0 for m in min_p):
         probs = x.softmax(-1)
-        floor = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * probs.amax(
-            -1, keepdim=True
-        )
+        m_dev = to_device(np.asarray(min_p, dtype=np.float32), dev).to(probs.dtype)
+        floor = m_dev[:, None] * probs.amax(-1, keepdim=True)
         x = x.masked_fill(probs < floor, float("-inf"))
     return x
 
@@ -366,8 +366,9 @@ class Sampler:
         if sampled:
             sp = [params[r] for r in sampled]
             keys = self._keys(params, positions, sampled)
-            rows = torch.tensor(sampled, device=x.device)
-            temps = torch.tensor([p.temperature for p in sp], device=x.device)[:, None]
+            rows = to_device(np.asarray(sampled, dtype=np.int64), x.device)
+            temps = to_device(np.asarray([p.temperature for p in sp], dtype=np.float32),
+                              x.device)[:, None]
             xs = _filter(x[rows] / temps, sp)
             tokens[rows] = (xs + gumbel_noise(keys, vocab, x.device)).argmax(dim=-1)
 
