@@ -367,8 +367,9 @@ class Sampler:
             sp = [params[r] for r in sampled]
             keys = self._keys(params, positions, sampled)
             rows = to_device(np.asarray(sampled, dtype=np.int64), x.device)
-            temps = to_device(np.asarray([p.temperature for p in sp], dtype=np.float32),
-                              x.device)[:, None]
+            with np.errstate(over="ignore"):  # a temperature past float32 is inf, as in torch
+                t32 = np.asarray([p.temperature for p in sp], dtype=np.float32)
+            temps = to_device(t32, x.device)[:, None]
             xs = _filter(x[rows] / temps, sp)
             tokens[rows] = (xs + gumbel_noise(keys, vocab, x.device)).argmax(dim=-1)
 
