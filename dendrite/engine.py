@@ -820,6 +820,8 @@ class Engine:
         if self.tree.pages_needed(nodes, np.ones(len(nodes), dtype=np.int32)) > self.pool.free:
             return None
         self.stats["lookahead_steps"] += 1
+        if self._spec is not None:  # a plain step that try_step never sees
+            self.stats["spec_off_steps"] += 1
         return self._launch([(s, 1) for s in cur.seqs], fed=cur.tokens)
 
     def _complete(self, cur: "_Launched", placeholders: bool) -> list[GenHandle]:

@@ -94,6 +94,20 @@ def test_rule_turns_speculation_off_for_wide_batches(make_engine):
     assert e.stats["spec_steps"] == 0 and e.stats["spec_off_steps"] > 0
 
 
+def test_off_steps_count_launched_ahead_steps(make_engine):
+    """A plain step launched ahead (lookahead) is a speculation-off step too: the
+    count is the same with and without lookahead."""
+    counts = []
+    for lookahead in (False, True):
+        e = make_engine(speculative=SpeculativeConfig(num_draft=3, max_rows=2),
+                        lookahead=lookahead)
+        kids = e.new_sequence(REPEAT).fork(4)
+        e.generate(kids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        counts.append((e.stats["spec_off_steps"], e.stats["lookahead_steps"]))
+    (off_plain, _), (off_ahead, launched) = counts
+    assert launched > 0 and off_ahead == off_plain > 0
+
+
 def test_rule_pauses_a_branch_whose_drafts_fail(make_engine, other_dir):
     """A draft model that is never right: after the first steps the branch
     drafts only every `probe_every` steps."""
