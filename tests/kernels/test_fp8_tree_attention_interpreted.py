@@ -10,25 +10,14 @@ here: the interpreter's float32 -> FP8 conversion does not round to nearest
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
+from triton_interpreter import run_interpreted
+
 SCRIPT = r'''
 import numpy as np, torch
-import triton.runtime.interpreter as interp
-
-_patch = interp._patch_lang_tensor  # (numpy 2 and Triton 3.6's loop bounds, as the other test)
-def _patched(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patched
-
 from dendrite.kernels.tree_attention import TreeAttention
 from dendrite.model.kv_cache import dequantize, quantize
 from tree_attention_case import random_tree, reference
@@ -64,10 +53,6 @@ print("cases", cases)
 
 
 def test_fp8_pages_match_the_dequantized_reference_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_interpreted(SCRIPT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cases 3" in proc.stdout

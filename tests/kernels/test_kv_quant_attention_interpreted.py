@@ -9,27 +9,14 @@ kernels, hence a subprocess.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
+from triton_interpreter import run_interpreted
+
 SCRIPT = r'''
 import torch
-import triton.runtime.interpreter as interp
-
-# Triton 3.6's interpreter converts loop bounds with int() of a one-element
-# array, which numpy 2 refuses; give it the element.
-_patch = interp._patch_lang_tensor
-def _patched(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patched
-
 from dendrite.kernels.kv_quant_attention import decode_attention, decode_attention_torch
 from dendrite.model.kv_quant import KVQuantFormat
 from kv_quant_case import random_pages
@@ -74,11 +61,6 @@ print("cases", cases)
 
 
 def test_kernels_interpreted_match_torch():
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(here), str(here.parents[1]),
-                                           os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "cases 8" in r.stdout
+    proc = run_interpreted(SCRIPT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cases 8" in proc.stdout
