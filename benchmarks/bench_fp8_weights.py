@@ -64,38 +64,13 @@ def sync(device: torch.device) -> None:
 
 def build_model(out: Path, cfg: dict[str, Any], device: torch.device) -> Path:
     """config.json, tokenizer and seeded N(0, 0.02) bf16 weights (norms ~1), once."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer
-
-    from dendrite.tiny_model import BOS, EOS, build_tokenizer
+    import bench_gpu_model as bgm
 
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and \
             json.loads((out / "config.json").read_text()).get("hidden_size") == cfg["hidden_size"]:
         return out
     log(f"building random weights in {out}")
-    build_tokenizer(out)
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    cfg = dict(cfg, bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS))
-    h, i, v, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    hq, hkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def normal(*shape, std=0.02, mean=0.0):
-        t = torch.randn(shape, generator=g, device=device) * std + mean
-        return t.to(torch.bfloat16).cpu()
-
-    w = {"model.embed_tokens.weight": normal(v, h), "model.norm.weight": normal(h, mean=1.0)}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        w[p + "input_layernorm.weight"] = normal(h, mean=1.0)
-        w[p + "post_attention_layernorm.weight"] = normal(h, mean=1.0)
-        for name, rows, cols in (("self_attn.q_proj", hq, h), ("self_attn.k_proj", hkv, h),
-                                 ("self_attn.v_proj", hkv, h), ("self_attn.o_proj", h, hq),
-                                 ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
-                                 ("mlp.down_proj", h, i)):
-            w[p + name + ".weight"] = normal(rows, cols)
-    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    bgm.write_random_llama(out, cfg, device, seed=0)
     return out
 
 

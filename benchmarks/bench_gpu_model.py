@@ -118,26 +118,25 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
 
 
 # -- build ---------------------------------------------------------------------------
-def stage_build(args, res: dict) -> None:
-    """Config, tokenizer and seeded random bf16 weights (N(0, 0.02), norms ~1)."""
+def write_random_llama(out: Path, cfg: dict, device: str | torch.device,
+                       seed: int) -> dict[str, torch.Tensor]:
+    """A Llama model dir of shape `cfg` in `out`: the tiny tokenizer, config.json
+    (with its BOS/EOS ids) and seeded random bf16 weights (N(0, 0.02), norms
+    ~1) drawn on `device`; returns the weights."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     from dendrite.tiny_model import BOS, EOS, build_tokenizer
 
-    out = MODEL_DIR
     build_tokenizer(out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    cfg = dict(LLAMA_1B, bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS))
-    if args.tiny:  # smoke-test shape for machines without a GPU
-        cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    cfg = dict(cfg, bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS))
     h, i, v, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
     hq, hkv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*shape, std=0.02, mean=0.0):
-        t = torch.randn(shape, generator=g, device=args.device, dtype=torch.float32) * std + mean
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std + mean
         return t.to(torch.bfloat16).cpu()
 
     w = {"model.embed_tokens.weight": normal(v, h), "model.norm.weight": normal(h, mean=1.0)}
@@ -145,19 +144,29 @@ def stage_build(args, res: dict) -> None:
         p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = normal(h, mean=1.0)
         w[p + "post_attention_layernorm.weight"] = normal(h, mean=1.0)
-        w[p + "self_attn.q_proj.weight"] = normal(hq, h)
-        w[p + "self_attn.k_proj.weight"] = normal(hkv, h)
-        w[p + "self_attn.v_proj.weight"] = normal(hkv, h)
-        w[p + "self_attn.o_proj.weight"] = normal(h, hq)
-        w[p + "mlp.gate_proj.weight"] = normal(i, h)
-        w[p + "mlp.up_proj.weight"] = normal(i, h)
-        w[p + "mlp.down_proj.weight"] = normal(h, i)
+        for name, rows, cols in (("self_attn.q_proj", hq, h), ("self_attn.k_proj", hkv, h),
+                                 ("self_attn.v_proj", hkv, h), ("self_attn.o_proj", h, hq),
+                                 ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+                                 ("mlp.down_proj", h, i)):
+            w[p + name + ".weight"] = normal(rows, cols)
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
          "do_sample": False}, indent=2))
-    res.update(model_dir=str(out), weight_bytes=sum(t.numel() * t.element_size() for t in w.values()),
+    return w
+
+
+def stage_build(args, res: dict) -> None:
+    """Config, tokenizer and seeded random bf16 weights of the 1B shape (`--tiny`: a
+    smoke-test shape) in MODEL_DIR."""
+    cfg = dict(LLAMA_1B)
+    if args.tiny:  # smoke-test shape for machines without a GPU
+        cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    w = write_random_llama(MODEL_DIR, cfg, args.device, args.seed)
+    res.update(model_dir=str(MODEL_DIR),
+               weight_bytes=sum(t.numel() * t.element_size() for t in w.values()),
                params=sum(t.numel() for t in w.values()))
 
 
