@@ -9,6 +9,7 @@ Each configuration builds its own `Engine` on the same model dir and dtype
     fp8w        Engine(quantization="fp8")      FP8 weights
     mxfp8w      Engine(quantization="mxfp8")    MXFP8 weights
     fp32        Engine(dtype="float32")         not quantized: bf16's own rounding, for scale
+    head        Engine(quantize_lm_head=True)   the output projection too (with fp8w/mxfp8w)
     a+b         both (one KV part, one weight part), e.g. fp8kv+fp8w
 
 An engine that does not accept a configuration's options (not built yet, or
@@ -75,6 +76,8 @@ PARTS: dict[str, dict[str, Any]] = {
     "int4kv": {"kv_dtype": "int4"},
     "fp8w": {"quantization": "fp8"},
     "mxfp8w": {"quantization": "mxfp8"},
+    # The output projection too (with fp8w or mxfp8w: it takes their format).
+    "head": {"quantize_lm_head": True},
     # Not a quantization: float32 model and KV, the floor of what bf16 itself changes.
     "fp32": {"dtype": "float32"},
 }

@@ -24,7 +24,9 @@ Three parts, each a table:
   model ``(layers + extra) / layers`` times deeper; more noise moves the
   target's argmax away from the draft's, lowering acceptance. Acceptance is
   thus controlled and measured, and the speedup is that of a cheap draft for
-  an expensive target.
+  an expensive target. At noise 0 the target also runs prompt lookup (n-gram
+  k=8) on the copy task: the ``ngram`` rows again, on a target whose step is
+  bound by its weights and launches rather than by the host.
 
 Every speculative row checks exactness: its tokens must equal the plain
 run's (column ``same``). Speedup is plain wall time / speculative wall time
@@ -340,8 +342,16 @@ def main(argv: list[str] | None = None) -> int:
                                 max_tokens, None, reps)
                 measure(res, f"controlled noise={noise}", f"model k={a.k}", t_spec, story_ids, b,
                         max_tokens, plain, reps)
-            t_plain.close()
             t_spec.close()
+            if noise == 0 and budget.allows():
+                t_ngram = Engine(tdir, speculative=SpeculativeConfig(num_draft=8), **engine_kw)
+                for b in branches:
+                    plain = measure(res, "controlled ngram-repeat", "off", t_plain, copy_ids, b,
+                                    max_tokens, None, reps)
+                    measure(res, "controlled ngram-repeat", "ngram k=8", t_ngram, copy_ids, b,
+                            max_tokens, plain, reps)
+                t_ngram.close()
+            t_plain.close()
             shutil.rmtree(tdir.parent, ignore_errors=True)
     res.finish()
     return 0

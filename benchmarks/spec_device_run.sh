@@ -10,12 +10,13 @@
 #   spec_controlled.json/.md  benchmarks/bench_speculative.py --parts controlled:
 #                   the draft = --model, the target = the draft + 7x its layers
 #                   appended (output projections noise 0 and 0.5 x std: acceptance
-#                   ~100% for greedy, and lower), 1 and 16 branches
+#                   ~100% for greedy, and lower), 1 and 16 branches; at noise 0
+#                   also n-gram k=8 on the copy task
 #   spec.json/.md   the rule table (verify vs plain step, B = 1..32), n-gram on a
 #                   copy task (1 and 16 branches), self-draft acceptance (greedy;
 #                   sampled, proposed vs drawn drafts)
 #   run.log         everything printed
-# Under 6 minutes on an H100: each stage has a timeout (60 + 150 + 130 s) and
+# Under 7 minutes on an H100: each stage has a timeout (60 + 150 + 200 s) and
 # each benchmark a wall-clock budget (rows that would start past it are
 # skipped and marked so; every row is saved as it is measured). On a fresh
 # machine FlashInfer compiles its kernels on first use (~90 s for prefill):
@@ -53,8 +54,8 @@ case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH=${PYTHONPATH:+$P
   # (noise 0: 100% for greedy; 0.5: lower).
   echo "== bench_speculative.py: controlled pair"
   # shellcheck disable=SC2086
-  timeout 130 python3 benchmarks/bench_speculative.py --model "$MODEL" $DEVICE $QUICK \
-    --out "$OUT/spec_controlled.json" --parts controlled --noise 0,0.5 --budget 80 \
+  timeout 200 python3 benchmarks/bench_speculative.py --model "$MODEL" $DEVICE $QUICK \
+    --out "$OUT/spec_controlled.json" --parts controlled --noise 0,0.5 --budget 150 \
     --max-tokens 128 --reps 1
   echo "== exit $?"
 } 2>&1 | tee "$OUT/run.log"

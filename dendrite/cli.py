@@ -43,6 +43,7 @@ from dendrite.cli_common import (  # noqa: F401 - re-exported: the subcommands' 
     check_device,
     check_model_dir,
     check_output_file,
+    check_quantization_args,
     non_negative_int,
     positive_int,
     run_command,
@@ -81,6 +82,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UsageError("the prompt is empty")
+    check_quantization_args(args)
     check_model_dir(args.model)
     check_device(args.device)
 
@@ -91,7 +93,8 @@ def _generate(args: argparse.Namespace) -> int:
                             seed=args.seed, max_tokens=args.max_tokens)
     t0 = time.perf_counter()
     engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
-                    quantization=args.quantization, tensor_parallel=args.tensor_parallel,
+                    quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+                    tensor_parallel=args.tensor_parallel,
                     speculative=args.speculative)
     try:
         print(f"[dendrite] model {engine.model_dir} on {engine.device} "

@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["EXIT_BUG", "KV_DTYPE_CHOICES", "QUANTIZATION_CHOICES", "UsageError", "add_kv_dtype_argument",
            "add_quantization_argument", "add_speculative_argument", "add_tensor_parallel_argument",
            "check_device",
-           "check_model_dir", "check_output_file", "non_negative_int", "positive_int",
+           "check_model_dir", "check_quantization_args", "check_output_file", "non_negative_int", "positive_int",
            "run_command", "seed_int"]
 
 #: `--kv-dtype` values, names of dendrite.model.kv_cache.KV_DTYPES spelled out here so
@@ -106,11 +106,22 @@ QUANTIZATION_CHOICES = ("none", "fp8", "mxfp8")
 
 def add_quantization_argument(p: argparse.ArgumentParser) -> None:
     """`--quantization {none,fp8,mxfp8}`: how the projection weights are stored
-    (`Engine(quantization=...)`); unset: as the checkpoint is."""
+    (`Engine(quantization=...)`); unset: as the checkpoint is. And
+    `--quantize-lm-head` (`Engine(quantize_lm_head=True)`)."""
     p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default=None,
                    help="attention/MLP weights: none (dense), fp8 (e4m3, 128x128 block "
                         "scales), mxfp8 (e4m3, power-of-two scales per 32); default: as the "
                         "checkpoint is")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the output projection too, in --quantization's format "
+                        "(needs --quantization fp8 or mxfp8)")
+
+
+def check_quantization_args(args: argparse.Namespace) -> None:
+    """A UsageError when `--quantize-lm-head` comes without a format to take."""
+    if args.quantize_lm_head and args.quantization not in ("fp8", "mxfp8"):
+        raise UsageError("--quantize-lm-head needs --quantization fp8 or mxfp8 (the format "
+                         "the output projection takes)")
 
 
 def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:

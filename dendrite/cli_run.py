@@ -217,13 +217,19 @@ def run(args: argparse.Namespace) -> int:
 
     Everything the command line names (script, --arg, --tree, --model,
     --device) is checked before the model loads."""
-    from dendrite.cli_common import check_device, check_model_dir, check_output_file
+    from dendrite.cli_common import (
+        check_device,
+        check_model_dir,
+        check_output_file,
+        check_quantization_args,
+    )
 
     from dendrite.cli_common import UsageError
 
     if args.stream and args.json:
         raise UsageError("--stream prints text to stdout, which --json keeps for the JSON "
                          "result: give one of them")
+    check_quantization_args(args)
     path, program, prog_args = _load(args)
     if args.tree:
         check_output_file(args.tree, "--tree")
@@ -234,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     from dendrite.program.progress import Progress
 
     engine = Engine(args.model, device=args.device, kv_dtype=args.kv_dtype,
-                    quantization=args.quantization, tensor_parallel=args.tensor_parallel,
+                    quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+                    tensor_parallel=args.tensor_parallel,
                     speculative=args.speculative)
     progress = None if args.quiet or args.stream else Progress()
     stream = _StreamPrinter() if args.stream else None

@@ -294,7 +294,8 @@ class Engine:
     shards the model over N processes, one per device (dendrite.parallel);
     this process is rank 0 and holds the engine. `quantization` (None: as
     the checkpoint is; "none", "fp8", "mxfp8") stores the attention and MLP
-    projections as FP8 (dendrite/quant, docs/quantization.md).
+    projections as FP8 (dendrite/quant, docs/quantization.md);
+    `quantize_lm_head=True` the output projection too.
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str | None = None,
@@ -305,6 +306,7 @@ class Engine:
                  lookahead: bool | None = None, kernels: KernelConfig | None = None,
                  kv_dtype: str | None = None,
                  quantization: str | None = None,
+                 quantize_lm_head: bool = False,
                  speculative: object | None = None,
                  runner: ModelRunner | None = None, tensor_parallel: int = 1) -> None:
         # Sizes are checked before the model loads: a typo costs no load time.
@@ -342,7 +344,7 @@ class Engine:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             # Decode steps whose leaves share a long prefix replay a cascade graph
             # ("auto": when the graph rule says it is faster; "always"; "never").
-            if tensor_parallel > 1 and quantization not in (None, "none"):
+            if tensor_parallel > 1 and (quantization not in (None, "none") or quantize_lm_head):
                 raise ValueError(f"quantization={quantization!r} is not supported with "
                                  "tensor_parallel > 1 yet (FP8 weights are not sharded)")
             if tensor_parallel > 1:  # one process per device; this one is rank 0
@@ -360,7 +362,8 @@ class Engine:
                                      num_pages=num_pages, page_size=page_size,
                                      attention=attention, kernels=kernels,
                                      cuda_graphs=cuda_graphs, cascade=cascade,
-                                     kv_dtype=kv_dtype, quantization=quantization)
+                                     kv_dtype=kv_dtype, quantization=quantization,
+                                     quantize_lm_head=quantize_lm_head)
         self.runner = runner
         self.model_dir = Path(runner.loaded.path)
         self.tokenizer = runner.tokenizer

@@ -1,59 +1,16 @@
-"""Triton kernels of `dendrite.kernels.fp8_matmul` (imported only where Triton is).
+"""Triton kernel of `dendrite.kernels.fp8_matmul` for many rows (imported only
+where Triton is; one to 16 rows run the GEMV and few-row kernels).
 
 The weight is float8_e4m3fn [N, K] with one scale per (SN rows x SK columns)
 block, float32 (fp8) or uint8 e8m0 (MX: `2^(e - 127)`); the scale of element
-(n, k) is `s[(n // SN) * s_stride + k // SK]`. Both kernels read e4m3 bytes
-and scales from memory and dequantize in registers; nothing is stored back.
-
-* `fp8_gemv_kernel`, one row of x: each program takes BLOCK_N rows of W over
-  all of K (unrolled, so its loads are in flight together), multiplies in
-  float32 and sums each scale group before scaling it: exact products, one
-  multiply per group.
-* `fp8_mm_kernel`, any number of rows: [BLOCK_M, BLOCK_N] tiles on the tensor
-  cores. e4m3 converts to bf16/fp16 exactly, so each BLOCK_K slice (inside one
-  scale group) is `dot(x, W_e4m3) * s` with float32 accumulation.
+(n, k) is `s[(n // SN) * s_stride + k // SK]`. `fp8_mm_kernel` computes
+[BLOCK_M, BLOCK_N] tiles on the tensor cores: e4m3 converts to bf16/fp16
+exactly, so each BLOCK_K slice (inside one scale group) is
+`dot(x, W_e4m3) * s` with float32 accumulation; nothing is stored back.
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, s_stride,
-                    K: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr, MX: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP: tl.constexpr, G: tl.constexpr):
-    """y[0, :] = x[0, :] @ dequant(W).T; GROUP = columns per scale inside a chunk
-    (BLOCK_K when a chunk lies inside one scale group, else SK, dividing BLOCK_K),
-    G = BLOCK_K // GROUP scale groups per chunk."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    srow = (offs_n // SN) * s_stride
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        xk = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        p = w.to(tl.float32) * xk[None, :]
-        if G == 1:
-            s = tl.load(s_ptr + srow + k0 // SK, mask=n_ok, other=0)
-            if MX:
-                s = tl.exp2(s.to(tl.float32) - 127.0)
-            acc += tl.sum(p, axis=1) * s.to(tl.float32)
-        else:
-            part = tl.sum(tl.reshape(p, [BLOCK_N, G, GROUP]), axis=2)  # [BLOCK_N, G]
-            offs_g = k0 + tl.arange(0, G) * GROUP
-            s = tl.load(s_ptr + srow[:, None] + (offs_g // SK)[None, :],
-                        mask=n_ok[:, None] & (offs_g < K)[None, :], other=0)
-            if MX:
-                s = tl.exp2(s.to(tl.float32) - 127.0)
-            acc += tl.sum(part * s.to(tl.float32), axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from dendrite.kernels import weight_scales
 from dendrite.kernels.config import KernelConfig, triton_available
 
 __all__ = ["gemv", "supported", "tile_for"]
@@ -37,18 +38,31 @@ _ALL = KernelConfig()
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False,
-              kernels: KernelConfig = _ALL) -> bool:
-    """True when `gemv(x, weight, glu=glu)` can run and `kernels.gemv` allows it:
-    one CUDA row, fp16/bf16, Triton importable."""
-    return (kernels.gemv and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
+              kernels: KernelConfig = _ALL, scale: torch.Tensor | None = None,
+              block: tuple[int, int] | None = None) -> bool:
+    """True when `gemv(x, weight, glu=glu, scale=scale, block=block)` can run and
+    `kernels.gemv` allows it: one CUDA row, fp16/bf16, Triton importable, the
+    weight dense in x's dtype or (with `scale`) e4m3 in scale blocks the tile
+    can follow (dendrite/kernels/weight_scales.py)."""
+    if not (kernels.gemv and x.is_cuda and x.dtype in _DTYPES
             and x.dim() == 2 and x.shape[0] == 1
             and weight.dim() == 2 and weight.is_contiguous()
             and x.shape[1] == weight.shape[1] * (2 if glu else 1)
-            and triton_available())
+            and triton_available()):
+        return False
+    if scale is None:
+        return weight.dtype == x.dtype
+    if block is None or not weight_scales.accepts(weight, scale, block):
+        return False
+    n, k = weight.shape
+    block_n, block_k, _ = tile_for(n, k, glu=glu, weight_bytes=1)
+    return weight_scales.gemv_mode(n, k, block, block_n, block_k) is not None
 
 
-def tile_for(n: int, k: int, norm: bool = False, glu: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for W of shape [n, k]; depends on the shape only.
+def tile_for(n: int, k: int, norm: bool = False, glu: bool = False,
+             weight_bytes: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for W of shape [n, k] with `weight_bytes`
+    per element (1: e4m3); depends on the shape only.
 
     From a sweep over 1-16 rows x 4/8 warps of the Llama-3.2-1B weight shapes
     on an H100 (benchmarks/bench_kernels_gpu.py, docs/benchmarks.md): about
@@ -66,113 +80,71 @@ def tile_for(n: int, k: int, norm: bool = False, glu: bool = False) -> tuple[int
             block_n *= 2
         return block_n, block_k, 8
     block_n = 1
-    while block_n < 16 and (2 * block_n) * 2 * k <= 8 * 1024:
+    while block_n < 16 and (2 * block_n) * weight_bytes * k <= 8 * 1024:
         block_n *= 2
-    return block_n, block_k, (8 if norm or n * k * 2 > 16 << 20 else 4)
-
-
-_KERNEL = None
-
-
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton  # noqa: PLC0415
-    import triton.language as tl  # noqa: PLC0415
-
-    @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, eps,
-                    K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                    GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        dt = y_ptr.dtype.element_ty
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        # The first chunk of W is requested before anything else, so its trip
-        # from HBM overlaps the RMSNorm statistics below.
-        offs_k = tl.arange(0, BLOCK_K)
-        w_first = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                          mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0,
-                          eviction_policy="evict_first")
-        if NORM:  # RMSNorm statistics of x (from L2: every program reads the same row)
-            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in tl.static_range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                sq += xk * xk
-            rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            if k0 == 0:
-                w = w_first
-            else:
-                w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                            eviction_policy="evict_first")
-            if GLU:  # x = [gate | up]: SiLU(gate) * up, each rounded like the torch ops
-                g = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                u = tl.load(x_ptr + K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                xk = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-                xk = (xk * u).to(dt).to(tl.float32)
-            else:
-                xk = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:
-                nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                xk = (xk * rstd).to(dt).to(tl.float32)
-                xk = (xk * nw).to(dt).to(tl.float32)
-            acc += w.to(tl.float32) * xk[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            y = y.to(dt).to(tl.float32) + tl.load(r_ptr + offs_n, mask=n_ok,
-                                                  other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, y.to(dt), mask=n_ok)
-
-    _KERNEL = (triton, gemv_kernel)
-    return _KERNEL
+    return block_n, block_k, (8 if norm or n * k * weight_bytes > 16 << 20 else 4)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             norm_weight: torch.Tensor | None, eps: float, glu: bool,
-            residual: torch.Tensor | None, tile: tuple[int, int, int] | None = None
+            residual: torch.Tensor | None, tile: tuple[int, int, int] | None = None,
+            scale: torch.Tensor | None = None, block: tuple[int, int] = (0, 0)
             ) -> torch.Tensor:
-    """Run the kernel; `tile` overrides `tile_for` (benchmarks)."""
-    triton, kernel = _kernel()
+    """Run the kernel; `tile` overrides `tile_for` (benchmarks); `scale` and
+    `block`: the e4m3 weight's block scales."""
+    import triton  # noqa: PLC0415
+
+    from dendrite.kernels._gemv_triton import gemv_kernel  # noqa: PLC0415
+
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tile or tile_for(n, k, norm_weight is not None, glu)
-    kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight,
-        norm_weight if norm_weight is not None else weight,
-        residual.contiguous() if residual is not None else y, y, n, eps,
+    block_n, block_k, warps = tile or tile_for(n, k, norm_weight is not None, glu,
+                                               1 if scale is not None else 2)
+    mode, groups, group = 0, 1, block_k
+    if scale is not None:
+        plan = weight_scales.gemv_mode(n, k, block, block_n, block_k)
+        if plan is None:
+            raise ValueError(f"gemv: tile {block_n} x {block_k} cuts the scale blocks {block}")
+        mode, groups, group = plan
+    gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else x,
+        norm_weight if norm_weight is not None else x,
+        residual.contiguous() if residual is not None else y, y,
+        scale if scale is not None else x, n, eps,
+        scale.stride(0) if scale is not None else 0,
         K=k, HAS_BIAS=bias is not None, NORM=norm_weight is not None, GLU=glu,
-        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        SCALES=mode, MX=scale is not None and scale.dtype == torch.uint8,
+        SN=max(block[0], 1), SK=max(block[1], 1), G=groups, GROUP=group, num_warps=warps)
     return y
 
 
 @torch.library.custom_op("dendrite::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              norm_weight: torch.Tensor | None, eps: float, glu: bool,
-             residual: torch.Tensor | None) -> torch.Tensor:
-    return _launch(x, weight, bias, norm_weight, eps, glu, residual)
+             residual: torch.Tensor | None, scale: torch.Tensor | None,
+             block_rows: int, block_cols: int) -> torch.Tensor:
+    return _launch(x, weight, bias, norm_weight, eps, glu, residual, None, scale,
+                   (block_rows, block_cols))
 
 
 @_gemv_op.register_fake
-def _(x, weight, bias, norm_weight, eps, glu, residual):
+def _(x, weight, bias, norm_weight, eps, glu, residual, scale, block_rows, block_cols):
     return x.new_empty((1, weight.shape[0]))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 1e-6, glu: bool = False,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`[residual +] f(x) @ weight.T [+ bias]` for one row x; needs `supported`.
+         residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+         block: tuple[int, int] | None = None) -> torch.Tensor:
+    """`[residual +] f(x) @ W.T [+ bias]` for one row x; needs `supported`.
 
     f is RMSNorm with `norm_weight` (and `eps`) when given, SiLU(gate) * up
     when `glu` (x is `[gate | up]`, twice weight's K), identity otherwise.
+    W is `weight`, or with `scale` the e4m3 `weight` times its scale of each
+    `block = (rows, cols)` block (float32 multipliers, or uint8 e8m0 exponents).
     """
-    return _gemv_op(x, weight, bias, norm_weight, float(eps), bool(glu), residual)
+    rows, cols = block if block is not None else (0, 0)
+    return _gemv_op(x, weight, bias, norm_weight, float(eps), bool(glu), residual, scale,
+                    int(rows), int(cols))

@@ -83,29 +83,42 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _scales(proj: nn.Module) -> dict[str, object]:
+    """The fused kernels' weight-scale arguments for a projection: none for a
+    dense nn.Linear, `scale` and `block` for a QuantLinear (e4m3 `weight`)."""
+    scale = getattr(proj, "weight_scale", None)
+    return {} if scale is None else {"scale": scale, "block": proj.block}
+
+
 @dataclass(frozen=True)
 class _StepKernels:
     """The kernels of one forward, chosen once for all its layers."""
 
     #: `gemv` (one row) or `skinny` (2-16 rows): each decoder layer is four
-    #: fused matmuls; None: the projections are `F.linear` (cuBLAS).
+    #: fused matmuls; None: the projections are `F.linear` (cuBLAS) or
+    #: QuantLinear's own kernels.
     matmul: Callable[..., torch.Tensor] | None
     #: The fused row kernels (RMSNorm + residual, SiLU*up, RoPE + K/V write).
     rows: bool
 
     @staticmethod
-    def choose(h: torch.Tensor, weight: torch.Tensor | None,
+    def choose(h: torch.Tensor, layer: "DecoderLayer | None",
                kernels: KernelConfig) -> "_StepKernels":
-        """For hidden states `h` [T, H] and the first layer's q|k|v `weight`
-        (every layer has its shapes, dtype and layout)."""
+        """For hidden states `h` [T, H] and the first decoder layer (every layer
+        has its projections' shapes, dtypes, scale blocks and layout)."""
         matmul = None
-        # FP8 projections (dendrite/quant, e4m3 `weight`): the fused kernels read
-        # dense weights, so such a step calls the modules (QuantLinear's kernels).
-        if weight is not None and weight.dtype == h.dtype:
-            if supported(h, weight, kernels=kernels):
+        if layer is not None:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+            one = [(qkv, False), (o, False), (gate_up, False), (down, True)]
+            if all(supported(h, p.weight, glu=glu, kernels=kernels, **_scales(p))
+                   for p, glu in one):
                 matmul = gemv
-            elif skinny_supported(h, weight, kernels=kernels):
-                matmul = skinny
+            else:
+                rows = [(qkv, False), (o, False), (gate_up, True), (down, False)]
+                if all(skinny_supported(h, p.weight, glu_out=glu, kernels=kernels,
+                                        **_scales(p)) for p, glu in rows):
+                    matmul = skinny
         return _StepKernels(matmul, rows_supported(h, kernels))
 
 
@@ -233,24 +246,28 @@ class DecoderLayer(nn.Module):
             # prologue for one row, the gate|up matmul's epilogue for several.
             one_row = mm is gemv
             ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-            qkv = mm(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                     norm_weight=ln1.weight, eps=ln1.eps)
+            qkv_p, o_p = attn.qkv_proj, attn.o_proj
+            qkv = mm(h, qkv_p.weight, qkv_p.bias, norm_weight=ln1.weight, eps=ln1.eps,
+                     **_scales(qkv_p))
             o = attn.attend(qkv, cos, sin, meta, kv, backend, step.rows)
             if ar is None:
-                h = mm(o, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+                h = mm(o, o_p.weight, o_p.bias, residual=h, **_scales(o_p))
             else:  # tensor parallel: sum the partial outputs, then the residual
-                h = h + ar(mm(o, attn.o_proj.weight, attn.o_proj.bias))
+                h = h + ar(mm(o, o_p.weight, o_p.bias, **_scales(o_p)))
             up, down = mlp.gate_up_proj, mlp.down_proj
             if one_row:
-                gate_up = gemv(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps)
+                gate_up = gemv(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps,
+                               **_scales(up))
                 if ar is not None:
-                    return h + ar(gemv(gate_up, down.weight, down.bias, glu=True))
-                return gemv(gate_up, down.weight, down.bias, glu=True, residual=h)
+                    return h + ar(gemv(gate_up, down.weight, down.bias, glu=True,
+                                       **_scales(down)))
+                return gemv(gate_up, down.weight, down.bias, glu=True, residual=h,
+                            **_scales(down))
             act = skinny(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps,
-                         glu_out=True)
+                         glu_out=True, **_scales(up))
             if ar is not None:
-                return h + ar(skinny(act, down.weight, down.bias))
-            return skinny(act, down.weight, down.bias, residual=h)
+                return h + ar(skinny(act, down.weight, down.bias, **_scales(down)))
+            return skinny(act, down.weight, down.bias, residual=h, **_scales(down))
         a = attn(self.input_layernorm(h), cos, sin, meta, kv, backend, step.rows)
         h = h + (a if ar is None else ar(a))
         m = mlp(self.post_attention_layernorm(h))
@@ -319,7 +336,8 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The output projection weight (the embedding when tied)."""
+        """The dense output projection weight (the embedding when tied); a
+        quantized head's e4m3 data when `quantize_lm_head` replaced it."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
@@ -344,7 +362,7 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype)[:, None, :], emb.sin().to(h.dtype)[:, None, :]
         norm = self.model.norm
-        first = self.model.layers[0].self_attn.qkv_proj.weight if self.model.layers else None
+        first = self.model.layers[0] if self.model.layers else None
         step = _StepKernels.choose(h, first, kernels)
         if step.rows and step.matmul is None:
             residual = None
@@ -360,7 +378,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor,
                        kernels: KernelConfig = _ALL) -> torch.Tensor:
         """[N, H] -> float32 [N, vocab]; matmul in the model dtype like transformers
-        (the single- or few-row kernel for 1-16 CUDA rows, where `kernels` allows)."""
+        (the single- or few-row kernel for 1-16 CUDA rows, where `kernels` allows).
+        A quantized head (`quantize_lm_head` at load) is a QuantLinear module."""
+        head = self.lm_head
+        if head is not None and not isinstance(head, nn.Linear):
+            return head(hidden).float()
         return linear(hidden, self.lm_head_weight, kernels=kernels).float()
 
     # -- checkpoint loading ---------------------------------------------------

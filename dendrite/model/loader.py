@@ -191,11 +191,14 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     config: ModelConfig | None = None,
     quantization: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
     `quantization` (None, "none", "fp8", "mxfp8"): how the attention and MLP
-    projections are stored (dendrite/quant/scheme.py); None: as the checkpoint is."""
+    projections are stored (dendrite/quant/scheme.py); None: as the checkpoint is.
+    `quantize_lm_head`: the output projection too, in the projections' format
+    (a tied embedding keeps its dense table for the lookup)."""
     # (Imported here: dendrite.quant imports dendrite.model's modules.)
     from dendrite.quant import loading as quant_loading
     from dendrite.quant import scheme as quant_scheme
@@ -205,6 +208,7 @@ def load_model(
     quant_scheme.check_quantization(quantization)
     d = _model_dir(model_dir)
     config = config or load_config(d)
+    quant_scheme.check_lm_head(quantize_lm_head, quantization)
     dtype = resolve_dtype(config, device, dtype)
     files = checkpoint.weight_files(d)
     tensors = checkpoint.scan(d, files)
@@ -228,6 +232,8 @@ def load_model(
         model.load_hf_weight(info.name, tensor)
     if quant_plan is not None:
         quant_loading.load(model, quant_plan, device, dtype)
+    if quantize_lm_head:
+        quant_loading.quantize_lm_head(model, quantization, device)
     return model.eval().requires_grad_(False)
 
 
@@ -257,16 +263,18 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
     quantization: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> LoadedModel:
     """Config, tokenizer and weights of a local HF model directory
-    (`quantization`: see `load_model`)."""
-    from dendrite.quant.scheme import check_quantization
+    (`quantization`, `quantize_lm_head`: see `load_model`)."""
+    from dendrite.quant.scheme import check_lm_head, check_quantization
 
     check_device(device)  # argument errors before reading anything
     check_dtype(dtype)
     check_quantization(quantization)
+    check_lm_head(quantize_lm_head, quantization)
     d = _model_dir(model_dir)
     config = load_config(d)
     tokenizer = load_tokenizer(d, config)  # cheap; fail before the weights
-    model = load_model(d, device, dtype, config, quantization)
+    model = load_model(d, device, dtype, config, quantization, quantize_lm_head)
     return LoadedModel(d, config, model, tokenizer, load_generation_config(d))

@@ -38,7 +38,7 @@ from dendrite.model.kv_quant_cache import QuantKVCache, make_kv_cache, page_byte
 from dendrite.model.loader import LoadedModel, load
 from dendrite.model.runner_args import check_runner_args
 from dendrite.model.step import StepPlan
-from dendrite.quant.scheme import check_quantization
+from dendrite.quant.scheme import check_lm_head, check_quantization
 
 if TYPE_CHECKING:
     from dendrite.model.cuda_graph import CudaGraphDecodeRunner
@@ -153,6 +153,8 @@ class ModelRunner:
             the checkpoint is), "none" (dense, model dtype), "fp8" (e4m3,
             128 x 128 block scales) or "mxfp8" (e4m3, e8m0 scales per 32);
             see dendrite/quant. Unused with a LoadedModel.
+        quantize_lm_head: the output projection too, in `quantization`'s
+            format ("fp8" or "mxfp8"). Unused with a LoadedModel.
     """
 
     def __init__(
@@ -169,14 +171,16 @@ class ModelRunner:
         cascade: str = "auto",
         kv_dtype: str | None = None,
         quantization: str | None = None,
+        quantize_lm_head: bool = False,
     ) -> None:
         kv_fmt = kv_format(kv_dtype)  # (a ValueError naming kv_dtype, before loading)
         check_runner_args(model, device, dtype, num_pages, page_size, attention,
                           kv_dtype=kv_fmt)
         kernels = _step_args(kernels, cuda_graphs, cascade)  # (the environment too)
         check_quantization(quantization)
+        check_lm_head(quantize_lm_head, quantization)
         self.loaded = model if isinstance(model, LoadedModel) else load(
-            model, device, dtype, quantization=quantization)
+            model, device, dtype, quantization=quantization, quantize_lm_head=quantize_lm_head)
         self.model, self.config = self.loaded.model, self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.device, self.dtype = self.loaded.device, self.loaded.dtype

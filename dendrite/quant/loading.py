@@ -38,13 +38,14 @@ from dendrite.quant.formats import (
     QuantizedWeight,
     cat_rows,
     fused_block,
+    quantize,
     quantize_fp8,
     quantize_mxfp8,
 )
 from dendrite.quant.linear import QuantLinear
 from dendrite.quant.scheme import Scheme, Source
 
-__all__ = ["QuantPlan", "load", "prepare"]
+__all__ = ["QuantPlan", "load", "prepare", "quantize_lm_head"]
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +253,17 @@ def load(model: nn.Module, plan: QuantPlan, device: torch.device | str,
             except ValueError as e:  # a stored weight with NaN / inf, say
                 files = ", ".join(sorted({Path(p.weight.file).name for p in target.parts}))
                 raise ModelLoadError(f"{files}: cannot quantize {target.module}: {e}") from None
+
+
+def quantize_lm_head(model: nn.Module, fmt: str, device: torch.device | str) -> None:
+    """Replace the output projection by a QuantLinear of format `fmt` quantized
+    from the loaded dense weight (the embedding table when tied, which stays
+    dense for the token lookup: decode reads the head for every token, the
+    table one row)."""
+    dense = model.lm_head_weight
+    with torch.no_grad():
+        q = quantize(dense.to(device=device, dtype=torch.float32), fmt)
+    head = QuantLinear(dense.shape[1], dense.shape[0], False, q.block, fmt == "mxfp8")
+    head = head.to(device)
+    head.set_weight(q)
+    model.lm_head = head.requires_grad_(False)

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHOICES", "Scheme", "Source", "check_quantization", "read_source", "resolve"]
+__all__ = ["CHOICES", "Scheme", "Source", "check_lm_head", "check_quantization", "read_source",
+           "resolve"]
 
 #: Values of the `quantization` argument (None: as the checkpoint is).
 CHOICES = ("none", "fp8", "mxfp8")
@@ -51,6 +52,18 @@ def check_quantization(value: object) -> str | None:
         raise ValueError(f"quantization must be None or one of {', '.join(CHOICES)}, "
                          f"got {value!r}")
     return value
+
+
+def check_lm_head(quantize_lm_head: object, quantization: str | None) -> bool:
+    """`quantize_lm_head` if it is a bool that fits `quantization`: the output
+    projection is quantized in the format the load quantizes to, so it needs
+    quantization "fp8" or "mxfp8" (a TypeError/ValueError saying so)."""
+    if not isinstance(quantize_lm_head, bool):
+        raise TypeError(f"quantize_lm_head must be a bool, got {quantize_lm_head!r}")
+    if quantize_lm_head and quantization not in ("fp8", "mxfp8"):
+        raise ValueError(f"quantize_lm_head=True needs quantization='fp8' or 'mxfp8' (the "
+                         f"format it takes), got quantization={quantization!r}")
+    return quantize_lm_head
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ FLAGS = {
     None: {"--help", "--traceback"},
     "generate": {"--help", "--traceback", "--model", "--max-tokens", "--temperature", "--top-p",
                  "--top-k", "--seed", "--device", "--chat", "--kv-dtype", "--quantization",
-                 "--tensor-parallel", "--speculative"},
+                 "--quantize-lm-head", "--tensor-parallel", "--speculative"},
     "run": {"--help", "--traceback", "--model", "--arg", "--program", "--seed", "--tree",
             "--device", "--json", "--max-nodes", "--max-steps", "--quiet", "--stream",
-            "--kv-dtype", "--quantization", "--tensor-parallel", "--speculative"},
+            "--kv-dtype", "--quantization", "--quantize-lm-head", "--tensor-parallel",
+            "--speculative"},
     "demo": {"--help", "--traceback", "--context", "--forks", "--page-size", "--write"},
     "serve": {"--help", "--traceback", "--model", "--host", "--port", "--device", "--model-name",
               "--api-key", "--num-pages", "--max-request-bytes", "--max-tokens",
@@ -320,6 +321,32 @@ def test_unknown_quantization_is_a_usage_error(env, sub):
     args = ["hi"] if sub == "generate" else ["tot"]
     out = dendrite(sub, *args, "--quantization", "int4", env=env)
     assert_usage_error(out, f"dendrite {sub}", "--quantization", "mxfp8")
+
+
+@pytest.mark.parametrize("sub", ["generate", "run"])
+def test_quantize_lm_head_without_a_format_is_a_usage_error(env, sub):
+    args = ["hi"] if sub == "generate" else ["tot"]
+    out = dendrite(sub, *args, "--quantize-lm-head", env=env)
+    assert_usage_error(out, f"dendrite {sub}", "--quantize-lm-head", "--quantization fp8")
+
+
+def test_generate_quantize_lm_head_streams_the_quantized_engines_text(env, model):
+    from dendrite.engine import Engine
+    from dendrite.quant import QuantLinear
+    from dendrite.sampling import SamplingParams
+
+    out = dendrite("generate", "Once upon a time", "--model", str(model), "--device", "cpu",
+                   "--max-tokens", "12", "--quantization", "fp8", "--quantize-lm-head", env=env)
+    assert out.returncode == 0, out.stderr
+    eng = Engine(str(model), device="cpu", quantization="fp8", quantize_lm_head=True,
+                 num_pages=64)
+    try:
+        assert isinstance(eng.runner.model.lm_head, QuantLinear)
+        [res] = eng.generate([eng.new_sequence("Once upon a time")],
+                             [SamplingParams(temperature=0.0, max_tokens=12)])
+    finally:
+        eng.close()
+    assert out.stdout == res.text + "\n"
 
 
 def test_generate_tensor_parallel_prints_the_tp1_text(env, model):

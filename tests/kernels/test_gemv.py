@@ -81,8 +81,11 @@ def test_dispatch_and_compile():
     assert torch.equal(f(one), F.silu(gemv(one, w)) * 2)
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8", "mxfp8"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_fused_decode_layer_matches_unfused(tmp_path, family):
+def test_fused_decode_layer_matches_unfused(tmp_path, family, quantization):
+    """Also on FP8 / MXFP8 projections (the GEMV reads e4m3 and the block
+    scales) against QuantLinear's unfused path."""
     pytest.importorskip("flashinfer")
     from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
@@ -93,7 +96,8 @@ def test_fused_decode_layer_matches_unfused(tmp_path, family):
     model_dir = build_tiny_model(tmp_path / family, family, seed=5, hidden_size=256, heads=4,
                                  kv_heads=2, num_layers=3)
     runner = ModelRunner(model_dir, device="cuda", dtype=torch.bfloat16, num_pages=64,
-                         page_size=16, attention="flashinfer", kernels=KernelConfig())
+                         page_size=16, attention="flashinfer", kernels=KernelConfig(),
+                         quantization=quantization)
     prompt = list(range(3, 40))
 
     def decode_logits() -> torch.Tensor:
@@ -104,6 +108,10 @@ def test_fused_decode_layer_matches_unfused(tmp_path, family):
         ids, meta = pager.step([(sid, [nxt])], "cuda")
         return runner.run(ids, meta)[0]
 
+    from dendrite.model.llama import _StepKernels
+
+    row = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
+    assert _StepKernels.choose(row, runner.model.model.layers[0], KernelConfig()).matmul is gemv
     fused = decode_logits()
     runner.kernels = KernelConfig(gemv=False)  # the config each step passes down
     unfused = decode_logits()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from dendrite.model import ModelLoadError, UnsupportedModelError, load
 from dendrite.model.runner import ModelRunner
 from dendrite.quant import QuantLinear, weight_format
-from dendrite.quant.formats import FP8, FP8_MAX, quantize_fp8
+from dendrite.quant.formats import FP8, FP8_MAX, quantize, quantize_fp8
 from dendrite.tiny_model import build_tiny_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -233,3 +233,36 @@ def test_bad_quantization_argument_is_named(aligned, bad):
     with pytest.raises((ValueError, TypeError), match="quantization must be None or one of "
                                                       "none, fp8, mxfp8"):
         ModelRunner(aligned, num_pages=4, quantization=bad)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp8"])
+@pytest.mark.parametrize("which", ["aligned", "unaligned"])
+def test_quantize_lm_head_quantizes_the_dense_head(fmt, which, request):
+    d = request.getfixturevalue(which)
+    dense_runner, dense = _logits(d)
+    body_runner, body = _logits(d, fmt)
+    r = ModelRunner(d, num_pages=4, quantization=fmt, quantize_lm_head=True)
+    n = len(PROMPT)
+    meta = r.build_metadata(np.arange(n), np.arange(n), np.array([0, n]), np.array([0, 1]),
+                            np.array([0]), np.array([n]))
+    got = r.run(torch.tensor(PROMPT), meta, logits_indices=np.arange(n))
+    head = r.model.lm_head
+    assert isinstance(head, QuantLinear) and head.format == fmt and head.weight.dtype == FP8
+    # The head is the quantized dense head (the tied embedding when tied), and
+    # a tied embedding stays dense for the lookup.
+    want = quantize(dense_runner.model.lm_head_weight.float(), fmt)
+    assert torch.equal(head.weight.view(torch.uint8), want.data.view(torch.uint8))
+    assert torch.equal(head.weight_scale, want.scale)
+    assert r.model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(r.model.model.embed_tokens.weight,
+                       dense_runner.model.model.embed_tokens.weight)
+    _close_to_dense(got, dense)
+    assert not torch.equal(got, body)  # the head's rounding shows
+
+
+@pytest.mark.parametrize("quantization", [None, "none"])
+def test_quantize_lm_head_needs_a_format(aligned, quantization):
+    with pytest.raises(ValueError, match="quantize_lm_head=True needs quantization='fp8' or"):
+        ModelRunner(aligned, num_pages=4, quantization=quantization, quantize_lm_head=True)
+    with pytest.raises(TypeError, match="quantize_lm_head must be a bool"):
+        ModelRunner(aligned, num_pages=4, quantization="fp8", quantize_lm_head="yes")
