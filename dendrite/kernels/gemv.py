@@ -39,15 +39,18 @@ _ALL = KernelConfig()
 
 def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False,
               kernels: KernelConfig = _ALL, scale: torch.Tensor | None = None,
-              block: tuple[int, int] | None = None) -> bool:
+              block: tuple[int, int] | None = None, width: int | None = None) -> bool:
     """True when `gemv(x, weight, glu=glu, scale=scale, block=block)` can run and
     `kernels.gemv` allows it: one CUDA row, fp16/bf16, Triton importable, the
     weight dense in x's dtype or (with `scale`) e4m3 in scale blocks the tile
-    can follow (dendrite/kernels/weight_scales.py)."""
+    can follow (dendrite/kernels/weight_scales.py). `width`: x's row width
+    when the row to multiply is not x itself (the model checks a layer's
+    projections with its hidden states)."""
+    width = x.shape[-1] if width is None else width
     if not (kernels.gemv and x.is_cuda and x.dtype in _DTYPES
             and x.dim() == 2 and x.shape[0] == 1
             and weight.dim() == 2 and weight.is_contiguous()
-            and x.shape[1] == weight.shape[1] * (2 if glu else 1)
+            and width == weight.shape[1] * (2 if glu else 1)
             and triton_available()):
         return False
     if scale is None:

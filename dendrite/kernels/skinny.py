@@ -44,15 +44,18 @@ _ALL = KernelConfig()
 
 def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False,
               kernels: KernelConfig = _ALL, scale: torch.Tensor | None = None,
-              block: tuple[int, int] | None = None) -> bool:
+              block: tuple[int, int] | None = None, width: int | None = None) -> bool:
     """True when `skinny(x, weight, glu_out=glu_out, scale=scale, block=block)` can
     run and `kernels.skinny` allows it: 2-16 CUDA rows, fp16/bf16, Triton
     importable, the weight dense in x's dtype or (with `scale`) e4m3 in scale
-    blocks at least 16 columns wide (dendrite/kernels/weight_scales.py)."""
+    blocks at least 16 columns wide (dendrite/kernels/weight_scales.py).
+    `width`: x's row width when the rows to multiply are not x itself (the
+    model checks a layer's projections with its hidden states)."""
+    width = x.shape[-1] if width is None else width
     if not (kernels.skinny and x.is_cuda and x.dtype in _DTYPES
             and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS
             and weight.dim() == 2 and weight.is_contiguous()
-            and x.shape[1] == weight.shape[1]
+            and width == weight.shape[1]
             and (not glu_out or weight.shape[0] % 2 == 0)
             and triton_available()):
         return False

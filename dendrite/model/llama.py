@@ -110,14 +110,16 @@ class _StepKernels:
         if layer is not None:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+            # (projection, SiLU*up fused into it: the input is [gate | up])
             one = [(qkv, False), (o, False), (gate_up, False), (down, True)]
-            if all(supported(h, p.weight, glu=glu, kernels=kernels, **_scales(p))
+            if all(supported(h, p.weight, glu=glu, kernels=kernels,
+                             width=p.in_features * (2 if glu else 1), **_scales(p))
                    for p, glu in one):
                 matmul = gemv
             else:
                 rows = [(qkv, False), (o, False), (gate_up, True), (down, False)]
                 if all(skinny_supported(h, p.weight, glu_out=glu, kernels=kernels,
-                                        **_scales(p)) for p, glu in rows):
+                                        width=p.in_features, **_scales(p)) for p, glu in rows):
                     matmul = skinny
         return _StepKernels(matmul, rows_supported(h, kernels))
 
