@@ -122,7 +122,8 @@ def write_random_llama(out: Path, cfg: dict, device: str | torch.device,
                        seed: int) -> dict[str, torch.Tensor]:
     """A Llama model dir of shape `cfg` in `out`: the tiny tokenizer, config.json
     (with its BOS/EOS ids) and seeded random bf16 weights (N(0, 0.02), norms
-    ~1) drawn on `device`; returns the weights."""
+    ~1; an lm_head unless the embeddings are tied) drawn on `device`; returns
+    the weights."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
@@ -149,6 +150,8 @@ def write_random_llama(out: Path, cfg: dict, device: str | torch.device,
                                  ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
                                  ("mlp.down_proj", h, i)):
             w[p + name + ".weight"] = normal(rows, cols)
+    if not cfg.get("tie_word_embeddings", False):
+        w["lm_head.weight"] = normal(v, h)
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(

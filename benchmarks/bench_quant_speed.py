@@ -2,7 +2,8 @@
 
 On a Llama-3.2-1B-shaped model with seeded random bf16 weights (built by
 `bench_gpu_model.stage_build`: hidden 2048, 16 layers, 32 heads, 8 KV heads,
-intermediate 8192, vocab 128256), each configuration of bench_quant.py
+intermediate 8192, vocab 128256, tied head; `--shape 8b`: Llama-3.1-8B's,
+hidden 4096, 32 layers, intermediate 14336, untied head), each configuration of bench_quant.py
 (bf16, fp8kv, fp8w, fp8kv+fp8w, ...) gets its own `Engine` and is timed on:
 
 * single stream: one sequence after a --prompt-token random prompt, greedy,
@@ -45,18 +46,28 @@ SPEEDUP_TARGET = ("fp8kv+fp8w+head", 1.6)
 BRANCH_TARGET = 1.3  # step of --branches branches / step of one branch, same prefix
 
 
-def build_model(model_dir: Path, device: torch.device, tiny: bool) -> Path:
-    """The random Llama-3.2-1B-shaped model (tiny shape with --quick), built once."""
+#: Llama-3.1-8B's shape (untied output projection), for `--shape 8b`.
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "tie_word_embeddings": False}
+
+
+def build_model(model_dir: Path, device: torch.device, tiny: bool, shape: str = "1b") -> Path:
+    """The random Llama-3.2-1B- (or 3.1-8B-) shaped model (tiny shape with --quick),
+    built once."""
     import bench_gpu_model as bgm
 
-    want = 256 if tiny else bgm.LLAMA_1B["hidden_size"]
+    want = 256 if tiny else (LLAMA_8B if shape == "8b" else bgm.LLAMA_1B)["hidden_size"]
     cfg = model_dir / "config.json"
     if (model_dir / "model.safetensors").is_file() and cfg.is_file() \
             and json.loads(cfg.read_text()).get("hidden_size") == want:
         return model_dir
     model_dir.mkdir(parents=True, exist_ok=True)
-    bgm.MODEL_DIR = model_dir
     bc.log(f"building random weights in {model_dir}")
+    if shape == "8b" and not tiny:
+        bgm.write_random_llama(model_dir, dict(bgm.LLAMA_1B, **LLAMA_8B), device.type, 0)
+        return model_dir
+    bgm.MODEL_DIR = model_dir
     bgm.stage_build(argparse.Namespace(device=device.type, tiny=tiny, seed=0), {})
     return model_dir
 
@@ -158,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="model dtype of every configuration")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"as bench_quant.py; the first is the reference (default {DEFAULT_CONFIGS})")
+    p.add_argument("--shape", choices=("1b", "8b"), default="1b",
+                   help="random model of Llama-3.2-1B's shape (tied head) or Llama-3.1-8B's")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="where the random model is built (kept; rebuilt when the shape differs)")
     p.add_argument("--quick", action="store_true",
@@ -184,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if a.model_dir is None:
         a.model_dir = Path(tempfile.gettempdir()) / (
-            "dendrite-quant-speed-" + ("tiny" if a.quick else "llama-1b"))
+            "dendrite-quant-speed-" + ("tiny" if a.quick else f"llama-{a.shape}"))
     a.model, a.budget = str(a.model_dir), None
     return a
 
@@ -192,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     device = bc.resolve_device(a.device)
-    build_model(a.model_dir, device, a.quick)
+    build_model(a.model_dir, device, a.quick, a.shape)
     device, dtype, model_dir, _, res = bc.start("bench_quant_speed", a, render)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     rng = np.random.default_rng(11)

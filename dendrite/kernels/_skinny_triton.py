@@ -53,14 +53,6 @@ def _epilogue(acc, acc_up, b_ptr, r_ptr, y_ptr, offs_m, m_ok, offs_n, n_ok, N,
 
 
 @triton.jit
-def _scaled_dot(acc, xk, w, s, SWAP: tl.constexpr):
-    """acc + (x W^T, or W x^T with SWAP) with each row n of W scaled by s[n]."""
-    if SWAP:
-        return acc + tl.dot(w, tl.trans(xk)) * s[:, None]
-    return acc + tl.dot(xk, tl.trans(w)) * s[None, :]
-
-
-@triton.jit
 def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, s_ptr,
                   M, N, eps, s_stride,
                   K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
@@ -115,13 +107,22 @@ def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, s
             w_up = tl.load(w_up_rows + offs_k[None, :], mask=w_mask, other=0.0,
                            eviction_policy="evict_first")
         xk = _x_tile(x_ptr, nw_ptr, offs_m, m_ok, offs_k, rstd, K, NORM, EVEN_K, dt)
-        if SCALED:
+        # (Written out per SWAP: a helper returning either orientation does not
+        # compile, Triton unifies the shapes of both returns.)
+        if SCALED and SWAP:
             k0 = k_begin + k_rel
             s = row_scales(s_ptr, offs_n, n_ok, k0, s_stride, SN, SK, MX)
-            acc = _scaled_dot(acc, xk, w.to(dt), s, SWAP)
+            acc += tl.dot(w.to(dt), tl.trans(xk)) * s[:, None]
             if GLU_OUT:
                 s_up = row_scales(s_ptr, offs_n + N, n_ok, k0, s_stride, SN, SK, MX)
-                acc_up = _scaled_dot(acc_up, xk, w_up.to(dt), s_up, SWAP)
+                acc_up += tl.dot(w_up.to(dt), tl.trans(xk)) * s_up[:, None]
+        elif SCALED:
+            k0 = k_begin + k_rel
+            s = row_scales(s_ptr, offs_n, n_ok, k0, s_stride, SN, SK, MX)
+            acc += tl.dot(xk, tl.trans(w.to(dt))) * s[None, :]
+            if GLU_OUT:
+                s_up = row_scales(s_ptr, offs_n + N, n_ok, k0, s_stride, SN, SK, MX)
+                acc_up += tl.dot(xk, tl.trans(w_up.to(dt))) * s_up[None, :]
         elif SWAP:
             acc = tl.dot(w, tl.trans(xk), acc)
             if GLU_OUT:
