@@ -8,14 +8,12 @@ against bf16 is the whole point: the kernels read e4m3 and the scales and
 dequantize in registers, never writing a bf16 copy.
 
 * One row (single-stream decode): the GEMV kernel (dendrite/kernels/gemv.py)
-  with its scale path, the same kernel a dense model's decode runs.
-* 2-16 rows (a few decode branches): the few-row kernel (skinny.py), likewise.
-* More rows (prefill, wide batches): `fp8_mm_kernel` here, tensor-core tiles
-  of `dot(x, W_e4m3 as bf16/fp16) * scale` (e4m3 converts exactly), 64 x 128.
-
-The model's decode layers call gemv / skinny directly, with their fused
-norms and residual adds (dendrite/model/llama.py); this entry point is the
-projection-by-projection path (`QuantLinear.forward`).
+  with its scale path, the same kernel a dense model's decode runs; the
+  model's decode layers call it directly, with the fused norms and residual
+  adds (dendrite/model/llama.py).
+* More rows (a few decode branches, prefill): `fp8_mm_kernel` here,
+  tensor-core tiles of `dot(x, W_e4m3 as bf16/fp16) * scale` (e4m3 converts
+  exactly), a 16-row tile for 2-16 rows, 64 x 128 tiles above.
 
 This is Hopper's path for both formats: MX block scaling is native only on
 Blackwell tensor cores (tcgen05), so here MXFP8 is decoded (`2^(e - 127)`)
@@ -37,9 +35,6 @@ import torch
 from dendrite.kernels import weight_scales
 from dendrite.kernels.gemv import _launch as _gemv_launch
 from dendrite.kernels.gemv import supported as _gemv_supported
-from dendrite.kernels.skinny import MAX_ROWS as _SKINNY_ROWS
-from dendrite.kernels.skinny import _launch as _skinny_launch
-from dendrite.kernels.skinny import supported as _skinny_supported
 from dendrite.kernels.config import triton_available
 
 __all__ = ["fp8_matmul", "mm_tile", "supported"]
@@ -51,7 +46,11 @@ def mm_tile(m: int, n: int, k: int, sk: int) -> tuple[int, int, int, int, int] |
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the many-row kernel,
     or None when no BLOCK_K of at least 16 lies inside the scale groups."""
     bk = weight_scales.chunk_inside_blocks(128, k, sk)
-    return None if bk is None else (64, 128, bk, 4, 3)
+    if bk is None:
+        return None
+    if m <= 16:
+        return 16, (16 if n <= 4096 else 32), bk, 4, 4
+    return 64, 128, bk, 4, 3
 
 
 def supported(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
@@ -64,8 +63,6 @@ def supported(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     m = x.shape[0]
     if m == 1:
         return _gemv_supported(x, data, scale=scale, block=block)
-    if m <= _SKINNY_ROWS:
-        return _skinny_supported(x, data, scale=scale, block=block)
     n, k = data.shape
     return mm_tile(m, n, k, block[1]) is not None
 
@@ -80,8 +77,6 @@ def _launch(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     block = (block_rows, block_cols)
     if m == 1:
         return _gemv_launch(x, data, bias, None, 0.0, False, None, tile, scale, block)
-    if m <= _SKINNY_ROWS:
-        return _skinny_launch(x, data, bias, None, 0.0, False, None, tile, scale, block)
     import triton
 
     from dendrite.kernels._fp8_matmul_triton import fp8_mm_kernel

@@ -1,13 +1,14 @@
-"""FP8 block-scaled weights in the fused matmul kernels: when they apply and
-how a tile follows the scale blocks.
+"""FP8 block-scaled weights in the matmul kernels: when they apply and how a
+tile follows the scale blocks.
 
-The single-row (gemv.py) and few-row (skinny.py) kernels take either a dense
-weight in the activation dtype or an e4m3 weight with its block scales
+The single-row kernel (gemv.py) takes either a dense weight in the activation
+dtype or an e4m3 weight with its block scales
 (`dendrite.quant.formats.QuantizedWeight`: float32 multipliers for "fp8",
 uint8 e8m0 exponents for "mxfp8"), dequantized in registers by the helpers in
-`_weight_scales_triton.py`. This module holds the host-side rules: which
-weights they accept (`accepts`), how a GEMV program applies the scales
-(`gemv_mode`) and which K chunk a few-row tile may take (`chunk_inside_blocks`).
+`_weight_scales_triton.py`; more rows take fp8_matmul.py's kernel. This
+module holds the host-side rules: which weights they accept (`accepts`), how
+a GEMV program applies the scales (`gemv_mode`) and which K chunk a
+tensor-core tile may take (`chunk_inside_blocks`).
 """
 
 from __future__ import annotations

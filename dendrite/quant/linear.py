@@ -9,10 +9,10 @@ plus an optional `bias` parameter in the model dtype.
 `forward` runs the Triton kernels (dendrite/kernels/fp8_matmul.py) where they
 apply (CUDA, sm_89+, bf16/fp16) and otherwise dequantizes the weight to the
 activation dtype and calls `F.linear` — the CPU path, and the reference the
-kernels are tested against. The model's fused GEMV / few-row kernels read
-`weight` directly and need it in the activation dtype, so a step over a
-quantized model does not take them (`_StepKernels.choose` in
-dendrite/model/llama.py): its projections go through `forward`.
+kernels are tested against. Single-stream decode steps do not call
+`forward`: the model's fused GEMV reads `weight` and `weight_scale` itself,
+with the RMSNorms, SiLU*up and residual adds fused in (`_StepKernels.choose`
+in dendrite/model/llama.py); steps of more rows go through `forward`.
 
 `Module.to(dtype)` (and `.half()`, `to_empty`, ...) moves the buffers to the
 new device but keeps their dtypes: casting e4m3 or the float32 scales to the
