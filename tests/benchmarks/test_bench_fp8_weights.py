@@ -16,7 +16,7 @@ def test_quick_dry_run_writes_every_row(tmp_path, bench_env):
     assert res["quick"] and res["device"] == "cpu"
     kernels = res["kernels"]
     assert {(r["proj"], r["rows"], r["format"]) for r in kernels} == {
-        (proj, m, f) for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        (proj, m, f) for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
         for m in (1, 16) for f in ("none", "fp8", "mxfp8")}
     assert all(r["us"] > 0 for r in kernels)
     # An e4m3 weight is a byte an element plus its scales: about half of bf16's two,

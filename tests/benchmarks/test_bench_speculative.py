@@ -33,7 +33,7 @@ def test_quick_run(tmp_path, tiny_model, bench_env):
     assert [r["branches"] for r in rule] == [1, 4] and all(r["break_even"] > 0 for r in rule)
     spec = [r for r in rows if r["case"] != "rule" and r["config"] != "off"]
     assert {r["case"] for r in spec} == {"ngram-repeat", "self-draft", "self-draft T=0.8",
-                                         "controlled noise=0.0"}
+                                         "controlled noise=0.0", "controlled ngram-repeat"}
     assert all(r.get("same", True) for r in spec), spec
     assert next(r for r in spec if r["config"].endswith("drawn")).get("same") is None
     self_draft = next(r for r in spec if r["case"] == "self-draft")
