@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from dendrite.kernels._precise import precise_div, precise_exp, precise_rsqrt, round_to
+from dendrite.kernels._weight_scales_triton import row_scales
 
 
 @triton.jit
@@ -52,17 +53,23 @@ def _epilogue(acc, acc_up, b_ptr, r_ptr, y_ptr, offs_m, m_ok, offs_n, n_ok, N,
 
 
 @triton.jit
-def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, M, N, eps,
+def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, s_ptr,
+                  M, N, eps, s_stride,
                   K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                   GLU_OUT: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SPLIT: tl.constexpr, SWAP: tl.constexpr):
+                  SPLIT: tl.constexpr, SWAP: tl.constexpr, SCALED: tl.constexpr,
+                  MX: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr):
     """Program (n, s) multiplies columns [s K/SPLIT, (s+1) K/SPLIT) of BLOCK_N rows
     of W. With SPLIT > 1 it stores its float32 partial tile; the last of the
     n-block's programs to arrive (a counter per n-block) adds the partials in
     split order, so the result does not depend on arrival order, and resets
     the counter for the next call. With SWAP the MMA computes (W x^T), whose
-    larger side is BLOCK_N (Hopper's warpgroup MMA wants 64 there)."""
+    larger side is BLOCK_N (Hopper's warpgroup MMA wants 64 there). With
+    SCALED, W is e4m3 in (SN x SK) scale blocks and every BLOCK_K chunk lies
+    inside one column of blocks: each chunk's MMA takes the e4m3 values
+    (exact in bf16/fp16) and its tile is scaled per row of W before it is
+    added to the accumulator."""
     dt = y_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, ROWS)
@@ -100,7 +107,23 @@ def skinny_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, lock_ptr, M
             w_up = tl.load(w_up_rows + offs_k[None, :], mask=w_mask, other=0.0,
                            eviction_policy="evict_first")
         xk = _x_tile(x_ptr, nw_ptr, offs_m, m_ok, offs_k, rstd, K, NORM, EVEN_K, dt)
-        if SWAP:
+        # (Written out per SWAP: a helper returning either orientation does not
+        # compile, Triton unifies the shapes of both returns.)
+        if SCALED and SWAP:
+            k0 = k_begin + k_rel
+            s = row_scales(s_ptr, offs_n, n_ok, k0, s_stride, SN, SK, MX)
+            acc += tl.dot(w.to(dt), tl.trans(xk)) * s[:, None]
+            if GLU_OUT:
+                s_up = row_scales(s_ptr, offs_n + N, n_ok, k0, s_stride, SN, SK, MX)
+                acc_up += tl.dot(w_up.to(dt), tl.trans(xk)) * s_up[:, None]
+        elif SCALED:
+            k0 = k_begin + k_rel
+            s = row_scales(s_ptr, offs_n, n_ok, k0, s_stride, SN, SK, MX)
+            acc += tl.dot(xk, tl.trans(w.to(dt))) * s[None, :]
+            if GLU_OUT:
+                s_up = row_scales(s_ptr, offs_n + N, n_ok, k0, s_stride, SN, SK, MX)
+                acc_up += tl.dot(xk, tl.trans(w_up.to(dt))) * s_up[None, :]
+        elif SWAP:
             acc = tl.dot(w, tl.trans(xk), acc)
             if GLU_OUT:
                 acc_up = tl.dot(w_up, tl.trans(xk), acc_up)

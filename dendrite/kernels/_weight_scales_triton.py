@@ -3,9 +3,9 @@
 A quantized weight is e4m3 [N, K] with one scale per (SN rows x SK columns)
 block: float32 multipliers (fp8), or uint8 e8m0 exponents (MXFP8, the
 multiplier `2^(e - 127)`); the scale of element (n, k) is
-`s[(n // SN) * s_stride + k // SK]` (dendrite/quant/formats.py). The GEMV kernel
-(gemv.py) loads e4m3 bytes and these scales and dequantizes in registers;
-nothing is written back.
+`s[(n // SN) * s_stride + k // SK]` (dendrite/quant/formats.py). The GEMV and
+few-row kernels (gemv.py, skinny.py) load e4m3 bytes and these scales and
+dequantize in registers; nothing is written back.
 """
 
 import triton

@@ -11,9 +11,11 @@ dequantize in registers, never writing a bf16 copy.
   with its scale path, the same kernel a dense model's decode runs; the
   model's decode layers call it directly, with the fused norms and residual
   adds (dendrite/model/llama.py).
-* More rows (a few decode branches, prefill): `fp8_mm_kernel` here,
-  tensor-core tiles of `dot(x, W_e4m3 as bf16/fp16) * scale` (e4m3 converts
-  exactly), a 16-row tile for 2-16 rows, 64 x 128 tiles above.
+* 2-16 rows (a few decode branches): the few-row kernel (skinny.py) with its
+  scaled MMA chunks, one projection at a time.
+* More rows (prefill, wide batches): `fp8_mm_kernel` here, tensor-core
+  tiles of `dot(x, W_e4m3 as bf16/fp16) * scale` (e4m3 converts exactly),
+  64 x 128 (16-row tiles when the few-row kernel cannot follow the blocks).
 
 This is Hopper's path for both formats: MX block scaling is native only on
 Blackwell tensor cores (tcgen05), so here MXFP8 is decoded (`2^(e - 127)`)
@@ -35,6 +37,9 @@ import torch
 from dendrite.kernels import weight_scales
 from dendrite.kernels.gemv import _launch as _gemv_launch
 from dendrite.kernels.gemv import supported as _gemv_supported
+from dendrite.kernels.skinny import MAX_ROWS as _SKINNY_ROWS
+from dendrite.kernels.skinny import _launch as _skinny_launch
+from dendrite.kernels.skinny import supported as _skinny_supported
 from dendrite.kernels.config import triton_available
 
 __all__ = ["fp8_matmul", "mm_tile", "supported"]
@@ -63,6 +68,8 @@ def supported(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     m = x.shape[0]
     if m == 1:
         return _gemv_supported(x, data, scale=scale, block=block)
+    if m <= _SKINNY_ROWS and _skinny_supported(x, data, scale=scale, block=block):
+        return True
     n, k = data.shape
     return mm_tile(m, n, k, block[1]) is not None
 
@@ -77,6 +84,9 @@ def _launch(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
     block = (block_rows, block_cols)
     if m == 1:
         return _gemv_launch(x, data, bias, None, 0.0, False, None, tile, scale, block)
+    if m <= _SKINNY_ROWS and tile is None and _skinny_supported(x, data, scale=scale,
+                                                                 block=block):
+        return _skinny_launch(x, data, bias, None, 0.0, False, None, None, scale, block)
     import triton
 
     from dendrite.kernels._fp8_matmul_triton import fp8_mm_kernel

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from dendrite.kernels import weight_scales
 from dendrite.kernels.config import KernelConfig, triton_available
 
 __all__ = ["MAX_ROWS", "skinny", "supported", "tile_for"]
@@ -42,22 +43,34 @@ _ALL = KernelConfig()
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False,
-              kernels: KernelConfig = _ALL, width: int | None = None) -> bool:
-    """True when `skinny(x, weight, glu_out=glu_out)` can run and `kernels.skinny`
-    allows it: 2-16 CUDA rows, fp16/bf16, Triton importable, a dense weight in
-    x's dtype. `width`: x's row width when the rows to multiply are not x
-    itself (the model checks a layer's projections with its hidden states).
+              kernels: KernelConfig = _ALL, scale: torch.Tensor | None = None,
+              block: tuple[int, int] | None = None, width: int | None = None) -> bool:
+    """True when `skinny(x, weight, glu_out=glu_out, scale=scale, block=block)` can
+    run and `kernels.skinny` allows it: 2-16 CUDA rows, fp16/bf16, Triton
+    importable, the weight dense in x's dtype or (with `scale`) e4m3 in scale
+    blocks at least 16 columns wide (dendrite/kernels/weight_scales.py).
+    `width`: x's row width when the rows to multiply are not x itself (the
+    model checks a layer's projections with its hidden states).
 
-    (FP8 weights take `dendrite.kernels.fp8_matmul` at these rows: an e4m3
-    variant of this kernel, bytes converted to bf16 before the MMA, measured
-    slower on an H100 than that kernel's 16-row tiles, docs/benchmarks.md.)"""
+    The model's fused decode layers take it for dense weights only; e4m3
+    weights reach it projection by projection through
+    `dendrite.kernels.fp8_matmul` (the fused e4m3 layer, gate|up epilogue on
+    the swapped MMA, measured slower on an H100: docs/benchmarks.md)."""
     width = x.shape[-1] if width is None else width
-    return (kernels.skinny and x.is_cuda and x.dtype in _DTYPES and weight.dtype == x.dtype
+    if not (kernels.skinny and x.is_cuda and x.dtype in _DTYPES
             and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS
             and weight.dim() == 2 and weight.is_contiguous()
             and width == weight.shape[1]
             and (not glu_out or weight.shape[0] % 2 == 0)
-            and triton_available())
+            and triton_available()):
+        return False
+    if scale is None:
+        return weight.dtype == x.dtype
+    if block is None or not weight_scales.accepts(weight, scale, block):
+        return False
+    n, k = weight.shape
+    block_k = tile_for(n // (2 if glu_out else 1), k, glu_out=glu_out)[1]
+    return weight_scales.chunk_inside_blocks(block_k, k, block[1]) is not None
 
 
 Tile = tuple[int, int, int, int, int, int]
@@ -107,8 +120,10 @@ def _workspace(device: torch.device, n: int, split: int, block_n: int
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             norm_weight: torch.Tensor | None, eps: float, glu_out: bool,
             residual: torch.Tensor | None,
-            tile: Tile | None = None) -> torch.Tensor:
-    """Run the kernel; `tile` overrides `tile_for` (benchmarks)."""
+            tile: Tile | None = None, scale: torch.Tensor | None = None,
+            block: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Run the kernel; `tile` overrides `tile_for` (benchmarks); `scale` and
+    `block`: the e4m3 weight's block scales."""
     import triton  # noqa: PLC0415
 
     from dendrite.kernels._skinny_triton import skinny_kernel  # noqa: PLC0415
@@ -119,39 +134,54 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages, split, swap = tile or tile_for(
         n, k, norm_weight is not None, glu_out)
+    if scale is not None:
+        inside = weight_scales.chunk_inside_blocks(block_k, k, block[1])
+        if inside is None:
+            raise ValueError(f"skinny: no K chunk of 16 or more fits the scale blocks {block}")
+        block_k = inside
     if k % (split * block_k):
         split = 1  # the K slices must be whole chunks
     ws, locks = _workspace(x.device, n, split, block_n) if split > 1 else (y, y)
     skinny_kernel[(triton.cdiv(n, block_n), split)](
-        x, weight, bias if bias is not None else weight,
-        norm_weight if norm_weight is not None else weight,
-        residual.contiguous() if residual is not None else y, y, ws, locks, m, n, eps,
+        x, weight, bias if bias is not None else x,
+        norm_weight if norm_weight is not None else x,
+        residual.contiguous() if residual is not None else y, y, ws, locks,
+        scale if scale is not None else x, m, n, eps,
+        scale.stride(0) if scale is not None else 0,
         K=k, HAS_BIAS=bias is not None, NORM=norm_weight is not None, GLU_OUT=glu_out,
         RESIDUAL=residual is not None, EVEN_K=k % block_k == 0, ROWS=MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, SWAP=bool(swap), num_warps=warps,
-        num_stages=stages)
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, SWAP=bool(swap),
+        SCALED=scale is not None, MX=scale is not None and scale.dtype == torch.uint8,
+        SN=max(block[0], 1), SK=max(block[1], 1), num_warps=warps, num_stages=stages)
     return y
 
 
 @torch.library.custom_op("dendrite::skinny", mutates_args=())
 def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                norm_weight: torch.Tensor | None, eps: float, glu_out: bool,
-               residual: torch.Tensor | None) -> torch.Tensor:
-    return _launch(x, weight, bias, norm_weight, eps, glu_out, residual)
+               residual: torch.Tensor | None, scale: torch.Tensor | None,
+               block_rows: int, block_cols: int) -> torch.Tensor:
+    return _launch(x, weight, bias, norm_weight, eps, glu_out, residual, None, scale,
+                   (block_rows, block_cols))
 
 
 @_skinny_op.register_fake
-def _(x, weight, bias, norm_weight, eps, glu_out, residual):
+def _(x, weight, bias, norm_weight, eps, glu_out, residual, scale, block_rows, block_cols):
     return x.new_empty((x.shape[0], weight.shape[0] // (2 if glu_out else 1)))
 
 
 def skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm_weight: torch.Tensor | None = None, eps: float = 1e-6, glu_out: bool = False,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`[residual +] g(f(x) @ weight.T [+ bias])` for 2-16 rows of x; needs `supported`.
+           residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+           block: tuple[int, int] | None = None) -> torch.Tensor:
+    """`[residual +] g(f(x) @ W.T [+ bias])` for 2-16 rows of x; needs `supported`.
 
     f is RMSNorm with `norm_weight` (and `eps`) when given, identity otherwise;
     g is SiLU(gate) * up over the two halves of the output when `glu_out`
     (weight is `[gate | up]`, the result half its width), identity otherwise.
+    W is `weight`, or with `scale` the e4m3 `weight` times its scale of each
+    `block = (rows, cols)` block (float32 multipliers, or uint8 e8m0 exponents).
     """
-    return _skinny_op(x, weight, bias, norm_weight, float(eps), bool(glu_out), residual)
+    rows, cols = block if block is not None else (0, 0)
+    return _skinny_op(x, weight, bias, norm_weight, float(eps), bool(glu_out), residual,
+                      scale, int(rows), int(cols))

@@ -1,8 +1,8 @@
 """FP8 block-scaled weights in the matmul kernels: when they apply and how a
 tile follows the scale blocks.
 
-The single-row kernel (gemv.py) takes either a dense weight in the activation
-dtype or an e4m3 weight with its block scales
+The single-row (gemv.py) and few-row (skinny.py) kernels take either a dense
+weight in the activation dtype or an e4m3 weight with its block scales
 (`dendrite.quant.formats.QuantizedWeight`: float32 multipliers for "fp8",
 uint8 e8m0 exponents for "mxfp8"), dequantized in registers by the helpers in
 `_weight_scales_triton.py`; more rows take fp8_matmul.py's kernel. This

@@ -1,11 +1,15 @@
-"""The GEMV kernel on e4m3 weights with block scales, through Triton's CPU
-interpreter, against float32 math on the dequantized weight.
+"""The GEMV and few-row kernels on e4m3 weights with block scales, through
+Triton's CPU interpreter, against float32 math on the dequantized weight.
+(The few-row kernel's GPU compile of both MMA orientations is what
+tests/kernels/test_fp8_matmul_gpu.py and the GPU runs check: the interpreter
+accepts code that Triton's compiler refuses.)
 
 Runs where Triton is installed (a subprocess, as triton_interpreter.py
-explains): both scale paths (scales folded into x when a program's rows
-share a row of blocks; per-row group sums for MXFP8's 1 x 32 and per-row
-fused blocks), with the fused RMSNorm, SiLU*up and residual, on shapes that
-are not multiples of the blocks; and the dense path unchanged.
+explains): both scale paths of the GEMV (scales folded into x when a
+program's rows share a row of blocks; per-row group sums for MXFP8's 1 x 32
+and per-row fused blocks), the few-row kernel's scaled MMA chunks (plain,
+SWAP, split K, the gate|up epilogue), with the fused RMSNorm, SiLU*up and
+residual, on shapes that are not multiples of the blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ SCRIPT = r'''
 import torch, torch.nn.functional as F
 from dendrite.kernels import weight_scales
 from dendrite.kernels.gemv import _launch as gemv_launch, tile_for as gemv_tile
+from dendrite.kernels.skinny import _launch as skinny_launch
 from dendrite.quant.formats import dequantize, quantize_fp8, quantize_mxfp8
 
 dt = torch.float16
@@ -66,11 +71,24 @@ for n, k in ((256, 256), (200, 96), (96, 320)):
             gate, up = gu.split(k, dim=-1)
             close(y, (F.silu(gate) * up).float() @ wf.T, (name, n, k, tile, "glu"))
             cases += 3
+        # Few rows: default tile, SWAP, split K over two programs.
+        xs = torch.randn(5, k).to(dt)
+        for tile in (None, (32, 32, 4, 2, 1, 1), (16, 32, 4, 2, 2, 0)):
+            y = skinny_launch(xs, q.data, b, nw, 1e-5, False, None, tile, **kw)
+            close(y, rms(xs, nw, 1e-5).float() @ wf.T + b.float(), (name, n, k, tile, "rows"))
+            cases += 1
+        if n % 2 == 0:
+            y = skinny_launch(xs, q.data, None, None, 0.0, True, None, None, **kw)
+            g_, u_ = (xs.float() @ wf.T).to(dt).split(n // 2, dim=-1)
+            close(y, F.silu(g_) * u_, (name, n, k, "glu_out"))
+            cases += 1
 # The dense path (no scales) is unchanged by them.
 w = torch.randn(96, 320).to(dt)
 x = torch.randn(1, 320).to(dt)
 close(gemv_launch(x, w, None, None, 0.0, False, None), x.float() @ w.float().T, "dense gemv")
-cases += 1
+close(skinny_launch(xs[:, :320], w, None, None, 0.0, False, None), xs.float() @ w.float().T,
+      "dense rows")
+cases += 2
 assert modes == {1, 2}, modes
 print("cases", cases)
 '''
@@ -79,4 +97,4 @@ print("cases", cases)
 def test_scaled_gemv_and_few_row_kernels_match_dequantized_math():
     proc = run_interpreted(SCRIPT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "cases 55" in proc.stdout, proc.stdout
+    assert "cases 92" in proc.stdout, proc.stdout
