@@ -124,6 +124,10 @@ def test_random_operations_keep_the_engine_consistent(make_engine, ops, pages):
                 live[a % len(live)].append_tokens([b])
         except (ValueError, TypeError, RuntimeError) as exc:
             assert str(exc)
+        except LeafTooLarge as exc:
+            # fork flushes its parent first: with the pool held by leaves of
+            # higher priority that prefill cannot fit, and the fork says so.
+            assert op == "fork" and "raise num_pages" in str(exc), (op, exc)
         # Neither releasing nor stepping may fail, whatever was rejected before.
         if op == "release" and live:
             live[a % len(live)].release()
