@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--skip", type=int, default=0,
+                   help="tokens of the text skipped first (a held-out slice: --skip 16384)")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(model_dir)
     tok = load_tokenizer(model_dir, cfg)
     ids = tok.encode(bq.ppl_text(bq.load_gsm8k(bq.DATA)), add_special_tokens=False)
-    wins = bq.windows(ids, a.tokens, a.window)
+    wins = bq.windows(ids[a.skip:], a.tokens, a.window)
     num_pages = sum(-(-len(w) // 16) for w in wins) + 64
 
     def engine(**kw: Any) -> Any:

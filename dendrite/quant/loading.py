@@ -228,7 +228,8 @@ def _fuse(target: _Target, scheme: Scheme, device: torch.device) -> QuantizedWei
         else:
             (w,) = _read([p.weight])
             w = w.to(device)
-        qs.append(quantize_mxfp8(w) if scheme.target == "mxfp8" else quantize_fp8(w, FP8_BLOCK))
+        qs.append(quantize_mxfp8(w) if scheme.target == "mxfp8"
+                  else quantize_fp8(w, FP8_BLOCK, search=True))
         del w
     return cat_rows(qs)
 

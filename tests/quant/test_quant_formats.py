@@ -163,3 +163,29 @@ def test_quant_linear_module_keeps_its_dtypes_through_to():
     assert empty.weight.device.type == "cpu" and empty.weight_scale.dtype == torch.uint8
     with pytest.raises(ValueError, match="does not fit"):
         empty.set_weight(q)  # fp8 scales into an mxfp8 module
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (130, 200), (3, 33)])
+def test_searched_fp8_scales_never_round_worse_than_amax(shape):
+    """search=True: each block's scale is c * amax / 448 for a c of SCALE_SEARCH,
+    and its round-trip error is at most the amax scale's (c = 1 is a candidate);
+    some block of a Gaussian weight finds a smaller one."""
+    from dendrite.quant.formats import SCALE_SEARCH
+
+    w = _w(*shape, seed=4)
+    plain, searched = quantize_fp8(w), quantize_fp8(w, search=True)
+    assert searched.block == plain.block and searched.scale.shape == plain.scale.shape
+    ratio = (searched.scale / plain.scale).flatten().tolist()
+    assert all(any(abs(r - c) < 1e-5 for c in SCALE_SEARCH) for r in ratio), ratio
+    bn, bk = plain.block
+    for i in range(plain.scale.shape[0]):
+        for j in range(plain.scale.shape[1]):
+            blk = (slice(i * bn, (i + 1) * bn), slice(j * bk, (j + 1) * bk))
+            e_plain = (dequantize(plain)[blk] - w[blk].float()).square().sum()
+            e_searched = (dequantize(searched)[blk] - w[blk].float()).square().sum()
+            assert e_searched <= e_plain, (i, j, float(e_searched), float(e_plain))
+    if shape[0] * shape[1] > 1000:
+        assert min(ratio) < 1.0
+    # What a load quantizes to: `quantize(w, "fp8")` searches.
+    q = quantize(w, "fp8")
+    assert torch.equal(q.scale, searched.scale)

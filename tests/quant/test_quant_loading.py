@@ -60,8 +60,8 @@ def _write_fp8_checkpoint(src, dst, *, block=(128, 128), method="fp8"):
             scale = t.abs().amax().float() / FP8_MAX
             out[name] = (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
             out[name + "_scale_inv"] = scale.reshape(())
-        else:
-            q = quantize_fp8(t, block)
+        else:  # (searched scales, as quantizing at load picks them)
+            q = quantize_fp8(t, block, search=True)
             out[name], out[name + "_scale_inv"] = q.data, q.scale
     save_file(out, path)
     cfg = json.loads((dst / "config.json").read_text())
