@@ -8,13 +8,18 @@
 #   quant.json / quant.md   bench_quant.py on --model: perplexity over 16K GSM8K tokens
 #                           (windows of 1024), top-1 agreement with bf16 (by margin),
 #                           greedy GSM8K on 100 questions, KV capacity in 8 GiB;
-#                           configs bf16, fp32, fp8kv, fp8w, fp8kv+fp8w, int4kv, mxfp8w
+#                           configs bf16, fp32, fp8kv, fp8w, fp8kv+fp8w, int4kv, mxfp8w,
+#                           fp8w+head (the output projection in FP8 too)
 #   speed.json / speed.md   bench_quant_speed.py: Llama-3.2-1B shape, random bf16 weights;
 #                           single-stream ms/token and 1 vs 16 branches over a 32K prefix;
-#                           configs bf16, fp8kv, fp8w, fp8kv+fp8w
-#   run.log                 both scripts' output
-# Each stage runs under `timeout` (QUANT_ACC_S, default 200 s; QUANT_SPEED_S, default 200 s);
-# both scripts save their JSON after every configuration, so a cut stage keeps its rows.
+#                           configs bf16, fp8kv, fp8w, fp8kv+fp8w, fp8kv+fp8w+head
+#   speed8b.json / .md      the same on the Llama-3.1-8B shape (not with --quick):
+#                           bf16, fp8w, fp8kv+fp8w+head
+#   run.log                 the scripts' output
+# Each stage runs under `timeout` (QUANT_ACC_S, default 200 s; QUANT_SPEED_S, default 200 s;
+# QUANT_SPEED8B_S, default 330 s); the scripts save their JSON after every configuration, so
+# a cut stage keeps its rows. A fresh machine compiles FlashInfer's kernels on first use
+# (~90 s): the first stage pays it.
 set -u
 MODEL=default
 DEVICE=
@@ -47,8 +52,8 @@ else
   ACC_ARGS="--tokens 16384 --window 1024 --gsm8k 100 --gsm8k-max-tokens 256"
   SPEED_ARGS=""
 fi
-ACC_CONFIGS=${QUANT_ACC_CONFIGS:-bf16,fp32,fp8kv,fp8w,fp8kv+fp8w,int4kv,mxfp8w}
-SPEED_CONFIGS=${QUANT_SPEED_CONFIGS:-bf16,fp8kv,fp8w,fp8kv+fp8w}
+ACC_CONFIGS=${QUANT_ACC_CONFIGS:-bf16,fp32,fp8kv,fp8w,fp8kv+fp8w,int4kv,mxfp8w,fp8w+head}
+SPEED_CONFIGS=${QUANT_SPEED_CONFIGS:-bf16,fp8kv,fp8w,fp8kv+fp8w,fp8kv+fp8w+head}
 
 stage() {
   local name=$1 limit=$2
@@ -64,8 +69,13 @@ stage accuracy "${QUANT_ACC_S:-200}" python3 benchmarks/bench_quant.py --model "
 # shellcheck disable=SC2086
 stage speed "${QUANT_SPEED_S:-200}" python3 benchmarks/bench_quant_speed.py $DEVICE $SPEED_ARGS \
   --configs "$SPEED_CONFIGS" --out "$OUT/speed.json"
+if [ -z "$QUICK" ]; then
+  # shellcheck disable=SC2086
+  stage speed8b "${QUANT_SPEED8B_S:-330}" python3 benchmarks/bench_quant_speed.py $DEVICE \
+    --shape 8b --configs bf16,fp8w,fp8kv+fp8w+head --out "$OUT/speed8b.json"
+fi
 echo
-for f in quant speed; do
+for f in quant speed speed8b; do
   [ -f "$OUT/$f.md" ] && cat "$OUT/$f.md" && echo
 done
 echo "== done in ${SECONDS}s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -166,4 +166,4 @@ def test_device_wrapper_quick_on_cpu(tiny_model, bench_env, tmp_path):
         assert (out / name).is_file(), name
     rows = json.loads((out / "quant.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["bf16", "fp32", "fp8kv", "fp8w", "fp8kv+fp8w",
-                                           "int4kv", "mxfp8w"]
+                                           "int4kv", "mxfp8w", "fp8w+head"]
