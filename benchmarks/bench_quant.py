@@ -175,6 +175,26 @@ def windows(ids: list[int], n_tokens: int, window: int) -> list[list[int]]:
     return [w for w in out if len(w) >= 2]  # one context token + at least one scored
 
 
+def cpu_study_setup(model_dir: Path, n_tokens: int, window: int, skip: int = 0
+                    ) -> tuple[list[list[int]], Any]:
+    """The studies' harness (study_fp8_*.py): the perplexity text's windows
+    (after `skip` tokens) and a factory of bf16 CPU engines whose pool holds
+    them all, `engine(**options)`."""
+    from dendrite.engine import Engine
+    from dendrite.model.loader import load_config, load_tokenizer
+
+    tok = load_tokenizer(model_dir, load_config(model_dir))
+    ids = tok.encode(ppl_text(load_gsm8k(DATA)), add_special_tokens=False)
+    wins = windows(ids[skip:], n_tokens, window)
+    num_pages = sum(-(-len(w) // 16) for w in wins) + 64
+
+    def engine(**kw: Any) -> Any:
+        return Engine(model_dir, device="cpu", dtype=torch.bfloat16, num_pages=num_pages,
+                      page_size=16, max_batch_tokens=2048, prefix_cache=False, **kw)
+
+    return wins, engine
+
+
 # -- measurements ----------------------------------------------------------------------
 
 

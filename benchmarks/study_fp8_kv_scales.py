@@ -232,21 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-engine-fp8", action="store_true", help="skip the real fp8kv engine row")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    from dendrite.engine import Engine
-    from dendrite.model.loader import load_config, load_tokenizer
+    from dendrite.model.loader import load_config
 
     torch.manual_seed(0)
     model_dir = bc.resolve_model(a.model)
-    dtype = torch.bfloat16  # (CPU: the emulation is torch-only; a faithful proxy of the H100)
     cfg = load_config(model_dir)
-    tok = load_tokenizer(model_dir, cfg)
-    ids = tok.encode(bq.ppl_text(bq.load_gsm8k(bq.DATA)), add_special_tokens=False)
-    wins = bq.windows(ids, a.tokens, a.window)
-    num_pages = sum(-(-len(w) // 16) for w in wins) + 64
-
-    def engine(**kw: Any) -> Any:
-        return Engine(model_dir, device="cpu", dtype=dtype, num_pages=num_pages, page_size=16,
-                      max_batch_tokens=2048, prefix_cache=False, **kw)
+    # (bf16 on the CPU: the emulation is torch-only; a faithful proxy of the H100)
+    wins, engine = bq.cpu_study_setup(model_dir, a.tokens, a.window)
 
     res: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()},
                            "scored": sum(len(w) - 1 for w in wins), "rows": []}

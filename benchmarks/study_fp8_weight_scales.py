@@ -12,10 +12,11 @@ the fp8-128x128 variant's).
 
 Variants (rounding: torch's float8_e4m3fn cast, nearest even, saturating):
 
-    fp8-engine       Engine(quantization="fp8"): must equal fp8-128x128
-    fp8-128x128      the engine's format: blocks of 128 x 128, scale amax / 448
+    fp8-engine       Engine(quantization="fp8"): must equal fp8-128x128-mse
+    fp8-128x128      blocks of 128 x 128, scale amax / 448 (`quantize_fp8`)
     fp8-128x128-mse  same blocks, each scale amax / 448 x c with c in [0.70, 1.00]
                      chosen per block to minimise the block's squared error
+                     (`quantize_fp8(search=True)`, what a load does)
     fp8-1x128        1 x 128 blocks (a scale per row and 128 columns)
     fp8-1x32         1 x 32 blocks, float32 scales
     fp8-channel      one scale per output row
@@ -46,34 +47,13 @@ import bench_common as bc
 import bench_quant as bq
 from study_fp8_kv_scales import mantissa_rt
 
-from dendrite.quant.formats import FP8, FP8_MAX, dequantize, quantize_fp8, quantize_mxfp8
+from dendrite.quant.formats import dequantize, quantize_fp8, quantize_mxfp8
 
 MARGINS = bq.MARGINS
 
 
 def _fp8(block: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: dequantize(quantize_fp8(w, block), torch.float32)
-
-
-def _fp8_mse(w: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """128 x 128 blocks, each scale the best of 31 multipliers of amax / 448 in [0.7, 1]."""
-    n, k = w.shape
-    nb, kb = -(-n // block), -(-k // block)
-    pad = torch.nn.functional.pad(w, (0, kb * block - k, 0, nb * block - n))
-    b = pad.view(nb, block, kb, block)
-    base = b.abs().amax(dim=(1, 3), keepdim=True).clamp_min(1e-12) / FP8_MAX
-    best, best_err = None, None
-    for c in torch.linspace(0.7, 1.0, 31).tolist():
-        s = base * c
-        dq = (b / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
-        err = (dq - b).pow(2).sum(dim=(1, 3), keepdim=True)
-        if best is None:
-            best, best_err = dq, err
-        else:
-            better = err < best_err
-            best = torch.where(better, dq, best)
-            best_err = torch.where(better, err, best_err)
-    return best.reshape(nb * block, kb * block)[:n, :k]
 
 
 def _channel(w: torch.Tensor) -> torch.Tensor:
@@ -87,7 +67,7 @@ def _int8_channel(w: torch.Tensor) -> torch.Tensor:
 
 VARIANTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "fp8-128x128": _fp8((128, 128)),
-    "fp8-128x128-mse": _fp8_mse,
+    "fp8-128x128-mse": lambda w: dequantize(quantize_fp8(w, search=True), torch.float32),
     "fp8-1x128": _fp8((1, 128)),
     "fp8-1x32": _fp8((1, 32)),
     "fp8-channel": _channel,
@@ -124,19 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    from dendrite.engine import Engine
-    from dendrite.model.loader import load_config, load_tokenizer
-
     model_dir = bc.resolve_model(a.model)
-    cfg = load_config(model_dir)
-    tok = load_tokenizer(model_dir, cfg)
-    ids = tok.encode(bq.ppl_text(bq.load_gsm8k(bq.DATA)), add_special_tokens=False)
-    wins = bq.windows(ids[a.skip:], a.tokens, a.window)
-    num_pages = sum(-(-len(w) // 16) for w in wins) + 64
-
-    def engine(**kw: Any) -> Any:
-        return Engine(model_dir, device="cpu", dtype=torch.bfloat16, num_pages=num_pages,
-                      page_size=16, max_batch_tokens=2048, prefix_cache=False, **kw)
+    wins, engine = bq.cpu_study_setup(model_dir, a.tokens, a.window, a.skip)
 
     res: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()},
                            "scored": sum(len(w) - 1 for w in wins), "rows": []}
@@ -187,15 +156,16 @@ def main(argv: list[str] | None = None) -> None:
             for (w, _), orig in zip(parts, dense):
                 w.copy_(orig)
     e.close()
-    if not a.variants or "fp8-128x128" in names:
+    if not a.variants or "fp8-128x128-mse" in names:
         e = engine(quantization="fp8")
         with torch.inference_mode():
             row("fp8-engine", bq.score(e, wins), None)
         e.close()
-        if "fp8-128x128" in scored:
-            same = np.array_equal(np.array(scored["fp8-engine"]), np.array(scored["fp8-128x128"]))
-            res["engine_equals_fp8_128x128"] = same
-            bc.log(f"harness check: fp8-engine == fp8-128x128: {same}")
+        if "fp8-128x128-mse" in scored:
+            same = np.array_equal(np.array(scored["fp8-engine"]),
+                                  np.array(scored["fp8-128x128-mse"]))
+            res["engine_equals_fp8_128x128_mse"] = same
+            bc.log(f"harness check: fp8-engine == fp8-128x128-mse: {same}")
 
     hdr = ["variant", "ppl Δ %", "weight rel. rms error",
            *[f"top-1 % gap>{m}" for m in MARGINS]]

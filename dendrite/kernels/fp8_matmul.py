@@ -61,15 +61,14 @@ def mm_tile(m: int, n: int, k: int, sk: int) -> tuple[int, int, int, int, int] |
 def supported(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
               block: tuple[int, int]) -> bool:
     """True when `fp8_matmul(x, data, scale, block)` can run on x [M, K]."""
-    if not (x.is_cuda and x.dtype in _DTYPES and x.dim() == 2 and x.shape[0] >= 1
-            and x.shape[1] == data.shape[1] and triton_available()
-            and weight_scales.accepts(data, scale, block)):
-        return False
-    m = x.shape[0]
+    m = x.shape[0] if x.dim() == 2 else 0
     if m == 1:
         return _gemv_supported(x, data, scale=scale, block=block)
-    if m <= _SKINNY_ROWS and _skinny_supported(x, data, scale=scale, block=block):
+    if 2 <= m <= _SKINNY_ROWS and _skinny_supported(x, data, scale=scale, block=block):
         return True
+    if not (m >= 1 and x.is_cuda and x.dtype in _DTYPES and x.shape[1] == data.shape[1]
+            and triton_available() and weight_scales.accepts(data, scale, block)):
+        return False
     n, k = data.shape
     return mm_tile(m, n, k, block[1]) is not None
 

@@ -51,12 +51,10 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu: bool = False,
             and x.dim() == 2 and x.shape[0] == 1
             and weight.dim() == 2 and weight.is_contiguous()
             and width == weight.shape[1] * (2 if glu else 1)
-            and triton_available()):
+            and triton_available() and weight_scales.weight_fits(x, weight, scale, block)):
         return False
     if scale is None:
-        return weight.dtype == x.dtype
-    if block is None or not weight_scales.accepts(weight, scale, block):
-        return False
+        return True
     n, k = weight.shape
     block_n, block_k, _ = tile_for(n, k, glu=glu, weight_bytes=1)
     return weight_scales.gemv_mode(n, k, block, block_n, block_k) is not None

@@ -62,12 +62,10 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False,
             and weight.dim() == 2 and weight.is_contiguous()
             and width == weight.shape[1]
             and (not glu_out or weight.shape[0] % 2 == 0)
-            and triton_available()):
+            and triton_available() and weight_scales.weight_fits(x, weight, scale, block)):
         return False
     if scale is None:
-        return weight.dtype == x.dtype
-    if block is None or not weight_scales.accepts(weight, scale, block):
-        return False
+        return True
     n, k = weight.shape
     block_k = tile_for(n // (2 if glu_out else 1), k, glu_out=glu_out)[1]
     return weight_scales.chunk_inside_blocks(block_k, k, block[1]) is not None

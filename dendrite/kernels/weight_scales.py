@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-__all__ = ["FP8", "accepts", "chunk_inside_blocks", "fp8_capable", "gemv_mode"]
+__all__ = ["FP8", "accepts", "chunk_inside_blocks", "fp8_capable", "gemv_mode", "weight_fits"]
 
 FP8 = torch.float8_e4m3fn
 
@@ -44,6 +44,15 @@ def accepts(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -
     n, k = weight.shape
     grid = (-(-n // block[0]), -(-k // block[1]))
     return tuple(scale.shape) == grid and fp8_capable(weight.device)
+
+
+def weight_fits(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                block: tuple[int, int] | None) -> bool:
+    """The weight half of a kernel's `supported`: dense in x's dtype (no
+    `scale`), or e4m3 with a `scale` grid and `block` that `accepts` takes."""
+    if scale is None:
+        return weight.dtype == x.dtype
+    return block is not None and accepts(weight, scale, block)
 
 
 def gemv_mode(n: int, k: int, block: tuple[int, int], block_n: int, block_k: int

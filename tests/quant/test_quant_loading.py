@@ -84,8 +84,9 @@ def _write_fp8_checkpoint(src, dst, *, block=(128, 128), method="fp8"):
     return dst
 
 
-def _logits(model_dir, quantization=None):
-    r = ModelRunner(model_dir, num_pages=4, quantization=quantization)
+def _logits(model_dir, quantization=None, quantize_lm_head=False):
+    r = ModelRunner(model_dir, num_pages=4, quantization=quantization,
+                    quantize_lm_head=quantize_lm_head)
     n = len(PROMPT)
     meta = r.build_metadata(np.arange(n), np.arange(n), np.array([0, n]), np.array([0, 1]),
                             np.array([0]), np.array([n]))
@@ -240,12 +241,8 @@ def test_bad_quantization_argument_is_named(aligned, bad):
 def test_quantize_lm_head_quantizes_the_dense_head(fmt, which, request):
     d = request.getfixturevalue(which)
     dense_runner, dense = _logits(d)
-    body_runner, body = _logits(d, fmt)
-    r = ModelRunner(d, num_pages=4, quantization=fmt, quantize_lm_head=True)
-    n = len(PROMPT)
-    meta = r.build_metadata(np.arange(n), np.arange(n), np.array([0, n]), np.array([0, 1]),
-                            np.array([0]), np.array([n]))
-    got = r.run(torch.tensor(PROMPT), meta, logits_indices=np.arange(n))
+    _, body = _logits(d, fmt)
+    r, got = _logits(d, fmt, quantize_lm_head=True)
     head = r.model.lm_head
     assert isinstance(head, QuantLinear) and head.format == fmt and head.weight.dtype == FP8
     # The head is the quantized dense head (the tied embedding when tied), and
