@@ -26,7 +26,13 @@ Three parts, each a table:
   thus controlled and measured, and the speedup is that of a cheap draft for
   an expensive target. At noise 0 the target also runs prompt lookup (n-gram
   k=8) on the copy task: the ``ngram`` rows again, on a target whose step is
-  bound by its weights and launches rather than by the host.
+  bound by its weights and launches rather than by the host. With
+  ``--target wide`` the controlled target is the draft widened instead
+  (`wide_target`: hidden size and heads x ``--wide-factor``, an MLP of
+  ``--wide-intermediate`` neurons, zeros around the draft's weights; noise
+  on a copy of the draft's neurons): a target whose step costs what a
+  large model's does, its bytes (SmolLM2-135M x4 with 28672 neurons: 13 GB
+  of bf16 weights, 8B-class), rather than 8x the kernels of a small one.
 
 Every speculative row checks exactness: its tokens must equal the plain
 run's (column ``same``). Speedup is plain wall time / speculative wall time
@@ -178,6 +184,89 @@ def controlled_target(draft_dir: Path, out: Path, extra: int, noise: float, seed
     return out
 
 
+def wide_target(draft_dir: Path, out: Path, factor: int, intermediate: int, noise: float,
+                seed: int) -> Path:
+    """The draft widened `factor` times (hidden size, query and KV heads) with an
+    MLP of `intermediate` neurons, computing the draft's function at noise 0.
+
+    A target that costs what a large model costs per token (its bytes) while
+    its acceptance stays controlled, unlike `controlled_target`'s deep stack
+    of small layers, whose step is bound by kernel count. The draft's weights
+    sit in the first rows/columns, everything else is zero: padded hidden
+    dimensions stay zero through every layer, padded heads read zero queries
+    and write through zero o_proj columns, padded neurons have zero
+    down_proj columns. RMSNorm averages over the wider hidden size, so
+    `mean(x^2)` shrinks by `factor`: eps is divided by `factor` and the norm
+    weights by sqrt(factor), which is exact in binary floating point when
+    `factor` is a power of 4 (2, 4, 8... would round the norm weights).
+    At `noise` > 0 the first `draft intermediate` padded neurons are a copy
+    of the draft's with down_proj columns of Gaussian noise x std: the
+    target's argmax moves off the draft's, lowering acceptance.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if factor < 1 or factor & (factor - 1) or (factor.bit_length() - 1) % 2:
+        raise ValueError(f"wide_target: factor must be a power of 4, got {factor}")
+    cfg = json.loads((draft_dir / "config.json").read_text())
+    h, i0 = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    d = cfg.get("head_dim") or h // heads
+    if intermediate < 2 * i0:
+        raise ValueError(f"wide_target: intermediate {intermediate} must be >= 2 x the draft's {i0}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in draft_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json" \
+                and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    hw = h * factor
+    cfg.update(hidden_size=hw, intermediate_size=intermediate, num_attention_heads=heads * factor,
+               num_key_value_heads=kv * factor, head_dim=d, rms_norm_eps=cfg["rms_norm_eps"] / factor)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(draft_dir.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    g = torch.Generator().manual_seed(seed)
+    norm_scale = factor ** -0.5  # a power of 2: exact
+    wide: dict[str, torch.Tensor] = {}
+    for k, w in weights.items():
+        if k.endswith(("layernorm.weight", "model.norm.weight")):
+            t = torch.zeros(hw, dtype=w.dtype)
+            t[:h] = w * norm_scale
+        elif k.endswith(("q_norm.weight", "k_norm.weight")):
+            t = w.clone()  # per head_dim: unchanged
+        elif k.endswith(("embed_tokens.weight", "lm_head.weight")):
+            t = torch.zeros(w.shape[0], hw, dtype=w.dtype)
+            t[:, :h] = w
+        elif k.endswith(("gate_proj.weight", "up_proj.weight")):
+            t = torch.zeros(intermediate, hw, dtype=w.dtype)
+            t[:i0, :h] = w
+            if noise:
+                t[i0:2 * i0, :h] = w
+        elif k.endswith("down_proj.weight"):
+            t = torch.zeros(hw, intermediate, dtype=w.dtype)
+            t[:h, :i0] = w
+            if noise:
+                std = float(w.float().std())
+                t[:h, i0:2 * i0] = (torch.randn(h, i0, generator=g) * noise * std).to(w.dtype)
+        elif k.endswith("o_proj.weight"):
+            t = torch.zeros(hw, w.shape[1] * factor, dtype=w.dtype)
+            t[:h, :w.shape[1]] = w
+        elif k.endswith("o_proj.bias"):
+            t = torch.zeros(hw, dtype=w.dtype)
+            t[:h] = w
+        elif k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            t = torch.zeros(w.shape[0] * factor, hw, dtype=w.dtype)
+            t[:w.shape[0], :h] = w
+        elif k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            t = torch.zeros(w.shape[0] * factor, dtype=w.dtype)
+            t[:w.shape[0]] = w
+        else:
+            raise ValueError(f"wide_target: no rule to widen {k}")
+        wide[k] = t
+    save_file(wide, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def render(d: dict) -> str:
     out = [(f"# Speculative decoding (issue 18)\n\n{C.env_line(d['env'])}\n\n"
             f"`{d['command']}`\n")]
@@ -249,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="controlled target: layers appended to the draft (default 7x its layers)")
     p.add_argument("--noise", default="0,0.3,1",
                    help="controlled target: noise levels of the appended layers' projections")
+    p.add_argument("--target", choices=("deep", "wide"), default="deep",
+                   help="controlled target: the draft with appended layers (deep) or widened "
+                        "to large-model bytes per token (wide; see wide_target)")
+    p.add_argument("--wide-factor", type=int, default=4,
+                   help="wide target: hidden size and heads x this (a power of 4)")
+    p.add_argument("--wide-intermediate", type=int, default=None,
+                   help="wide target: MLP neurons (default: 12.4 x the wide hidden size, "
+                        "28672 for SmolLM2-135M: ~13 GB of bf16 weights, 8B-class)")
     p.add_argument("--parts", default="rule,ngram,self,controlled",
                    help="which parts to measure (comma-separated)")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions per row (best kept)")
@@ -323,17 +420,30 @@ def main(argv: list[str] | None = None) -> int:
         plain_eng.close()
 
     if "controlled" in parts:
-        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        cfg = json.loads((model_dir / "config.json").read_text())
+        layers = cfg["num_hidden_layers"]
         extra = a.extra_layers if a.extra_layers is not None else (2 if quick else 7 * layers)
+        hw = a.wide_factor * cfg["hidden_size"]
+        wide_i = a.wide_intermediate or (2 * cfg["intermediate_size"] if quick else max(
+            2 * cfg["intermediate_size"], 256 * round(12.4 * hw / 256)))
         noises = [float(x) for x in a.noise.split(",")][: 1 if quick else None]
         for noise in noises:
             if not budget.allows():
                 res.note(f"controlled noise={noise}: skipped (budget)")
                 continue
-            tdir = controlled_target(model_dir, Path(tempfile.mkdtemp()) / f"spec-target-{extra}-{noise}",
-                                     extra, noise, a.seed)
-            res.note(f"controlled target {tdir.name}: the draft's {layers} layers + {extra} "
-                     f"appended layers, output projections noise {noise} x std")
+            tmp = Path(tempfile.mkdtemp())
+            if a.target == "deep":
+                tdir = controlled_target(model_dir, tmp / f"spec-target-{extra}-{noise}",
+                                         extra, noise, a.seed)
+                res.note(f"controlled target {tdir.name}: the draft's {layers} layers + {extra} "
+                         f"appended layers, output projections noise {noise} x std")
+            else:
+                tdir = wide_target(model_dir, tmp / f"spec-wide-{noise}", a.wide_factor, wide_i,
+                                   noise, a.seed)
+                gb = sum(f.stat().st_size for f in tdir.glob("*.safetensors")) / 1e9
+                res.note(f"controlled target {tdir.name}: the draft widened {a.wide_factor}x "
+                         f"(hidden {cfg['hidden_size'] * a.wide_factor}, MLP {wide_i}, "
+                         f"{gb:.1f} GB of weights), extra neurons' down_proj noise {noise} x std")
             t_plain = Engine(tdir, **engine_kw)
             t_spec = Engine(tdir, speculative=SpeculativeConfig(
                 method="model", draft_model=str(model_dir), num_draft=a.k), **engine_kw)
@@ -352,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_tokens, plain, reps)
                 t_ngram.close()
             t_plain.close()
-            shutil.rmtree(tdir.parent, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     res.finish()
     return 0
 
