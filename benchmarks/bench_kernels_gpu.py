@@ -16,6 +16,9 @@ Sections, each printing a table (and all of them saved to kernels.json):
           cuBLAS (+ the row kernels for RMSNorm, residual add and SiLU*up)
           against the fused few-row kernel (dendrite/kernels/skinny.py), per
           shape over a sweep of tiles, then a whole token's layers;
+* fp8rows the fused 16-row cases on FP8 (128 x 128 block-scaled e4m3) weights,
+          default tile vs a sweep (`FP8_ROW_TILES`), then 16 layers' matmuls
+          projection by projection vs fused (default and best tiles) vs bf16;
 * attn    FlashInfer paged decode in CUDA-graph mode for B=1 at 256/1K/4K
           tokens and B=16 over a shared 4K prefix: CUDA-core kernel (split
           KV + merge, what the engine captures) vs tensor-core kernel with and
@@ -313,6 +316,127 @@ def sec_rows(res: dict) -> None:
           f"few-row fused {tf * 1e3:.3f} ms")
 
 
+#: Few-row tiles tried on e4m3 weights: BLOCK_K is 128 (a chunk must lie in one
+#: 128-column scale block), so a stage moves a quarter of a bf16 256-chunk's
+#: bytes: wider BLOCK_N, more stages or split K keep the loads in flight.
+FP8_ROW_TILES = [(bn, 128, w, st, sp, sw) for bn, w, st, sp, sw in (
+    (16, 4, 4, 1, 0), (16, 4, 6, 1, 0), (16, 4, 4, 2, 0),
+    (32, 4, 4, 1, 0), (32, 4, 6, 1, 0), (32, 4, 4, 2, 0), (32, 4, 4, 4, 0), (32, 8, 4, 1, 0),
+    (64, 4, 4, 1, 0), (64, 4, 4, 2, 0), (64, 8, 4, 1, 0), (64, 4, 6, 1, 0),
+    (64, 4, 4, 1, 1), (64, 8, 4, 1, 1), (64, 4, 4, 2, 1), (64, 8, 4, 2, 1), (64, 4, 6, 1, 1),
+    (64, 8, 3, 1, 1), (128, 8, 3, 1, 1), (128, 8, 4, 1, 1), (128, 8, 3, 2, 1),
+    (128, 8, 4, 1, 0))]
+
+
+def sec_fp8rows(res: dict) -> None:
+    """The `rows` section on FP8 (128 x 128 block-scaled e4m3) weights at 16 rows:
+    each fused case with the default tile and over FP8_ROW_TILES, the bf16
+    default beside it; then a whole token's layers: e4m3 projection by
+    projection with the row kernels between them (the model's FP8 path),
+    e4m3 fused with the default tiles and with each case's best, bf16 fused."""
+    from dendrite.kernels.rows import add_rms_norm, silu_mul
+    from dendrite.kernels.skinny import _launch, tile_for
+    from dendrite.quant.formats import quantize
+
+    out = res.setdefault("fp8rows", {})
+    m = 16
+    nw_h = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    # (name, weight key, x width, norm?, glu_out?, residual?)
+    cases = [("qkv+norm", "qkv", HIDDEN, True, False, False),
+             ("o+residual", "o", HIDDEN, False, False, True),
+             ("gate_up+norm+silu", "gate_up", HIDDEN, True, True, False),
+             ("down+residual", "down", INTER, False, False, True),
+             ("gate_up (plain)", "gate_up", HIDDEN, False, False, False)]
+    best_tiles: dict[str, tuple] = {}
+    print("\n16 rows, e4m3 weights: | case | fp8 MB | bf16 fused us | fp8 default tile us | "
+          "GB/s | best tile | us | GB/s |")
+    print("|---|--:|--:|---|--:|---|--:|--:|")
+    for name, key, width, norm, glu, resid in cases:
+        n, k = SHAPES[key]
+        nbytes = n * k
+        copies = max(2, -(-L2_FLUSH_BYTES // nbytes))
+        dense = _weights(n, k, copies)
+        qws = [quantize(w, "fp8") for w in dense]
+        x = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(m, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16)
+        nw = nw_h if norm else None
+
+        def ours(x, q, tile=None):
+            return _launch(x, q.data, None, nw, 1e-5, glu, r if resid else None, tile,
+                           q.scale, q.block)
+
+        def dense_op(x, w):
+            return _launch(x, w, None, nw, 1e-5, glu, r if resid else None)
+        tb = graph_time(_rotating(dense_op, dense, x), inner=copies)
+        del dense
+        default = tile_for(n // 2 if glu else n, k, norm, glu)
+        td = graph_time(_rotating(ours, qws, x), inner=copies)
+        best = (td, default)
+        for tile in FP8_ROW_TILES:
+            try:
+                t = graph_time(_rotating(lambda x, q, tile=tile: ours(x, q, tile), qws, x),
+                               inner=copies, reps=15)
+            except Exception as e:  # noqa: BLE001 (a tile that does not compile)
+                print(f"  tile {tile}: {type(e).__name__}")
+                continue
+            if t < best[0]:
+                best = (t, tile)
+        best_tiles[name] = best[1]
+        gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+        out[name] = {"n": n, "k": k, "bf16_us": tb * 1e6, "default_tile": default,
+                     "default_us": td * 1e6, "best_tile": best[1], "best_us": best[0] * 1e6}
+        print(f"| {name} {n}x{k} | {nbytes / 1e6:.1f} | {tb * 1e6:.1f} | {default} "
+              f"{td * 1e6:.1f} | {gbs(td):.0f} | {best[1]} | {best[0] * 1e6:.1f} | "
+              f"{gbs(best[0]):.0f} |")
+        del qws
+        torch.cuda.empty_cache()
+
+    dense_layers = [{nm: _weights(*SHAPES[nm], 1)[0] for nm in ("qkv", "o", "gate_up", "down")}
+                    for _ in range(LAYERS)]
+    layers = [{nm: quantize(w, "fp8") for nm, w in lw.items()} for lw in dense_layers]
+    h0 = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    attn = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def q8(x, q, tile=None, nw=None, glu=False, resid=None):
+        return _launch(x, q.data, None, nw, 1e-5, glu, resid, tile, q.scale, q.block)
+
+    def by_projection():
+        h, res_ = h0, None
+        for lw in layers:
+            x, res_ = add_rms_norm(h, res_, nw_h, 1e-5)
+            q8(x, lw["qkv"])
+            h = q8(attn, lw["o"])
+            x, res_ = add_rms_norm(h, res_, nw_h, 1e-5)
+            h = q8(silu_mul(q8(x, lw["gate_up"])), lw["down"])
+
+    def fused(tiles):
+        def run():
+            h = h0
+            for lw in layers:
+                q8(h, lw["qkv"], tiles.get("qkv+norm"), nw=nw_h)
+                h = q8(attn, lw["o"], tiles.get("o+residual"), resid=h)
+                act = q8(h, lw["gate_up"], tiles.get("gate_up+norm+silu"), nw=nw_h, glu=True)
+                h = q8(act, lw["down"], tiles.get("down+residual"), resid=h)
+        return run
+
+    def bf16_fused():
+        h = h0
+        for lw in dense_layers:
+            _launch(h, lw["qkv"], None, nw_h, 1e-5, False, None)
+            h = _launch(attn, lw["o"], None, None, 0.0, False, h)
+            act = _launch(h, lw["gate_up"], None, nw_h, 1e-5, True, None)
+            h = _launch(act, lw["down"], None, None, 0.0, False, h)
+    best_proj = dict(best_tiles)
+    times = {"fp8 by projection (default tiles)": graph_time(by_projection, inner=2, reps=20),
+             "fp8 fused (default tiles)": graph_time(fused({}), inner=2, reps=20),
+             "fp8 fused (best tiles)": graph_time(fused(best_proj), inner=2, reps=20),
+             "bf16 fused": graph_time(bf16_fused, inner=2, reps=20)}
+    out["layers16"] = {k: v * 1e3 for k, v in times.items()}
+    print(f"\n{LAYERS} layers' matmuls, 16 rows (no head, no attention):")
+    for k, v in times.items():
+        print(f"  {k}: {v * 1e3:.3f} ms")
+
+
 def sec_attn(res: dict) -> None:
     import flashinfer
 
@@ -520,7 +644,8 @@ def main() -> None:
         prefill_case(b, int(qo), int(kv), int(pool))
         return
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    fns = {"bw": sec_bw, "skinny": sec_skinny, "rows": sec_rows, "attn": sec_attn,
+    fns = {"bw": sec_bw, "skinny": sec_skinny, "rows": sec_rows,
+           "fp8rows": sec_fp8rows, "attn": sec_attn,
            "tree": lambda r: sec_tree(r, a.tree_sweep), "prefill": sec_prefill}
     for s in a.sections.split(","):
         try:

@@ -12,11 +12,13 @@
 #                   appended (output projections noise 0 and 0.5 x std: acceptance
 #                   ~100% for greedy, and lower), 1 and 16 branches; at noise 0
 #                   also n-gram k=8 on the copy task
+#   spec_wide.json/.md  the same with the target widened (--target wide: hidden and
+#                   heads x4, 28672 MLP neurons; 13 GB of bf16 for SmolLM2-135M)
 #   spec.json/.md   the rule table (verify vs plain step, B = 1..32), n-gram on a
 #                   copy task (1 and 16 branches), self-draft acceptance (greedy;
 #                   sampled, proposed vs drawn drafts)
 #   run.log         everything printed
-# Under 7 minutes on an H100: each stage has a timeout (60 + 150 + 200 s) and
+# Under 12 minutes on an H100: each stage has a timeout (60 + 150 + 200 + 300 s) and
 # each benchmark a wall-clock budget (rows that would start past it are
 # skipped and marked so; every row is saved as it is measured). On a fresh
 # machine FlashInfer compiles its kernels on first use (~90 s for prefill):
@@ -56,6 +58,13 @@ case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH=${PYTHONPATH:+$P
   # shellcheck disable=SC2086
   timeout 200 python3 benchmarks/bench_speculative.py --model "$MODEL" $DEVICE $QUICK \
     --out "$OUT/spec_controlled.json" --parts controlled --noise 0,0.5 --budget 150 \
+    --max-tokens 128 --reps 1
+  # The same pair with the target widened instead of deepened (13 GB of bf16
+  # weights for SmolLM2-135M: a step bound by its bytes, as an 8B model's is).
+  echo "== bench_speculative.py: controlled pair, wide target"
+  # shellcheck disable=SC2086
+  timeout 300 python3 benchmarks/bench_speculative.py --model "$MODEL" $DEVICE $QUICK \
+    --out "$OUT/spec_wide.json" --parts controlled --target wide --noise 0,0.5 --budget 240 \
     --max-tokens 128 --reps 1
   echo "== exit $?"
 } 2>&1 | tee "$OUT/run.log"
