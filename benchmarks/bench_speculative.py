@@ -463,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
                 t_ngram.close()
             t_plain.close()
             shutil.rmtree(tmp, ignore_errors=True)
+            if device.type == "cuda":  # the next target loads beside nothing
+                import gc
+
+                gc.collect()
+                torch.cuda.empty_cache()
     res.finish()
     return 0
 

@@ -12,7 +12,8 @@ dequantize in registers, never writing a bf16 copy.
   model's decode layers call it directly, with the fused norms and residual
   adds (dendrite/model/llama.py).
 * 2-16 rows (a few decode branches): the few-row kernel (skinny.py) with its
-  scaled MMA chunks, one projection at a time.
+  scaled MMA chunks and e4m3 tiles; the model's decode layers call it
+  directly, fused like a dense layer's, and other callers reach it here.
 * More rows (prefill, wide batches): `fp8_mm_kernel` here, tensor-core
   tiles of `dot(x, W_e4m3 as bf16/fp16) * scale` (e4m3 converts exactly),
   64 x 128 (16-row tiles when the few-row kernel cannot follow the blocks).

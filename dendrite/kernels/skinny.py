@@ -52,10 +52,9 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False,
     `width`: x's row width when the rows to multiply are not x itself (the
     model checks a layer's projections with its hidden states).
 
-    The model's fused decode layers take it for dense weights only; e4m3
-    weights reach it projection by projection through
-    `dendrite.kernels.fp8_matmul` (the fused e4m3 layer, gate|up epilogue on
-    the swapped MMA, measured slower on an H100: docs/benchmarks.md)."""
+    The model's fused decode layers take it for dense and e4m3 weights alike
+    (an e4m3 layer with its own tiles, `tile_for(scaled=True)`); other e4m3
+    projections reach it through `dendrite.kernels.fp8_matmul`."""
     width = x.shape[-1] if width is None else width
     if not (kernels.skinny and x.is_cuda and x.dtype in _DTYPES
             and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS
@@ -67,14 +66,15 @@ def supported(x: torch.Tensor, weight: torch.Tensor, glu_out: bool = False,
     if scale is None:
         return True
     n, k = weight.shape
-    block_k = tile_for(n // (2 if glu_out else 1), k, glu_out=glu_out)[1]
+    block_k = tile_for(n // (2 if glu_out else 1), k, glu_out=glu_out, scaled=True)[1]
     return weight_scales.chunk_inside_blocks(block_k, k, block[1]) is not None
 
 
 Tile = tuple[int, int, int, int, int, int]
 
 
-def tile_for(n: int, k: int, norm: bool = False, glu_out: bool = False) -> Tile:
+def tile_for(n: int, k: int, norm: bool = False, glu_out: bool = False,
+             scaled: bool = False) -> Tile:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP) for n outputs from K = k.
 
     From a sweep over 15 tiles of the Llama-3.2-1B layer matmuls at 16 rows
@@ -84,7 +84,23 @@ def tile_for(n: int, k: int, norm: bool = False, glu_out: bool = False) -> Tile:
     the MMA's 64-wide side (SWAP) with 8 warps; other wide outputs (lm_head)
     take 64 rows of W per program; the rest 16 rows (32 with the RMSNorm,
     which then runs in half as many programs), K in chunks of 256.
+
+    `scaled` (e4m3 weights, `--sections fp8rows`, 22 tiles, H100): a chunk
+    must lie in one 128-column scale block, so a stage moves a quarter of a
+    bf16 256-chunk's bytes; wider programs and split K keep enough loads in
+    flight. The RMSNorm'd matmuls (q|k|v, gate|up with SiLU*up) take 64 rows
+    of W and 8 warps unswapped (gate|up: 21.7 us vs 39.4 with the bf16 rule),
+    a long K or a small square matrix (down, o) splits K four ways over 32
+    rows, wide plain outputs take 32 rows unsplit.
     """
+    if scaled:
+        if k >= 4 * n:
+            return 32, 128, 4, 4, 4, 0
+        if norm or glu_out:
+            return 64, 128, 8, 4, 1, 0
+        if n >= 8192:
+            return 32, 128, 4, 4, 1, 0
+        return 32, 128, 4, 4, 4, 0
     if k >= 4 * n:
         return 32, 128, 4, 3, 4, 0
     if glu_out:
@@ -131,7 +147,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages, split, swap = tile or tile_for(
-        n, k, norm_weight is not None, glu_out)
+        n, k, norm_weight is not None, glu_out, scaled=scale is not None)
     if scale is not None:
         inside = weight_scales.chunk_inside_blocks(block_k, k, block[1])
         if inside is None:

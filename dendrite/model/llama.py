@@ -12,8 +12,9 @@ on CUDA (single-stream decode) runs each layer as four GEMV kernels
 (dendrite/kernels/gemv.py) that also do the RMSNorms, SiLU*up and residual
 adds, rounding as the unfused ops do; 2-16 rows (a few decode branches) take
 the few-row matmul (dendrite/kernels/skinny.py), likewise fused. FP8 / MXFP8
-projections (QuantLinear) take the same GEMV with their block scales; at
-more rows they run as modules (dendrite/kernels/fp8_matmul.py). Larger
+projections (QuantLinear) take the same GEMV and few-row kernels with their
+block scales; at more rows they run as modules
+(dendrite/kernels/fp8_matmul.py). Larger
 batches on CUDA take one kernel each for RMSNorm (+ the residual add before
 it) and SiLU*up around cuBLAS, and every CUDA step does RoPE with the K/V
 cache write in one kernel (dendrite/kernels/rows.py). With a family off in
@@ -121,7 +122,7 @@ class _StepKernels:
             else:
                 rows = [(qkv, False), (o, False), (gate_up, True), (down, False)]
                 if all(skinny_supported(h, p.weight, glu_out=glu, kernels=kernels,
-                                        width=p.in_features) for p, glu in rows):
+                                        width=p.in_features, **_scales(p)) for p, glu in rows):
                     matmul = skinny
         return _StepKernels(matmul, rows_supported(h, kernels))
 
@@ -268,10 +269,10 @@ class DecoderLayer(nn.Module):
                 return gemv(gate_up, down.weight, down.bias, glu=True, residual=h,
                             **_scales(down))
             act = skinny(h, up.weight, up.bias, norm_weight=ln2.weight, eps=ln2.eps,
-                         glu_out=True)
+                         glu_out=True, **_scales(up))
             if ar is not None:
-                return h + ar(skinny(act, down.weight, down.bias))
-            return skinny(act, down.weight, down.bias, residual=h)
+                return h + ar(skinny(act, down.weight, down.bias, **_scales(down)))
+            return skinny(act, down.weight, down.bias, residual=h, **_scales(down))
         a = attn(self.input_layernorm(h), cos, sin, meta, kv, backend, step.rows)
         h = h + (a if ar is None else ar(a))
         m = mlp(self.post_attention_layernorm(h))

@@ -108,9 +108,11 @@ def test_dispatch():
     assert torch.equal(f(two), F.silu(skinny(two, w)) * 2)
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8", "mxfp8"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_few_row_decode_layer_matches_cublas_path(tmp_path, family):
-    """16 forked branches decode one token: few-row path vs cuBLAS + row kernels."""
+def test_few_row_decode_layer_matches_cublas_path(tmp_path, family, quantization):
+    """16 forked branches decode one token: few-row path vs cuBLAS + row kernels
+    (FP8 / MXFP8: the fused e4m3 layer vs QuantLinear projection by projection)."""
     pytest.importorskip("flashinfer")
     from dendrite.kernels.config import KernelConfig
     from dendrite.model.runner import ModelRunner
@@ -121,8 +123,13 @@ def test_few_row_decode_layer_matches_cublas_path(tmp_path, family):
     model_dir = build_tiny_model(tmp_path / family, family, seed=5, hidden_size=256, heads=4,
                                  kv_heads=2, num_layers=3)
     runner = ModelRunner(model_dir, device="cuda", dtype=torch.bfloat16, num_pages=256,
-                         page_size=16, attention="flashinfer", kernels=KernelConfig())
+                         page_size=16, attention="flashinfer", kernels=KernelConfig(),
+                         quantization=quantization)
     prompts = [list(range(3 + i, 30 + 2 * i)) for i in range(16)]
+    from dendrite.model.llama import _StepKernels
+
+    rows = torch.zeros(16, 256, device="cuda", dtype=torch.bfloat16)
+    assert _StepKernels.choose(rows, runner.model.model.layers[0], KernelConfig()).matmul is skinny
 
     def decode_logits() -> torch.Tensor:
         pager = Pager(256, 16, seed=3)
