@@ -140,7 +140,8 @@ def measure(res: C.Results, case: str, label: str, engine: Engine, ids: list[int
            "seconds": best, "tok_s": n / best, "accept_len": st["accept_len"],
            "spec_steps": st["spec_steps"] // reps, "steps": st["steps"] // reps,
            "off_steps": st["spec_off_steps"] // reps,
-           "drafted": st["spec_drafted"] // reps, "accepted": st["spec_accepted"] // reps}
+           "drafted": st["spec_drafted"] // reps, "accepted": st["spec_accepted"] // reps,
+           "break_even": engine.stats.get("spec_break_even")}
     if plain is not None:
         row["speedup"] = plain["seconds"] / best
         if exact:
@@ -148,7 +149,7 @@ def measure(res: C.Results, case: str, label: str, engine: Engine, ids: list[int
     row["_tokens"] = toks
     C.log(f"{case} {label} B={branches}: {n / best:.1f} tok/s, accept_len "
           f"{C.fmt(st['accept_len'])}, speedup {C.fmt(row.get('speedup'))}, "
-          f"same={row.get('same')}")
+          f"same={row.get('same')}, break-even {C.fmt(row['break_even'])}")
     res.add({k: v for k, v in row.items() if not k.startswith("_")})
     return row
 

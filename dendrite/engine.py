@@ -195,6 +195,8 @@ class _Launched:
     scored: list[tuple[GenHandle, int]] = field(default_factory=list)
     scored_lps: torch.Tensor | None = None
     scored_top: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Every row feeds one token: a decode step (the speculative rule times these).
+    decode: bool = False
 
 
 class Sequence:
@@ -579,6 +581,16 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------
     @_locked
+    def _check_seq(self, seq: object, what: str) -> None:
+        """`seq` is a live Sequence of this engine (another engine's would never
+        be scheduled here: the caller would step forever)."""
+        if not isinstance(seq, Sequence):
+            raise TypeError(f"{what}: expected a Sequence (engine.new_sequence), "
+                            f"got {type(seq).__name__}")
+        if seq._engine is not self:
+            raise ValueError(f"{what}: the sequence belongs to another engine")
+        seq._check_live()
+
     def submit(self, seq: Sequence, params: SamplingParams | None = None,
                constraint: object | None = None, continue_grammar: bool = False) -> GenHandle:
         """Queue a generation on `seq`; it runs in the following `step()` calls.
@@ -587,7 +599,7 @@ class Engine:
         with `continue_grammar`, the sequence resumes the grammar state it (or
         the parent it was forked from) stopped in, e.g. after a `max_tokens` cut.
         """
-        seq._check_live()
+        self._check_seq(seq, "submit")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -634,7 +646,7 @@ class Engine:
                                  f"SamplingParams: pass one per sequence, or one for all")
         with self._lock:  # all or none submitted
             for s, p in zip(seqs, params):
-                s._check_live()
+                self._check_seq(s, "generate")
                 if s.handle is not None and not s.handle.done:
                     raise RuntimeError("sequence already has a generation in flight")
                 if not isinstance(p, SamplingParams):
@@ -661,6 +673,8 @@ class Engine:
         """Step until the given sequences have no pending tokens."""
         seqs = list(seqs)
         with self._lock:
+            for s in seqs:
+                self._check_seq(s, "flush")
             for s in seqs:
                 s.swapped = False
         while True:
@@ -693,6 +707,8 @@ class Engine:
         nxt = self._launch_ahead(cur) if self.lookahead else None
         finished = self._complete(cur, placeholders=nxt is not None)
         self._ahead = nxt
+        if self._spec is not None:
+            self._spec.note_plain_step(cur)
         return finished
 
     def _launch(self, plan: list[tuple[Sequence, int]],
@@ -761,7 +777,8 @@ class Engine:
         out = self.sampler(logits, [h.params for h in sample_handles], sample_pos,
                            prev_tokens=history, allowed=allowed)
         return _Launched(self.stats["steps"], seqs, sample_handles, out.token_ids,
-                         out.cpu_async(), allowed, scored, scored_lps, scored_top)
+                         out.cpu_async(), allowed, scored, scored_lps, scored_top,
+                         decode=bool((counts == 1).all()) and len(sample_handles) == len(seqs))
 
     @staticmethod
     def _score_rows(plan: list[tuple[Sequence, int]], starts: np.ndarray,
@@ -1154,7 +1171,7 @@ class Engine:
         `append_tokens`; scoring n continuations of one prompt is `fork(n)`
         then one `submit_score` per child, all in one step.
         """
-        seq._check_live()
+        self._check_seq(seq, "submit_score")
         ids = self.check_token_ids(ids, "submit_score")
         if not ids:
             raise ValueError("submit_score needs at least one token id to score")

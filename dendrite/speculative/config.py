@@ -22,8 +22,9 @@ wide batch, once branches finish, is not a narrow batch), with at most
 runner replays as a CUDA graph; draft trees are made shallower or trimmed
 to fit), and only for the branches
 whose recent acceptance length (an exponential average, `ema` weight of the
-newest step) is at least `break_even` tokens per step (None: the device's
-default, `BREAK_EVEN_DEFAULTS`); a branch below it
+newest step) is at least `break_even` tokens per step (None: on CUDA the
+measured ratio of speculative to plain step time at the step's width,
+`StepCosts`; elsewhere, and until measured, `BREAK_EVEN_DEFAULTS`); a branch below it
 drafts again after `probe_every` plain steps, to see whether the text
 became predictable.
 """
@@ -83,7 +84,9 @@ class SpeculativeConfig:
     #: Tokens one speculative step may verify (None: the largest decode step
     #: the runner replays as a CUDA graph, else the engine's step budget).
     max_verify_tokens: int | None = None
-    #: None: the device's measured default (`BREAK_EVEN_DEFAULTS`).
+    #: None: on CUDA measured as the engine runs (speculative / plain step
+    #: time per batch width, `dendrite.speculative.costs.StepCosts`), starting
+    #: from `BREAK_EVEN_DEFAULTS`; elsewhere that default. A number: fixed.
     break_even: float | None = None
     ema: float = 0.5
     probe_every: int = 8

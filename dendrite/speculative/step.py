@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dendrite.speculative.costs import StepCosts
 from dendrite.speculative.plan import decode_shaped_plan
 from dendrite.speculative.tree import DraftTree
 from dendrite.speculative.verify import (
@@ -137,7 +138,13 @@ class Speculator:
         # speculate until WIDE_COOLDOWN narrow plain steps later. id(seq) ->
         # [seq, narrow steps since] (a strong reference: the id is not reused).
         self._wide: dict[int, list] = {}
-        self.break_even = config.break_even_for(engine.device.type)
+        # The break-even acceptance length: the config's number, else on CUDA
+        # measured per batch width as the engine runs (`StepCosts`; the device
+        # default until both kinds of step are timed), else the device default.
+        fallback = config.break_even_for(engine.device.type)
+        self.costs = StepCosts(fallback) if config.break_even is None \
+            and engine.device.type == "cuda" else None
+        self.break_even = fallback
         # The verify budget: tokens of one speculative step. Default: the
         # largest decode step the runner replays as a CUDA graph (beyond it
         # the step runs eagerly, slower than the graph decode it replaces),
@@ -148,6 +155,7 @@ class Speculator:
         for k in SPEC_STATS:
             engine.stats.setdefault(k, 0)
         engine.stats.setdefault("spec_mean_accept_len", 0.0)
+        engine.stats.setdefault("spec_break_even", self.break_even)
 
     # -- the rule ---------------------------------------------------------------------
     def close(self) -> None:
@@ -189,6 +197,22 @@ class Speculator:
         for s in seqs:
             self._wide[id(s)] = [s, 0]
 
+    def _set_width(self, width: int) -> None:
+        """The break-even for a step of `width` decoding branches (`StepCosts`)."""
+        if self.costs is not None:
+            self.break_even = self.costs.break_even(width)
+            self.engine.stats["spec_break_even"] = self.break_even
+
+    def note_plain_step(self, launched) -> None:
+        """The engine ended a plain step (`_Launched`): its time counts as a plain
+        decode step of its width, or as no step at all (a prefill, a scoring step)."""
+        if self.costs is None:
+            return
+        if launched.decode and len(launched.seqs) <= self.config.max_rows:
+            self.costs.note("plain", len(launched.seqs))
+        else:
+            self.costs.skip()
+
     def _wants(self, s: Sequence) -> bool:
         if self._skip.get(id(s), 0) > 0 or id(s) in self._wide:
             return False
@@ -209,8 +233,10 @@ class Speculator:
         narrow = len(seqs) <= self.config.max_rows
         if not narrow:
             self._mark_wide(seqs)
-        elif any(self._wants(s) for s in seqs):
-            return True
+        else:
+            self._set_width(len(seqs))
+            if any(self._wants(s) for s in seqs):
+                return True
         for s in seqs:  # each takes a plain step now
             self._plain_step(s, narrow)
         return False
@@ -252,6 +278,7 @@ class Speculator:
             stats["spec_off_steps"] += 1
             return None
         want = []
+        self._set_width(len(seqs))
         for s in seqs:
             if self._wants(s):
                 want.append(s)
@@ -296,7 +323,13 @@ class Speculator:
             rows.append(_Row(s, tree, states, paths))
         for s in want:
             self._paused.pop(id(s), None)
-        return self._run(rows)
+        finished = self._run(rows)
+        if self.costs is not None:
+            if finished is None:
+                self.costs.skip()  # drafted, then fell back to the plain step
+            else:
+                self.costs.note("spec", len(seqs))
+        return finished
 
     def _draft(self, want: list[Sequence], per_row: int) -> dict[int, DraftTree]:
         # Fit `per_row` verify tokens: a static tree's paths each run depth + 1

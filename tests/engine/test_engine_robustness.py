@@ -154,6 +154,23 @@ def test_generate_with_mismatched_lists_is_an_error(make_engine):
         s.release()
 
 
+def test_another_engines_sequence_is_refused_not_stepped_forever(make_engine):
+    """A sequence is scheduled only by the engine that made it: handing it to
+    another one used to step that engine forever (nothing of its own to run)."""
+    a, b = make_engine(), make_engine()
+    s = a.new_sequence(PROMPT)
+    p = SamplingParams(temperature=0, max_tokens=2)
+    for call in (lambda: b.generate([s], p), lambda: b.submit(s, p), lambda: b.flush([s]),
+                 lambda: b.submit_score(s, [5])):
+        with pytest.raises(ValueError, match="belongs to another engine"):
+            call()
+    with pytest.raises(TypeError, match="expected a Sequence"):
+        b.generate(["a prompt"], p)
+    assert s.handle is None and b.pool.used == 0
+    assert len(a.generate(s, p)[0].token_ids) == 2  # its own engine still runs it
+    s.release()
+
+
 @pytest.mark.parametrize("kw, name", [
     (dict(max_batch_tokens=0), "max_batch_tokens"),
     (dict(max_batch_tokens=-5), "max_batch_tokens"),
