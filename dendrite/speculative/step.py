@@ -60,7 +60,7 @@ from dendrite.speculative.verify import (
 from dendrite.transfer import to_device
 
 if TYPE_CHECKING:
-    from dendrite.engine import Engine, GenHandle, Sequence
+    from dendrite.engine import Engine, GenHandle, Sequence, _Launched
 
 __all__ = ["SPEC_STATS", "Speculator"]
 
@@ -203,7 +203,7 @@ class Speculator:
             self.break_even = self.costs.break_even(width)
             self.engine.stats["spec_break_even"] = self.break_even
 
-    def note_plain_step(self, launched) -> None:
+    def note_plain_step(self, launched: _Launched) -> None:
         """The engine ended a plain step (`_Launched`): its time counts as a plain
         decode step of its width, or as no step at all (a prefill, a scoring step)."""
         if self.costs is None:
@@ -305,6 +305,8 @@ class Speculator:
                 # for a few plain steps, which the engine may launch ahead.
                 self._skip[id(s)] = EMPTY_DRAFT_SKIP
         if not any(len(t) for t in trees.values()):
+            if self.costs is not None:
+                self.costs.skip()  # the drafting is not a plain step's cost
             return None
         rows = []
         for s in seqs:
