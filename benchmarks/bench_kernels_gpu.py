@@ -221,6 +221,21 @@ ROW_TILES = [(16, 256, 4, 4, 1, 0), (32, 256, 4, 4, 1, 0), (64, 128, 4, 3, 1, 0)
         (64, 256, 4, 2, 2))]
 
 
+def _sweep(op, ws: list, x: torch.Tensor, copies: int, tiles: list, best: tuple) -> tuple:
+    """(seconds, tile) of the fastest of `tiles` for `op(x, w, tile)` over the
+    rotated weights, starting from `best` (the default tile's time and tile)."""
+    for tile in tiles:
+        try:
+            t = graph_time(_rotating(lambda x, w, tile=tile: op(x, w, tile), ws, x),
+                           inner=copies, reps=15)
+        except Exception as e:  # noqa: BLE001 (a tile that does not compile)
+            print(f"  tile {tile}: {type(e).__name__}")
+            continue
+        if t < best[0]:
+            best = (t, tile)
+    return best
+
+
 def sec_rows(res: dict) -> None:
     from dendrite.kernels.rows import add_rms_norm, silu_mul
     from dendrite.kernels.skinny import _launch, tile_for
@@ -265,15 +280,7 @@ def sec_rows(res: dict) -> None:
             td = graph_time(_rotating(ours, ws, x), inner=copies)
             best = (td, default)
             if m == 16:
-                for tile in ROW_TILES:
-                    try:
-                        t = graph_time(_rotating(lambda x, w, tile=tile: ours(x, w, tile), ws, x),
-                                       inner=copies, reps=15)
-                    except Exception as e:  # noqa: BLE001 (a tile that does not compile)
-                        print(f"  tile {tile}: {type(e).__name__}")
-                        continue
-                    if t < best[0]:
-                        best = (t, tile)
+                best = _sweep(ours, ws, x, copies, ROW_TILES, best)
             gbs = lambda t: nbytes / t / 1e9  # noqa: E731
             out[f"{m}:{name}"] = {"n": n, "k": k, "cublas_us": tc * 1e6, "few_us": td * 1e6,
                                   "default_tile": default, "best_us": best[0] * 1e6,
@@ -371,16 +378,7 @@ def sec_fp8rows(res: dict) -> None:
         del dense
         default = tile_for(n // 2 if glu else n, k, norm, glu)
         td = graph_time(_rotating(ours, qws, x), inner=copies)
-        best = (td, default)
-        for tile in FP8_ROW_TILES:
-            try:
-                t = graph_time(_rotating(lambda x, q, tile=tile: ours(x, q, tile), qws, x),
-                               inner=copies, reps=15)
-            except Exception as e:  # noqa: BLE001 (a tile that does not compile)
-                print(f"  tile {tile}: {type(e).__name__}")
-                continue
-            if t < best[0]:
-                best = (t, tile)
+        best = _sweep(ours, qws, x, copies, FP8_ROW_TILES, (td, default))
         best_tiles[name] = best[1]
         gbs = lambda t: nbytes / t / 1e9  # noqa: E731
         out[name] = {"n": n, "k": k, "bf16_us": tb * 1e6, "default_tile": default,

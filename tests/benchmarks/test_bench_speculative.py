@@ -42,30 +42,35 @@ def test_quick_run(tmp_path, tiny_model, bench_env):
     assert "Acceptance and speed" in out.with_suffix(".md").read_text()
 
 
-def test_controlled_target_at_noise_zero_is_the_draft(tmp_path, tiny_model, one_thread):
+def _greedy(model_dir):
+    """8 greedy tokens with their top-2 logprobs, on the CPU."""
     from dendrite.engine import Engine
     from dendrite.sampling import SamplingParams
 
+    e = Engine(model_dir, device="cpu", num_pages=64)
+    r = e.generate(e.new_sequence("The quick brown fox"),
+                   SamplingParams(temperature=0, max_tokens=8, logprobs=2))[0]
+    e.close()
+    return r
+
+
+def _same_function(a, b, atol):
+    ra, rb = _greedy(a), _greedy(b)
+    assert ra.token_ids == rb.token_ids
+    torch.testing.assert_close(torch.tensor(ra.logprobs), torch.tensor(rb.logprobs),
+                               atol=atol, rtol=0)
+    return ra
+
+
+def test_controlled_target_at_noise_zero_is_the_draft(tmp_path, tiny_model, one_thread):
     t = B.controlled_target(tiny_model, tmp_path / "t", extra=3, noise=0.0, seed=0)
     cfg = json.loads((t / "config.json").read_text())
     assert cfg["num_hidden_layers"] == json.loads(
         (tiny_model / "config.json").read_text())["num_hidden_layers"] + 3
-    outs = []
-    for d in (tiny_model, t):
-        e = Engine(d, device="cpu", num_pages=64)
-        r = e.generate(e.new_sequence("The quick brown fox"),
-                       SamplingParams(temperature=0, max_tokens=8, logprobs=2))[0]
-        outs.append(r)
-        e.close()
-    assert outs[0].token_ids == outs[1].token_ids
-    torch.testing.assert_close(torch.tensor(outs[0].logprobs), torch.tensor(outs[1].logprobs),
-                               atol=1e-5, rtol=0)
+    _same_function(tiny_model, t, atol=1e-5)
 
 
 def test_wide_target_at_noise_zero_is_the_draft(tmp_path, tiny_model, one_thread):
-    from dendrite.engine import Engine
-    from dendrite.sampling import SamplingParams
-
     base = json.loads((tiny_model / "config.json").read_text())
     t = B.wide_target(tiny_model, tmp_path / "t", factor=4,
                       intermediate=3 * base["intermediate_size"], noise=0.0, seed=0)
@@ -73,23 +78,11 @@ def test_wide_target_at_noise_zero_is_the_draft(tmp_path, tiny_model, one_thread
     assert cfg["hidden_size"] == 4 * base["hidden_size"]
     assert cfg["num_attention_heads"] == 4 * base["num_attention_heads"]
     assert cfg["num_key_value_heads"] == 4 * base["num_key_value_heads"]
-    outs = []
-    for d in (tiny_model, t):
-        e = Engine(d, device="cpu", num_pages=64)
-        r = e.generate(e.new_sequence("The quick brown fox"),
-                       SamplingParams(temperature=0, max_tokens=8, logprobs=2))[0]
-        outs.append(r)
-        e.close()
-    assert outs[0].token_ids == outs[1].token_ids
-    torch.testing.assert_close(torch.tensor(outs[0].logprobs), torch.tensor(outs[1].logprobs),
-                               atol=1e-4, rtol=0)
+    draft = _same_function(tiny_model, t, atol=1e-4)
     # Noise on the copied neurons moves the logits: the target is no longer the draft.
     n = B.wide_target(tiny_model, tmp_path / "n", factor=4,
                       intermediate=3 * base["intermediate_size"], noise=1.0, seed=0)
-    e = Engine(n, device="cpu", num_pages=64)
-    r = e.generate(e.new_sequence("The quick brown fox"),
-                   SamplingParams(temperature=0, max_tokens=8, logprobs=2))[0]
-    e.close()
-    assert not torch.allclose(torch.tensor(r.logprobs), torch.tensor(outs[0].logprobs), atol=1e-2)
+    assert not torch.allclose(torch.tensor(_greedy(n).logprobs), torch.tensor(draft.logprobs),
+                              atol=1e-2)
     with pytest.raises(ValueError, match="power of 4"):
         B.wide_target(tiny_model, tmp_path / "x", factor=2, intermediate=1024, noise=0.0, seed=0)
